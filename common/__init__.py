@@ -1,0 +1,22 @@
+"""Shared pieces of the four segmentors: data, backbone, AMP loop, metrics, checkpoints, kernel wrappers."""
+import torch
+
+try:  # the compiled kernels (csrc/); missing means `pip install --no-build-isolation -e .` has not been run
+    from . import _C  # noqa: F401  (loading it registers torch.ops.segfp16.*)
+    _C_ERROR = None
+except ImportError as e:  # kept, so that the error can be shown where a kernel is actually asked for
+    _C_ERROR = e
+
+BUILD_COMMAND = "pip install --no-build-isolation -e ."
+
+
+def extension_loaded():
+    return _C_ERROR is None
+
+
+def build_info():
+    """Which backends the installed extension holds, e.g. 'common._C: cpu+cuda (torch 2.14.1, CUDA 13.0)'."""
+    if _C_ERROR is not None:
+        return f"common._C: not built ({_C_ERROR}); build it with `{BUILD_COMMAND}`"
+    return (f"common._C: {torch.ops.segfp16.build_info()} (torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda or 'none'}, GPU {'yes' if torch.cuda.is_available() else 'no'})")
