@@ -72,4 +72,5 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
+    install_requires=["torch", "numpy", "opencv-python-headless", "pillow"],
 )
