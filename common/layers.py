@@ -19,3 +19,94 @@ def set_kernels(kind):
         from . import ops
         ops.require()  # raises with the build command when common._C (or an op in it) is missing
     KERNELS = kind
+
+
+# ---- conv-BN-ReLU: the unit every backbone stage and head is built from
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """BatchNorm2d, then an optional residual add, then an optional ReLU: y = relu(bn(x) + residual).
+
+    Same parameters, buffers and state-dict keys as nn.BatchNorm2d (a reference checkpoint loads unchanged), same
+    running-stat rules (momentum None = cumulative average). Folding the ReLU (and the bottleneck's add) in here is
+    what lets --kernels fused run them as one kernel. Note: torch.nn.SyncBatchNorm.convert_sync_batchnorm would turn
+    this into a plain SyncBatchNorm and silently drop the ReLU; convert with common.dist.convert_sync_bn instead.
+    """
+
+    def __init__(self, num_features, relu=True, eps=1e-5, momentum=0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.relu = relu
+
+    def extra_repr(self):
+        return super().extra_repr() + f", relu={self.relu}"
+
+    def _running_stat_factor(self):
+        # nn.BatchNorm2d's bookkeeping, verbatim in behaviour: count the batch, pick the running-average factor
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return factor
+
+    def _use_batch_stats(self):
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def normalize(self, x, factor):
+        """The statistics step alone: (B, C, H, W) -> bn(x). A synced variant (common.dist) overrides this one method."""
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
+                            self.weight, self.bias, self._use_batch_stats(), factor, self.eps)
+
+    def forward(self, x, residual=None):
+        self._check_input_dim(x)
+        factor = self._running_stat_factor()
+        # the fused kernel always applies the ReLU and computes local statistics, so it serves relu=True units of
+        # this class only; a subclass with its own normalize() (SyncBN) keeps the composition
+        if KERNELS == "fused" and self.relu and type(self).normalize is BatchNormAct2d.normalize:
+            from . import ops
+            return ops.bn_relu(x, self.weight, self.bias, self.running_mean, self.running_var,
+                               self._use_batch_stats(), momentum=factor, eps=self.eps, residual=residual)
+        y = self.normalize(x, factor)
+        if residual is not None:
+            y = y + residual  # bottleneck: bn3(conv3(x)) + identity, before the ReLU (spec §4)
+        # in place is safe: y is a fresh tensor and neither batch_norm nor add needs it for backward
+        return F.relu(y, inplace=True) if self.relu else y
+
+
+def conv_bn_relu(cin, cout, k, stride=1, dilation=1, groups=1, relu=True):
+    """[Conv2d (no bias), BatchNormAct2d, Identity]: the reference's [conv, BN, ReLU] with the ReLU folded into the BN.
+
+    The Identity sits where the reference has its ReLU, so nn.Sequential indices (and so state-dict keys) match.
+    padding = dilation * (k // 2) keeps the spatial size at stride 1 (spec §4: padding = dilation for 3x3).
+    """
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=dilation * (k // 2), dilation=dilation, groups=groups,
+                     bias=False)
+    return [conv, BatchNormAct2d(cout, relu=relu), nn.Identity()]
+
+
+# ---- bilinear upsampling (align_corners=False everywhere, spec §1) and the loss
+
+def upsample_concat(inputs, size):
+    """Bilinearly resize each (B, C_i, h_i, w_i) map to `size` and concatenate on channels -> (B, sum C_i, *size)."""
+    size = tuple(int(s) for s in size)
+    if KERNELS == "fused":
+        from . import ops
+        return ops.upsample_concat(list(inputs), size, align_corners=False)
+    # a map already at `size` is taken as is (the reference does not resize it; bilinear at scale 1 would copy it)
+    outs = [t if tuple(t.shape[-2:]) == size else F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+            for t in inputs]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def seg_cross_entropy(logits, target, ignore_index=255):
+    """Mean softmax CE of (B, K, h, w) logits, bilinearly upsampled to the (B, H, W) int64 target, over valid pixels.
+
+    ssseg upsamples the logits to the crop size before the loss (spec §5). A target without any valid pixel gives
+    0.0 (with a graph, so backward works) where F.cross_entropy's mean would give NaN (spec §6 edge case).
+    """
+    if KERNELS == "fused":
+        from . import ops
+        return ops.upsample_cross_entropy(logits, target, ignore_index=ignore_index)
+    logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+    total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    valid = (target != ignore_index).sum().clamp(min=1)
+    return total / valid
