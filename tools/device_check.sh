@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The one script to run on a bare GPU machine (torch + nvcc there, no internet):
+#   bash tools/device_check.sh OUT_DIR
+# Every stage is time-boxed (the whole stays under ~8 minutes) and a failing stage does not stop the later ones.
+# Logs and tables land in OUT_DIR; summary.md there lists each stage's exit code and duration.
+set -u
+OUT=${1:?usage: tools/device_check.sh OUT_DIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export SEG_DATA_CACHE="$OUT/.cache"   # the demo dataset is generated here on first use
+PY=${PY:-python3}
+SUMMARY="$OUT/summary.md"
+{
+  echo "# device check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/card: /'
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo; echo "| stage | exit | seconds |"; echo "|---|---|---|"
+} > "$SUMMARY"
+
+stage() {  # stage NAME SECONDS CMD...: run CMD with a time limit, log to OUT/NAME.log, record exit code and time
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "| $name | $rc | $(( $(date +%s) - t0 )) |" >> "$SUMMARY"
+  tail -n 5 "$OUT/$name.log"
+}
+
+# 1. build (CUDA for this card only, to keep it short), then say what was built
+stage build 240 $PY -m pip install --no-build-isolation --no-deps -v -e .
+stage build_info 30 $PY -c "import common; print(common.build_info())"
+# 2. every GPU test
+stage pytest_cuda 150 $PY -m pytest -q -m cuda tests
+# 3. the kernel table (bn_relu, upsample, conv)
+stage bench_kernels 120 $PY bench/kernels.py --out "$OUT"
+# 4. a quick training table: PSPNet and DeepLabV3 at batch 16, fp32 / torch fp16 / apex O2, fused vs torch, + peer
+stage bench_train 150 $PY bench/train.py --models pspnet,deeplabv3,torchvision_deeplabv3 --modes fp32,torch_fp16,apex_O2 \
+  --kernels torch,fused --formats channels_last --batch 16 --steps 10 --warmup 3 --out "$OUT"
+# 5. 1-GPU torchrun smoke runs of every script, --amp torch and --amp apex, on demo data
+for script in fcn pspnet deeplabv3 deeplabv3plus; do
+  for amp in torch apex; do
+    stage "smoke_${script}_${amp}" 60 $PY -m torch.distributed.run --standalone --nproc_per_node 1 $script.py \
+      --data demo --amp $amp --max_iters 20 --device cuda --work_dir "$OUT/work_${script}_${amp}"
+  done
+done
+cat "$SUMMARY"
