@@ -4,7 +4,10 @@ Top: ssseg's base FP16 segmentor config (spec §1), its ADE20k 512x512 dataset (
 (§2.3) as nested dicts with the reference's keys. Each script builds its SEGMENTOR_CFG from them with
 `segmentor_cfg(...)`, the way an ssseg config file deep-copies the base and overwrites a few entries.
 """
+import argparse
+import ast
 import copy
+import os
 
 import torch
 
@@ -106,3 +109,159 @@ def segmentor_cfg(**overrides):
 
 
 # ---- run config and CLI (TRAINER)
+# Every knob of a run, flat, one line each; the CLI flag is the key (`--batch_size 8`, `--amp=torch`). The recipe
+# numbers (lr, epochs, batch, amp, ...) shown here are only fallbacks: parse() takes them from the script's
+# SEGMENTOR_CFG, so the reference dicts above stay the one source of truth. Precedence, lowest first:
+# DEFAULTS < SEGMENTOR_CFG < the `--data demo` preset < explicit flags.
+DEFAULTS = dict(
+    # amp
+    amp='apex',  # none | torch | apex (the reference trains with apex O1, spec §1; ours implements its semantics)
+    opt_level='O1',  # apex opt level O0 | O1 | O2 | O3 (ignored unless amp=apex)
+    amp_dtype='auto',  # auto | float16 | bfloat16; auto = float16 on CUDA (the reference), bfloat16 on CPU (faster there)
+    # data
+    data='ade20k',  # ade20k | demo (a synthetic ADE-layout dataset generated on first use, no download)
+    data_root='',  # folder holding ADEChallengeData2016; '' = ./ADE20k (ssseg's default) or the demo cache
+    num_classes=150,  # ADE20k (spec §0)
+    crop_size=(512, 512),  # (h, w) train crop (spec §2.1)
+    scale=(2048, 512),  # (long, short) resize target of train (x ratio 0.5-2.0) and test images (spec §2.1, §2.2)
+    batch_size=16,  # total over all ranks; per rank = batch_size // world_size (spec §2.3)
+    num_workers=2,  # data loader workers per rank (spec §2.3)
+    num_train_images=0,  # use only the first N training images (0 = all; for smoke runs)
+    num_val_images=0,  # evaluate on the first N validation images only (0 = all 2000)
+    # optim and schedule
+    max_epochs=130,  # iterations = max_epochs x len(train loader) (spec §2.3: 164,190 at batch 16)
+    max_iters=0,  # > 0 overrides the epoch-derived count (short runs); epochs become ceil(max_iters / per epoch)
+    lr=0.01,  # SGD base lr (spec §1)
+    momentum=0.9,
+    weight_decay=5e-4,  # on every parameter, BN and bias included (spec §10.7)
+    power=0.9,  # poly exponent
+    min_lr=1e-4,  # poly floor: 1% of the base lr (spec §7, §10.7)
+    aux_weight=0.4,  # loss = CE(out) + aux_weight * CE(aux) (spec §6)
+    # init
+    pretrained='none',  # ImageNet backbone weights: a .pth path, a URL already in the torch hub cache, or 'none'
+    # run
+    work_dir='',  # '' = work_dirs/<script name>[_demo]
+    eval_interval_epochs=10,  # evaluate every N epochs and always at the end (spec §1)
+    save_interval_epochs=1,  # checkpoint every N epochs and always at the end (spec §1)
+    log_interval=50,  # iterations between progress lines (spec §7)
+    max_skipped_steps=100,  # stop when this many consecutive steps are skipped for non-finite gradients
+    save_predictions=0,  # after the final evaluation, write colour masks of the first N val images to work_dir/pred
+    # modes
+    resume='',  # '' | checkpoint path | 'auto' (work_dir/latest); continues exactly where it stopped
+    eval='',  # checkpoint path: evaluate it on the val split and exit
+    predict='',  # image file or folder: write colour masks of --ckpt's predictions to --out and exit
+    ckpt='',  # checkpoint for --predict
+    out='',  # output folder for --predict ('' = work_dir/predict)
+    summary=False,  # print the parameter / multiply-accumulate table and exit
+    # inference
+    inference_mode='whole',  # whole | slide (the reference evaluates whole images, spec §8)
+    slide_crop=(512, 512),  # (h, w) window for inference_mode=slide
+    slide_stride=(341, 341),  # (h, w) window step for inference_mode=slide (mmseg's 2/3 overlap)
+    # system
+    device='auto',  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    seed=0,  # data order, augmentation and init are a pure function of this (the reference does not seed, spec §7)
+    kernels='auto',  # auto (fused when common._C is built, else torch; logged) | fused | torch
+    channels_last=False,  # NHWC memory format for model and inputs
+    tf32=False,  # the reference disables TF32 (spec §7.3); true allows it for matmul and cuDNN
+)
+
+CHOICES = dict(amp=('none', 'torch', 'apex'), opt_level=('O0', 'O1', 'O2', 'O3'),
+               amp_dtype=('auto', 'float16', 'bfloat16'), data=('ade20k', 'demo'),
+               kernels=('auto', 'fused', 'torch'), inference_mode=('whole', 'slide'))
+
+# `--data demo`: a CPU-sized run of the full recipe (a ResNet-50-D8 from scratch) on the synthetic dataset: small
+# crops, a short schedule, eval only at the end, a few prediction PNGs. Measured on a 2-core CPU box: see README.
+DEMO_PRESET = dict(
+    crop_size=(128, 128), scale=(512, 128), batch_size=4, num_workers=1, max_iters=150, lr=0.01,
+    eval_interval_epochs=1000, save_interval_epochs=1000, log_interval=10, pretrained='none', save_predictions=4,
+)
+
+
+def _fp16_flat(fp16_cfg):
+    """The reference's fp16_cfg (any documented shape, spec §1/§9) as flat (amp, opt_level, amp_dtype) strings."""
+    fp16_cfg = fp16_cfg or {}
+    if 'is_on' in fp16_cfg:  # 2021 form {'is_on': True, 'opts': {'opt_level': 'O1'}} meant apex
+        return ('apex', fp16_cfg.get('opts', {}).get('opt_level', 'O1'), 'auto') if fp16_cfg['is_on'] else \
+            ('none', 'O1', 'auto')
+    kind = fp16_cfg.get('type')
+    if kind in (None, 'none'):
+        return 'none', 'O1', 'auto'
+    if kind == 'apex':
+        return 'apex', fp16_cfg.get('initialize', {}).get('opt_level', 'O1'), 'auto'
+    if kind in ('pytorch', 'torch'):
+        dtype = fp16_cfg.get('autocast', {}).get('dtype', torch.float16)
+        return 'torch', 'O1', str(dtype).replace('torch.', '') if dtype is not None else 'auto'
+    raise ValueError(f"common/config.py: unknown fp16_cfg type {kind!r} (expected apex, pytorch or none)")
+
+
+def recipe(seg_cfg):
+    """The flat numbers the reference config fixes (spec §1, §2), read from a SEGMENTOR_CFG."""
+    sched, out = seg_cfg.get('scheduler', {}), {}
+    opt = sched.get('optimizer', {})
+    for key, src in (('lr', opt), ('momentum', opt), ('weight_decay', opt), ('power', sched), ('min_lr', sched)):
+        if src.get(key) is not None:
+            out[key] = src[key]
+    if sched.get('max_epochs'):
+        out['max_epochs'] = sched['max_epochs']
+    if seg_cfg.get('num_classes', -1) > 0:
+        out['num_classes'] = seg_cfg['num_classes']
+    aux = seg_cfg.get('losses', {}).get('loss_aux')
+    if aux is not None:
+        out['aux_weight'] = aux.get('scale_factor', 1.0)
+    for key in ('eval_interval_epochs', 'save_interval_epochs'):
+        if key in seg_cfg:
+            out[key] = seg_cfg[key]
+    if 'log_interval_iters' in seg_cfg.get('logger', {}):
+        out['log_interval'] = seg_cfg['logger']['log_interval_iters']
+    dl = seg_cfg.get('dataloader', {})
+    if 'expected_total_train_bs_for_assert' in dl:
+        out['batch_size'] = dl['expected_total_train_bs_for_assert']
+    for name, args in seg_cfg.get('dataset', {}).get('train', {}).get('data_pipelines', []):
+        if name == 'RandomCrop':
+            out['crop_size'] = tuple(args['crop_size'])
+        if name == 'Resize':
+            out['scale'] = tuple(args['output_size'])
+    if 'fp16_cfg' in seg_cfg:
+        out['amp'], out['opt_level'], out['amp_dtype'] = _fp16_flat(seg_cfg['fp16_cfg'])
+    return out
+
+
+def _parse_bool(s):
+    if s.lower() in ('true', '1', 'yes'):
+        return True
+    if s.lower() in ('false', '0', 'no'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _parse_tuple(s):
+    v = ast.literal_eval(s)  # "(512, 512)" or "512,512"
+    if not isinstance(v, tuple):
+        raise argparse.ArgumentTypeError(f"expected a tuple like (512, 512), got {s!r}")
+    return v
+
+
+def _parse_float(s):
+    return float(ast.literal_eval(s))  # so that "5e-4" and "2**-4" both work
+
+
+def parse(seg_cfg=None, argv=None, name='run'):
+    """Resolve the run config: DEFAULTS < recipe(seg_cfg) < DEMO_PRESET (with --data demo) < explicit flags."""
+    types = {bool: _parse_bool, tuple: _parse_tuple, int: int, float: _parse_float, str: str}
+    p = argparse.ArgumentParser(prog=name, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                                description="Train / evaluate / predict; every flag is a key of common.config.DEFAULTS.")
+    for key, default in DEFAULTS.items():
+        extra = dict(nargs='?', const=True) if isinstance(default, bool) else {}  # `--tf32` alone means true
+        p.add_argument(f'--{key}', type=types[type(default)], choices=CHOICES.get(key), help=f"default {default!r}",
+                       **extra)
+    given = vars(p.parse_args(argv))  # only the flags on the command line (SUPPRESS keeps the rest out)
+    cfg = dict(DEFAULTS)
+    cfg.update(recipe(seg_cfg or {}))
+    if given.get('data', cfg['data']) == 'demo':
+        cfg.update(DEMO_PRESET)
+    cfg.update(given)
+    if 'min_lr' not in given and 'min_lr' not in (seg_cfg or {}).get('scheduler', {}):
+        cfg['min_lr'] = cfg['lr'] * 0.01  # PolyScheduler's floor follows the base lr (spec §7), also for --lr X
+    if not cfg['work_dir']:
+        cfg['work_dir'] = os.path.join('work_dirs', name + ('_demo' if cfg['data'] == 'demo' else ''))
+    return cfg
