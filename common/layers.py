@@ -63,6 +63,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
         # this class only; a subclass with its own normalize() (SyncBN) keeps the composition
         if KERNELS == "fused" and self.relu and type(self).normalize is BatchNormAct2d.normalize:
             from . import ops
+            if self._use_batch_stats() and x.numel() == x.shape[1]:
+                # same refusal as F.batch_norm (1 value per channel, e.g. BN on 1x1 pooled maps at batch 1)
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                                 f"{tuple(x.shape)}")
             return ops.bn_relu(x, self.weight, self.bias, self.running_mean, self.running_var,
                                self._use_batch_stats(), momentum=factor, eps=self.eps, residual=residual)
         y = self.normalize(x, factor)
@@ -110,3 +114,11 @@ def seg_cross_entropy(logits, target, ignore_index=255):
     total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
     valid = (target != ignore_index).sum().clamp(min=1)
     return total / valid
+
+
+# ---- the auxiliary head all four segmentors share (spec §5, base/auxiliary.py)
+
+def auxiliary_decoder(num_classes, in_channels=1024, out_channels=512, dropout=0.1):
+    """FCN head on layer3: [conv3x3-BN-ReLU, Dropout2d, conv1x1] -> keys auxiliary_decoder.{0,1,4}.* as in ssseg."""
+    return nn.Sequential(*conv_bn_relu(in_channels, out_channels, 3), nn.Dropout2d(dropout),
+                         nn.Conv2d(out_channels, num_classes, 1))
