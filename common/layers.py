@@ -59,16 +59,17 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def forward(self, x, residual=None):
         self._check_input_dim(x)
         factor = self._running_stat_factor()
-        # the fused kernel always applies the ReLU and computes local statistics, so it serves relu=True units of
-        # this class only; a subclass with its own normalize() (SyncBN) keeps the composition
-        if KERNELS == "fused" and self.relu and type(self).normalize is BatchNormAct2d.normalize:
+        # the fused kernel computes local statistics, with or without the ReLU (relu=False: the downsample BN), so it
+        # serves every unit of this class; a subclass with its own normalize() (SyncBN) keeps the composition
+        if KERNELS == "fused" and type(self).normalize is BatchNormAct2d.normalize:
             from . import ops
             if self._use_batch_stats() and x.numel() == x.shape[1]:
                 # same refusal as F.batch_norm (1 value per channel, e.g. BN on 1x1 pooled maps at batch 1)
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                                  f"{tuple(x.shape)}")
             return ops.bn_relu(x, self.weight, self.bias, self.running_mean, self.running_var,
-                               self._use_batch_stats(), momentum=factor, eps=self.eps, residual=residual)
+                               self._use_batch_stats(), momentum=factor, eps=self.eps, residual=residual,
+                               relu=self.relu)
         y = self.normalize(x, factor)
         if residual is not None:
             y = y + residual  # bottleneck: bn3(conv3(x)) + identity, before the ReLU (spec §4)
