@@ -1,0 +1,242 @@
+"""Distributed training on CPU: 2 gloo processes must reproduce 1 process with the whole batch.
+
+Each test starts 2 processes (torch.multiprocessing, fork) that join a gloo group through common.dist.init(),
+exactly as torchrun would set them up (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*), and writes its results to a
+file that the test compares against an independent single-process run.
+"""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import dist, layers
+from common.layers import BatchNormAct2d
+
+WORLD = 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, port, out_dir, args):
+    # what torchrun puts in each worker's environment
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # 2 processes on 2 cores
+    try:
+        result = fn(*args)
+    finally:
+        if fn is not _worker_timeout:
+            dist.shutdown()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def spawn(fn, tmp_path, *args):
+    """Run fn(*args) on WORLD gloo ranks; -> [result of rank 0, result of rank 1, ...]."""
+    import torch._dynamo  # noqa: F401  DDP's constructor imports it (~15 s on a busy box): once here, not per child
+    # fork, not spawn: the children inherit the imported torch instead of paying ~10 s each to import it again on
+    # our busy 2-core CI box (the DataLoader forks its workers the same way)
+    mp.start_processes(_entry, args=(fn, _free_port(), str(tmp_path), args), nprocs=WORLD, join=True,
+                       start_method="fork")
+    return [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def fused_available():
+    """--kernels fused needs KERNELS-I's split ops; in CI (env CI set) the extension is built, so never skip there."""
+    have = all(hasattr(torch.ops.segfp16, n) for n in ("bn_stats", "bn_apply", "bn_backward_reduce",
+                                                       "bn_backward_apply", "bn_relu_train"))
+    if not have and os.environ.get("CI"):
+        pytest.fail("CI is set but common._C lacks the bn_relu split ops: the extension should be built there")
+    return have
+
+
+# ---- a small model with every kind of BN our segmentors use: BN+ReLU, BN+residual+ReLU, BN alone, plain BN2d
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*layers.conv_bn_relu(3, 8, 3))
+        self.conv = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
+        self.bn = BatchNormAct2d(8, relu=True)  # used with a residual (the bottleneck's bn3)
+        self.proj = nn.Sequential(*layers.conv_bn_relu(8, 6, 1, relu=False))
+        self.plain = nn.BatchNorm2d(6)  # not built by our layers, but convert_sync_bn must handle it
+        self.cls = nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.bn(self.conv(h), residual=h)
+        return self.cls(self.plain(self.proj(h)))
+
+
+def _batches(iters, batch):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 3, 9, 11, generator=g) * 2 + 1, torch.randint(0, 5, (batch, 9, 11), generator=g))
+            for _ in range(iters)]
+
+
+def _train(model, batches, kernels):
+    """K SGD steps as the trainer does them (momentum 0.9, wd 5e-4 on everything); -> the final state dict."""
+    layers.set_kernels(kernels)
+    try:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()  # per-rank mean; DDP averages = the global mean (equal counts)
+            opt.step()
+    finally:
+        layers.set_kernels("torch")
+    return {k: v.detach().clone() for k, v in dist.unwrap(model).state_dict().items()}
+
+
+def _worker_train(iters, batch, kernels_list):
+    rank, world, _ = dist.init(device="cpu")
+    out = {}
+    for kernels in kernels_list:
+        for sync in (True, False):
+            torch.manual_seed(0)
+            model = Tiny()
+            if sync:
+                dist.convert_sync_bn(model)
+            model = dist.wrap_ddp(model, "cpu", "none")
+            shard = [(x[rank::world], y[rank::world]) for x, y in _batches(iters, WORLD * batch)]
+            out[kernels, sync] = _train(model, shard, kernels)
+    return out
+
+
+def _reference(iters, batch, kernels):
+    torch.manual_seed(0)
+    return _train(Tiny(), _batches(iters, WORLD * batch), kernels)
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_two_ranks_match_one_process_with_the_global_batch(tmp_path):
+    iters, batch = 3, 2
+    kernels_list = ["torch"] + (["fused"] if fused_available() else [])
+    results = spawn(_worker_train, tmp_path, iters, batch, kernels_list)
+    for kernels in kernels_list:
+        ref = _reference(iters, batch, kernels)
+        for rank, res in enumerate(results):
+            synced = res[kernels, True]
+            assert synced.keys() == ref.keys()  # convert_sync_bn kept every state-dict key
+            for k in ref:
+                torch.testing.assert_close(synced[k], ref[k], rtol=1e-4, atol=2e-5,
+                                           msg=lambda m: f"kernels {kernels}, rank {rank}, {k}: {m}")
+            # the control: per-rank BN statistics (no SyncBN) must visibly differ, or this test could not fail
+            assert _max_diff(res[kernels, False], ref) > 1e-3
+        assert _max_diff(results[0][kernels, True], results[1][kernels, True]) == 0  # ranks stay bit-identical
+
+
+# ---- the SyncBN function itself against autograd through F.batch_norm on the concatenated batch
+
+def _worker_syncbn_grads(kernels, dtype):
+    rank, world, _ = dist.init(device="cpu")
+    layers.set_kernels(kernels)
+    g = torch.Generator().manual_seed(1)
+    # uneven per-rank batches (3 and 1 images) and a large mean: the merge must weight ranks by their counts
+    x = (torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64) * 3 + 40).to(dtype)
+    r = torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64).to(dtype)
+    part = slice(0, 3) if rank == 0 else slice(3, 4)
+    bn = dist.convert_sync_bn(nn.Sequential(BatchNormAct2d(6, relu=True)))[0].to(torch.float64 if dtype ==
+                                                                                 torch.float64 else torch.float32)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, 6, dtype=torch.float64))
+        bn.bias.copy_(torch.linspace(-0.2, 0.3, 6, dtype=torch.float64))
+    xs, rs = x[part].clone().requires_grad_(), r[part].clone().requires_grad_()
+    y = bn(xs, residual=rs)
+    y.backward(dy[part])
+    layers.set_kernels("torch")
+    return dict(y=y.detach(), dx=xs.grad, dr=rs.grad, dw=bn.weight.grad, db=bn.bias.grad,
+                rm=bn.running_mean, rv=bn.running_var, n=bn.num_batches_tracked, x=x, r=r, dy=dy, part=part)
+
+
+@pytest.mark.parametrize("kernels,dtype", [("torch", torch.float64), ("torch", torch.float32),
+                                           ("fused", torch.float64)])
+def test_syncbn_forward_backward_against_whole_batch_autograd(tmp_path, kernels, dtype):
+    if kernels == "fused" and not fused_available():
+        pytest.skip("common._C with the bn_relu split ops is not built (CI builds it)")
+    res = spawn(_worker_syncbn_grads, tmp_path, kernels, dtype)
+    x, r, dy = (res[0][k].double().requires_grad_() for k in ("x", "r", "dy"))
+    w = torch.linspace(0.5, 1.5, 6, dtype=torch.float64).requires_grad_()
+    b = torch.linspace(-0.2, 0.3, 6, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    y = F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5) + r)  # the whole batch, one process, autograd
+    dx, dr, dw, db = torch.autograd.grad(y, (x, r, w, b), dy.detach())
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for rank in range(WORLD):
+        o, p = res[rank], res[rank]["part"]
+        torch.testing.assert_close(o["y"].double(), y[p].detach(), **tol)
+        torch.testing.assert_close(o["dx"].double(), dx[p], **tol)
+        torch.testing.assert_close(o["dr"].double(), dr[p], **tol)
+        torch.testing.assert_close(o["rm"].double(), rm, **tol)
+        torch.testing.assert_close(o["rv"].double(), rv, **tol)
+        assert o["n"].item() == 1
+    # dweight / dbias are per-rank sums (DDP averages them later); their sum over ranks is the whole-batch gradient
+    torch.testing.assert_close(sum(o["dw"].double() for o in res), dw, **tol)
+    torch.testing.assert_close(sum(o["db"].double() for o in res), db, **tol)
+
+
+# ---- convert_sync_bn keeps the model's identity; the helpers
+
+def test_convert_sync_bn_keeps_keys_parameters_and_single_process_behaviour():
+    torch.manual_seed(0)
+    model = Tiny()
+    keys, params = list(model.state_dict()), [id(p) for p in model.parameters()]
+    x = torch.randn(2, 3, 9, 11)
+    ref_model = Tiny()
+    ref_model.load_state_dict(model.state_dict())
+    dist.convert_sync_bn(model)
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
+    assert isinstance(model.stem[1], dist.SyncBatchNormAct2d) and model.stem[1].relu
+    assert isinstance(model.plain, dist.SyncBatchNorm2d)
+    torch.testing.assert_close(model(x), ref_model(x), rtol=0, atol=0)  # no process group: the plain unit, bit-exact
+    with pytest.raises(TypeError, match="BatchNorm1d"):
+        dist.convert_sync_bn(nn.Sequential(nn.BatchNorm1d(3)))
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert dist.init() == (0, 1, 0)
+    assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
+    t = torch.tensor([3.0])
+    assert dist.all_reduce(t, op="mean") is t and t.item() == 3.0
+    dist.barrier()
+    model = nn.Linear(2, 2)
+    assert dist.wrap_ddp(model, "cpu", "torch") is model and dist.unwrap(model) is model
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE"):
+        dist.init()
+
+
+# ---- a rank that hangs ends the job with a clear error within the timeout
+
+def _worker_timeout():
+    rank, _, _ = dist.init(device="cpu", timeout_s=3)
+    t0 = time.time()
+    if rank == 1:
+        time.sleep(8)  # "hung": never reaches the barrier in time
+        return {"rank": 1}
+    try:
+        dist.barrier()
+        return {"error": None, "seconds": time.time() - t0}
+    except RuntimeError as e:
+        return {"error": str(e), "seconds": time.time() - t0}
+
+
+def test_hung_rank_fails_the_barrier_within_the_timeout(tmp_path):
+    res = spawn(_worker_timeout, tmp_path)[0]
+    assert res["error"] is not None and "1" in res["error"], res  # monitored barrier names the missing rank
+    assert res["seconds"] < 7, res
