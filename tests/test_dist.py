@@ -154,16 +154,23 @@ def _worker_syncbn_grads(kernels, dtype):
     with torch.no_grad():
         bn.weight.copy_(torch.linspace(0.5, 1.5, 6, dtype=torch.float64))
         bn.bias.copy_(torch.linspace(-0.2, 0.3, 6, dtype=torch.float64))
+    calls = []  # which implementation of the split steps really ran (no silent fallback to the other one)
+    for impl in (dist._TorchBN, dist._FusedBN):
+        for step in ("stats", "backward_apply"):
+            f = getattr(impl, step)
+            setattr(impl, step, staticmethod(lambda *a, f=f, name=f"{impl.__name__}.{step}": calls.append(name)
+                                             or f(*a)))
     xs, rs = x[part].clone().requires_grad_(), r[part].clone().requires_grad_()
     y = bn(xs, residual=rs)
     y.backward(dy[part])
     layers.set_kernels("torch")
-    return dict(y=y.detach(), dx=xs.grad, dr=rs.grad, dw=bn.weight.grad, db=bn.bias.grad,
+    return dict(calls=calls, y=y.detach(), dx=xs.grad, dr=rs.grad, dw=bn.weight.grad, db=bn.bias.grad,
                 rm=bn.running_mean, rv=bn.running_var, n=bn.num_batches_tracked, x=x, r=r, dy=dy, part=part)
 
 
 @pytest.mark.parametrize("kernels,dtype", [("torch", torch.float64), ("torch", torch.float32),
-                                           ("fused", torch.float64)])
+                                           ("torch", torch.float16), ("fused", torch.float64),
+                                           ("fused", torch.float16)])
 def test_syncbn_forward_backward_against_whole_batch_autograd(tmp_path, kernels, dtype):
     if kernels == "fused" and not fused_available():
         pytest.skip("common._C with the bn_relu split ops is not built (CI builds it)")
@@ -174,9 +181,13 @@ def test_syncbn_forward_backward_against_whole_batch_autograd(tmp_path, kernels,
     rm, rv = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
     y = F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5) + r)  # the whole batch, one process, autograd
     dx, dr, dw, db = torch.autograd.grad(y, (x, r, w, b), dy.detach())
-    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    # fp16 x with fp32 weights is what BN sees under autocast / apex O1: fp32 statistics, fp16 outputs
+    tol = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4),
+           torch.float16: dict(rtol=1e-2, atol=1e-2)}[dtype]
+    impl = "_FusedBN" if kernels == "fused" else "_TorchBN"
     for rank in range(WORLD):
         o, p = res[rank], res[rank]["part"]
+        assert o["calls"] == [f"{impl}.stats", f"{impl}.backward_apply"], o["calls"]
         torch.testing.assert_close(o["y"].double(), y[p].detach(), **tol)
         torch.testing.assert_close(o["dx"].double(), dx[p], **tol)
         torch.testing.assert_close(o["dr"].double(), dr[p], **tol)
