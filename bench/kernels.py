@@ -18,6 +18,137 @@ SECTIONS = {}  # name -> fn(args, device) returning (markdown table str, list of
 # ---- section: bn_relu (Kernels I)
 
 # ---- section: upsample (Kernels II)
+# upsample_concat (PSPNet PPM, DeepLabV3 ASPP) and upsample_cross_entropy (the loss of one head) against the ATen
+# compositions, fwd+bwd, interleaved A/B repetitions, median. Peak memory is the most bytes allocated above the
+# starting point during one fwd+bwd (inputs excluded, gradients included): CUDA allocator statistics on a GPU; on
+# CPU the running sum of the allocation / free events that torch.profiler(profile_memory=True) records.
+# Shapes (R50-D8 at 512x512, features at 64x64): PPM = (B, 2048, 64, 64) + 4 x (B, 512, s, s), s in 1, 2, 3, 6;
+# ASPP = 4 x (B, 512, 64, 64) + (B, 512, 1, 1); loss = (B, 150, 64, 64) logits vs a (B, 512, 512) target.
+# GPU: fp16 channels_last, batch 16 and 2. CPU: fp32, batch 2 only (batch 16 of the ATen loss needs ~10 GB), NCHW
+# and channels_last. --quick: tiny shapes (CI).
+
+
+def _up_peak_cpu(fn):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    run = peak = 0
+    for _, b in events:
+        run += b
+        peak = max(peak, run)
+    return peak
+
+
+def _up_measure(fns, device, reps):
+    """fns: {name: zero-arg fwd+bwd callable}. Returns {name: (median seconds, peak bytes)}, A/B interleaved."""
+    import statistics
+    import time
+
+    import torch
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns.values():  # warm-up (allocator caches, OpenMP pools, lazy init)
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    peaks = {}
+    for k, fn in fns.items():
+        fn.clear()  # drop the previous gradients first: their free would hide as much new allocation
+        if device.type == "cuda":
+            sync()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            sync()
+            peaks[k] = torch.cuda.max_memory_allocated() - base
+        else:
+            peaks[k] = _up_peak_cpu(fn)
+    return {k: (statistics.median(times[k]), peaks[k]) for k in fns}
+
+
+def bench_upsample(args, device):
+    import torch
+    import torch.nn.functional as F
+
+    from common import ops
+    ops.require("upsample_concat", "upsample_concat_backward", "upsample_cross_entropy",
+                "upsample_cross_entropy_backward")
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    if args.quick:
+        feat, ch, hw, big, classes, batches = 64, 16, 16, 128, 19, [2]
+    else:
+        feat, ch, hw, big, classes, batches = 2048, 512, 64, 512, 150, [16, 2] if cuda else [2]
+    layouts = ["channels_last"] if cuda else ["contiguous", "channels_last"]
+    reps = (3 if args.quick else 20) if cuda else (2 if args.quick else 5)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, fmt):
+        t = torch.randn(*shape, device=device, dtype=dtype, generator=g)
+        return t.contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+
+    def aten_concat(xs):
+        return torch.cat([t if t.shape[-2:] == (hw, hw) else
+                          F.interpolate(t, size=(hw, hw), mode="bilinear", align_corners=False) for t in xs], 1)
+
+    def aten_ce(logits, target):
+        up = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(up.float(), target, ignore_index=255)  # autocast runs CE in fp32
+
+    def step(make, xs, grad=None):
+        def clear():
+            for x in xs:
+                x.grad = None
+
+        def run():
+            clear()
+            make().backward(grad)
+        run.clear = clear
+        return run
+
+    rows = []
+    for batch in batches:
+        for fmt in layouts:
+            cases = {
+                "ppm": [rand(batch, feat, hw, hw, fmt=fmt)] + [rand(batch, ch, s, s, fmt=fmt) for s in (1, 2, 3, 6)],
+                "aspp": [rand(batch, ch, hw, hw, fmt=fmt) for _ in range(4)] + [rand(batch, ch, 1, 1, fmt=fmt)],
+            }
+            for name, xs in cases.items():
+                xs = [x.requires_grad_() for x in xs]
+                grad = rand(batch, sum(x.shape[1] for x in xs), hw, hw, fmt=fmt)
+                res = _up_measure({"aten": step(lambda: aten_concat(xs), xs, grad),
+                                   "fused": step(lambda: ops.upsample_concat(xs, (hw, hw)), xs, grad)}, device, reps)
+                rows.append(dict(op=f"upsample_concat {name}", batch=batch, layout=fmt, dtype=str(dtype)[6:],
+                                 aten_ms=res["aten"][0] * 1e3, fused_ms=res["fused"][0] * 1e3,
+                                 aten_peak_mb=res["aten"][1] / 2**20, fused_peak_mb=res["fused"][1] / 2**20))
+            logits = rand(batch, classes, hw, hw, fmt=fmt).requires_grad_()
+            target = torch.randint(0, classes, (batch, big, big), device=device, generator=g)
+            target[:, :, : big // 16] = 255  # a band of ignored pixels, as padded crops have
+            res = _up_measure({"aten": step(lambda: aten_ce(logits, target), [logits]),
+                               "fused": step(lambda: ops.upsample_cross_entropy(logits, target), [logits])}, device, reps)
+            rows.append(dict(op=f"upsample_cross_entropy {classes}x{hw}^2->{big}^2", batch=batch, layout=fmt,
+                             dtype=str(dtype)[6:], aten_ms=res["aten"][0] * 1e3, fused_ms=res["fused"][0] * 1e3,
+                             aten_peak_mb=res["aten"][1] / 2**20, fused_peak_mb=res["fused"][1] / 2**20))
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"### upsample family, fwd+bwd ({where}; peak = {'CUDA allocator' if cuda else 'torch.profiler CPU allocations'})",
+             "", "| op | batch | layout | dtype | ATen ms | fused ms | speed-up | ATen peak MB | fused peak MB | memory ratio |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['batch']} | {r['layout']} | {r['dtype']} | {r['aten_ms']:.2f} | {r['fused_ms']:.2f} | "
+                     f"{r['aten_ms'] / r['fused_ms']:.2f}x | {r['aten_peak_mb']:.1f} | {r['fused_peak_mb']:.1f} | "
+                     f"{r['aten_peak_mb'] / max(r['fused_peak_mb'], 1e-9):.1f}x |")
+    return "\n".join(lines), rows
+
+
+SECTIONS["upsample"] = bench_upsample
 
 # ---- section: conv (benchmarks issue)
 
