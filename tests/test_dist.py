@@ -251,3 +251,50 @@ def test_hung_rank_fails_the_barrier_within_the_timeout(tmp_path):
     res = spawn(_worker_timeout, tmp_path)[0]
     assert res["error"] is not None and "1" in res["error"], res  # monitored barrier names the missing rank
     assert res["seconds"] < 7, res
+
+
+# ---- DDP after AMP initialisation (apex order), for every AMP kind; fp16 gradient compression for --amp torch
+
+def _amp_run(kind, opt_level, sync_world):
+    from common.amp import Amp
+    rank, world = dist.rank(), dist.world_size()
+    torch.manual_seed(0)
+    model = dist.convert_sync_bn(Tiny()) if world > 1 else Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    amp = Amp(kind, opt_level=opt_level, dtype=torch.float16, device="cpu")
+    model, opt = amp.initialize(model, opt)  # O2 halves the model here, so DDP must come after
+    half = [n for n, p in model.named_parameters() if p.dtype == torch.float16]
+    model = dist.wrap_ddp(model, "cpu", kind)
+    skipped = []
+    for x, y in _batches(3, sync_world * 2):
+        x, y = x[rank::world], y[rank::world]
+        opt.zero_grad()
+        with amp.autocast():
+            loss = F.cross_entropy(model(x), y)
+        amp.backward(loss, opt)
+        skipped.append(amp.step(opt))
+    state = {k: v.detach().float().clone() for k, v in dist.unwrap(model).state_dict().items()}
+    return dict(state=state, skipped=skipped, scale=amp.loss_scale, half=half,
+                compress=getattr(model, "fp16_compress", None))
+
+
+AMP_CASES = [("torch", "O1"), ("apex", "O1"), ("apex", "O2")]
+
+
+def _worker_amp():
+    dist.init(device="cpu")
+    return {case: _amp_run(*case, WORLD) for case in AMP_CASES}
+
+
+def test_ddp_after_amp_initialisation_for_every_amp_kind(tmp_path):
+    results = spawn(_worker_amp, tmp_path)
+    for case in AMP_CASES:
+        ref = _amp_run(*case, WORLD)  # one process, the whole batch, no DDP
+        r0, r1 = results[0][case], results[1][case]
+        assert r0["compress"] == (case[0] == "torch"), case  # the reference's fp16_compress_hook: pytorch AMP only
+        assert bool(r0["half"]) == (case[1] == "O2"), case  # O2: DDP all-reduced fp16 gradients of fp16 weights
+        assert r0["skipped"] == r1["skipped"] == ref["skipped"] and r0["scale"] == r1["scale"] == ref["scale"]
+        assert _max_diff(r0["state"], r1["state"]) == 0, case  # same gradients everywhere -> identical ranks
+        for k in ref["state"]:  # fp16 convolutions and (for torch) fp16 all-reduce: half-precision tolerance
+            torch.testing.assert_close(r0["state"][k], ref["state"][k], rtol=2e-3, atol=2e-3,
+                                       msg=lambda m: f"{case} {k}: {m}")
