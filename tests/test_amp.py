@@ -1,0 +1,425 @@
+"""common/amp.py against the rules in amp_spec §2.5 (apex's LossScaler), torch's GradScaler, and plain fp32 steps.
+
+Everything runs on CPU with tiny conv+BN nets; fp16 and bf16 both work there (amp_spec §3.4, §3.5). CPU autocast's op
+lists differ from CUDA's (amp_spec trap 6), so the CUDA dtype checks are a separate `cuda`-marked test.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common.amp as amp_mod
+from common import layers
+from common.amp import Amp, LossScaler
+
+
+@pytest.fixture(autouse=True)
+def _our_apex(monkeypatch):
+    # exercise our implementation even on a machine that has NVIDIA's apex.amp
+    monkeypatch.setattr(amp_mod, "PREFER_NVIDIA_APEX", False)
+
+
+class BNAct(nn.BatchNorm2d):
+    """Stand-in with BatchNormAct2d's shape (a BatchNorm2d subclass whose forward takes a residual)."""
+
+    def forward(self, x, residual=None):
+        y = super().forward(x)
+        return F.relu(y if residual is None else y + residual)
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU x2 with a residual add into the second BN, then a 1x1 classifier: (B, 3, H, W) -> dict of logits."""
+
+    def __init__(self, bn=BNAct, k=5):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), bn(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), bn(8)
+        self.cls = nn.Conv2d(8, k, 1)
+
+    def forward(self, x):
+        h = self.bn1(self.conv1(x))
+        h = self.bn2(self.conv2(h), residual=h)
+        return {"out": self.cls(h)}
+
+
+def make(kind="none", opt_level="O1", dtype=torch.float16, seed=0, bn=BNAct, **kw):
+    torch.manual_seed(seed)
+    model = TinyNet(bn)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    amp = Amp(kind, opt_level=opt_level, dtype=dtype, device="cpu", **kw)
+    model, opt = amp.initialize(model, opt)
+    return model, opt, amp
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 5, (2, 8, 8), generator=g)
+
+
+def train_step(model, opt, amp, x, y, poison=None):
+    """The trainer's loop body; poison=param makes that param's gradient inf (overflow injection)."""
+    opt.zero_grad()
+    handle = poison.register_hook(lambda g: torch.full_like(g, float("inf"))) if poison is not None else None
+    with amp.autocast():
+        loss = F.cross_entropy(model(x)["out"], y)
+    amp.backward(loss, opt)
+    if handle is not None:
+        handle.remove()
+    return amp.step(opt)
+
+
+def snapshot(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in amp_mod._optimizer_params(opt) if p in opt.state]
+    return params, bufs
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+MODES = [("none", "O1", torch.float16), ("torch", "O1", torch.float16), ("torch", "O1", torch.bfloat16),
+         ("apex", "O0", torch.float16), ("apex", "O1", torch.float16), ("apex", "O1", torch.bfloat16),
+         ("apex", "O2", torch.float16), ("apex", "O2", torch.bfloat16), ("apex", "O3", torch.float16)]
+
+# -----------------------------------------------------------------------------
+# the scaler rule, number by number (amp_spec §2.5)
+
+
+def test_loss_scaler_defaults_and_growth_window():
+    s = LossScaler()  # apex defaults: 2**16, window 2000, cap 2**24
+    assert s.loss_scale == 65536.0 and s.unskipped == 0
+    for i in range(1999):
+        assert s.update(False) is False
+    assert s.loss_scale == 65536.0 and s.unskipped == 1999
+    s.update(False)  # the 2000th clean backward doubles and resets the counter
+    assert s.loss_scale == 131072.0 and s.unskipped == 0
+
+
+def test_loss_scaler_halving_resets_window():
+    s = LossScaler(scale_window=3)
+    s.update(False), s.update(False)
+    assert s.update(True) is True  # overflow: skip, halve, reset
+    assert s.loss_scale == 32768.0 and s.unskipped == 0
+    s.update(False), s.update(False)
+    assert s.loss_scale == 32768.0  # the window restarted at the overflow
+    s.update(False)
+    assert s.loss_scale == 65536.0
+
+
+def test_loss_scaler_cap_and_floor():
+    assert LossScaler(init_scale=2.**30).loss_scale == 2.**24  # start = min(max, init)
+    s = LossScaler(init_scale=2.**23, scale_window=1)
+    s.update(False)
+    assert s.loss_scale == 2.**24
+    s.update(False)
+    assert s.loss_scale == 2.**24  # capped at max_loss_scale
+    s = LossScaler(init_scale=4.0, min_loss_scale=2.0)
+    s.update(True)
+    assert s.loss_scale == 2.0
+    s.update(True)
+    assert s.loss_scale == 2.0  # floored at min_loss_scale
+    s = LossScaler(init_scale=4.0, min_loss_scale=None)
+    for _ in range(4):
+        s.update(True)
+    assert s.loss_scale == 0.25  # no floor: keeps halving below 1 (apex does too)
+
+
+def test_loss_scaler_static_never_changes():
+    s = LossScaler(init_scale=1.0, dynamic=False)
+    assert s.update(True) is False and s.update(False) is False
+    assert s.state_dict() == {"loss_scale": 1.0, "unskipped": 0}
+
+
+def _torch_rule(flags, init, window):
+    """torch's own update kernel (what GradScaler.update runs) over a sequence of overflow flags."""
+    scale, tracker = torch.full((1,), init), torch.zeros(1, dtype=torch.int32)
+    out = []
+    for f in flags:
+        torch._amp_update_scale_(scale, tracker, torch.full((1,), float(f)), 2.0, 0.5, window)
+        out.append((scale.item(), int(tracker.item())))
+    return out
+
+
+def test_apex_rule_matches_torch_rule_below_the_cap():
+    flags = [0, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    s = LossScaler(init_scale=2.**16, scale_window=3)
+    apex = [(s.update(bool(f)), s.loss_scale, s.unskipped)[1:] for f in flags]
+    assert apex == _torch_rule(flags, 2.**16, 3)
+
+
+def test_apex_rule_differs_from_torch_at_the_cap():
+    flags = [0] * 6
+    s = LossScaler(init_scale=2.**23, scale_window=2)
+    apex = [(s.update(False), s.loss_scale)[1] for _ in flags]
+    torch_scales = [sc for sc, _ in _torch_rule(flags, 2.**23, 2)]
+    assert apex == [2.**23, 2.**24, 2.**24, 2.**24, 2.**24, 2.**24]
+    assert torch_scales == [2.**23, 2.**24, 2.**24, 2.**25, 2.**25, 2.**26]  # GradScaler has no cap
+
+# -----------------------------------------------------------------------------
+# the step, mode by mode
+
+
+def test_none_is_bit_identical_to_plain_fp32_step():
+    model, opt, amp = make("none")
+    torch.manual_seed(0)
+    ref = TinyNet()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for i in range(3):
+        x, y = batch(i)
+        assert train_step(model, opt, amp, x, y) is False
+        ref_opt.zero_grad()
+        F.cross_entropy(ref(x)["out"], y).backward()
+        ref_opt.step()
+    assert same(list(model.parameters()), list(ref.parameters()))
+    assert same(snapshot(model, opt)[1], snapshot(ref, ref_opt)[1])
+    assert same(list(model.buffers()), list(ref.buffers()))
+
+
+def test_apex_O0_equals_none_bitwise():
+    a, b = make("none"), make("apex", "O0")
+    for i in range(2):
+        x, y = batch(i)
+        train_step(*a, x, y), train_step(*b, x, y)
+    assert same(list(a[0].parameters()), list(b[0].parameters()))
+
+
+@pytest.mark.parametrize("kind,opt_level,dtype", MODES)
+def test_overflow_skips_step_and_leaves_weights_and_momentum(kind, opt_level, dtype):
+    model, opt, amp = make(kind, opt_level, dtype, scale_window=1000)
+    for i in range(2):  # momentum buffers exist from here on
+        assert train_step(model, opt, amp, *batch(i)) is False
+    before, scale = snapshot(model, opt), amp.loss_scale
+    assert len(before[1]) == len(list(model.parameters()))
+    skipped = train_step(model, opt, amp, *batch(5), poison=model.conv2.weight)
+    assert skipped is True
+    after = snapshot(model, opt)
+    assert same(before[0], after[0]) and same(before[1], after[1])
+    assert all(p.grad is None for p in amp_mod._optimizer_params(opt))
+    dynamic = (kind, dtype) == ("torch", torch.float16) or (kind == "apex" and opt_level in ("O1", "O2")
+                                                             and dtype == torch.float16)
+    assert amp.loss_scale == (scale / 2 if dynamic else 1.0)
+    assert train_step(model, opt, amp, *batch(6)) is False  # and training goes on
+    assert not same(after[0], snapshot(model, opt)[0])
+
+
+def test_natural_fp16_overflow_in_O2_halves_until_clean():
+    # a scale far too big for fp16 grads (max 65504): every backward overflows until the scale comes down
+    model, opt, amp = make("apex", "O2", init_scale=2.**30, max_loss_scale=2.**30)
+    skips = [train_step(model, opt, amp, *batch(i)) for i in range(20)]
+    assert skips[0] and not skips[-1]
+    n = skips.index(False)
+    assert all(skips[:n]) and not any(skips[n:]) and amp.loss_scale == 2.**30 / 2 ** n
+    assert amp.state_dict() == {"loss_scaler0": {"loss_scale": 2.**30 / 2 ** n, "unskipped": 20 - n}}
+
+
+def test_apex_O1_and_torch_skip_and_scale_alike():
+    # same window, same poisoned steps: our apex scaler and torch's GradScaler take the same decisions
+    runs = []
+    for kind in ("apex", "torch"):
+        model, opt, amp = make(kind, "O1", scale_window=2)
+        out = []
+        for i in range(8):
+            poison = model.conv1.weight if i in (2, 5) else None
+            out.append((train_step(model, opt, amp, *batch(i), poison=poison), amp.loss_scale))
+        runs.append(out)
+    assert runs[0] == runs[1]
+    assert [s for s, _ in runs[0]] == [False, False, True, False, False, True, False, False]
+
+
+# -----------------------------------------------------------------------------
+# O2 invariants
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bn", ["standin", "BatchNormAct2d"])
+def test_O2_invariants(dtype, bn):
+    bn_cls = BNAct if bn == "standin" else layers.BatchNormAct2d
+    model, opt, amp = make("apex", "O2", dtype, bn=bn_cls)
+    for i in range(3):
+        assert train_step(model, opt, amp, *batch(i)) is False
+    # convs are half; affine BNs (subclasses included) keep fp32 params and running stats
+    assert model.conv1.weight.dtype == dtype and model.cls.bias.dtype == dtype
+    for m in (model.bn1, model.bn2):
+        assert all(t.dtype == torch.float32 for t in (m.weight, m.bias, m.running_mean, m.running_var))
+    # the optimizer holds fp32 only, and every half weight is exactly its master cast down
+    assert all(p.dtype == torch.float32 for p in amp_mod._optimizer_params(opt))
+    assert len(amp._pairs) == 4  # conv1, conv2, cls.weight, cls.bias
+    for p, m in amp._pairs:
+        assert torch.equal(p, m.to(dtype)) and p.grad is None
+    # BN ran on half activations with fp32 weights (the mixed path), and outputs come back fp32
+    seen = {}
+    h = model.bn1.register_forward_hook(lambda mod, i, o: seen.update(i=i[0].dtype, o=o.dtype))
+    out = model(batch(0)[0])["out"]
+    h.remove()
+    assert seen == {"i": dtype, "o": dtype} and out.dtype == torch.float32
+    # a checkpoint holds the fp32 masters as the model weights
+    sd = model.state_dict()
+    assert all(v.dtype == torch.float32 for k, v in sd.items() if "num_batches" not in k)
+    masters = dict(amp._pairs)
+    assert torch.equal(sd["conv1.weight"], masters[model.conv1.weight])
+
+
+def test_O2_masters_keep_fp32_bits_of_initial_weights():
+    torch.manual_seed(0)
+    ref = TinyNet()
+    model, opt, amp = make("apex", "O2")
+    masters = dict(amp._pairs)
+    assert torch.equal(masters[model.conv1.weight], ref.conv1.weight)  # not the fp16-rounded value
+    assert not torch.equal(ref.conv1.weight.half().float(), ref.conv1.weight)
+
+
+def test_O3_is_pure_half():
+    model, opt, amp = make("apex", "O3")
+    assert all(p.dtype == torch.float16 for p in model.parameters())  # all fp16, BN included ...
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())  # saved fp32
+    assert model.bn1.running_mean.dtype == torch.float16
+    assert train_step(model, opt, amp, *batch(0)) is False and amp.loss_scale == 1.0
+
+
+# -----------------------------------------------------------------------------
+# autocast casts
+
+
+@pytest.mark.parametrize("kind", ["torch", "apex"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_O1_autocast_casts_on_cpu(kind, dtype):
+    model, opt, amp = make(kind, "O1", dtype)
+    x, y = batch(0)
+    with amp.autocast():
+        conv = model.conv1(x)
+        bn = model.bn1(conv)
+        ce = F.cross_entropy(model(x)["out"], y)
+        cat = torch.cat([conv, torch.zeros_like(conv, dtype=torch.float32)], 1)
+    assert conv.dtype == dtype and bn.dtype == dtype  # conv lower precision; BN follows its input (no list)
+    assert ce.dtype == torch.float32 and cat.dtype == torch.float32  # losses fp32; mixed cat promotes
+    assert model.conv1.weight.dtype == torch.float32  # O1 never casts weights
+    with make("none")[2].autocast():
+        assert model.conv1(x).dtype == torch.float32
+    with make("apex", "O2")[2].autocast():  # O2 casts the model instead
+        assert model.conv1(x).dtype == torch.float32
+
+
+@pytest.mark.cuda
+def test_O1_autocast_casts_on_cuda():
+    model = TinyNet().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    amp = Amp("apex", "O1", device="cuda")
+    amp.initialize(model, opt)
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    with amp.autocast():
+        conv = model.conv1(x)
+        sm, up = conv.softmax(1), F.interpolate(conv, scale_factor=2, mode="bilinear", align_corners=False)
+        ce = F.cross_entropy(conv[:, :5], torch.zeros(2, 8, 8, dtype=torch.long, device="cuda"))
+    assert conv.dtype == torch.float16
+    assert sm.dtype == up.dtype == ce.dtype == torch.float32  # apex O1's FP32 list and torch CUDA autocast agree
+
+# -----------------------------------------------------------------------------
+# config, state, errors
+
+
+def test_from_fp16_cfg_both_shapes():
+    a = Amp.from_fp16_cfg({"type": "apex", "initialize": {"opt_level": "O1"}, "scale_loss": {}}, "cpu")
+    assert (a.kind, a.opt_level, a.dtype, a.loss_scale) == ("apex", "O1", torch.float16, 65536.0)
+    t = Amp.from_fp16_cfg({"type": "pytorch", "autocast": {"dtype": torch.float16}, "grad_scaler": {}}, "cpu")
+    assert (t.kind, t.dtype) == ("torch", torch.float16) and t.grad_scaler is not None
+    assert Amp.from_fp16_cfg({"type": "pytorch", "autocast": {"dtype": torch.bfloat16}}, "cpu").grad_scaler is None
+    assert Amp.from_fp16_cfg({"is_on": True, "opts": {"opt_level": "O2"}}, "cpu").opt_level == "O2"  # 2021 form
+    for empty in (None, {}, {"is_on": False}):
+        assert Amp.from_fp16_cfg(empty, "cpu").kind == "none"
+    with pytest.raises(ValueError, match="keep_batchnorm_fp32"):
+        Amp.from_fp16_cfg({"type": "apex", "initialize": {"opt_level": "O1", "keep_batchnorm_fp32": True}}, "cpu")
+    with pytest.raises(ValueError, match="type"):
+        Amp.from_fp16_cfg({"type": "deepspeed"}, "cpu")
+
+
+@pytest.mark.parametrize("kind,opt_level,dtype", MODES)
+def test_resume_is_exact(kind, opt_level, dtype):
+    """model + optimizer + amp state after N steps, loaded into fresh objects, continue exactly like the original."""
+    model, opt, amp = make(kind, opt_level, dtype, scale_window=2)
+    for i in range(3):
+        train_step(model, opt, amp, *batch(i), poison=model.conv1.weight if i == 1 else None)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "amp": amp.state_dict()})
+    model2, opt2, amp2 = make(kind, opt_level, dtype, seed=123, scale_window=2)  # different init, then load
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    amp2.load_state_dict(ckpt["amp"])
+    assert amp2.state_dict() == amp.state_dict()
+    for i in range(3, 6):
+        assert train_step(model, opt, amp, *batch(i)) == train_step(model2, opt2, amp2, *batch(i))
+    assert same(list(model.parameters()), list(model2.parameters()))
+    assert same(snapshot(model, opt)[1], snapshot(model2, opt2)[1])
+    assert same(amp_mod._optimizer_params(opt), amp_mod._optimizer_params(opt2))  # O2: the masters too
+    assert amp2.loss_scale == amp.loss_scale
+
+
+def test_resume_O2_loading_fp32_weights_before_initialize():
+    # the trainer's order: fp32 model.load_state_dict, then initialize, then optimizer/amp state
+    model, opt, amp = make("apex", "O2", scale_window=2)
+    for i in range(3):
+        train_step(model, opt, amp, *batch(i))
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "amp": amp.state_dict()})
+    torch.manual_seed(7)
+    model2 = TinyNet()
+    model2.load_state_dict(ckpt["model"])
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    amp2 = Amp("apex", "O2", device="cpu", scale_window=2)
+    model2, opt2 = amp2.initialize(model2, opt2)
+    opt2.load_state_dict(ckpt["opt"])
+    amp2.load_state_dict(ckpt["amp"])
+    for i in range(3, 5):
+        train_step(model, opt, amp, *batch(i)), train_step(model2, opt2, amp2, *batch(i))
+    assert same(amp_mod._optimizer_params(opt), amp_mod._optimizer_params(opt2))
+
+
+def test_state_dict_formats_and_mismatch_errors():
+    sd = make("apex", "O1")[2].state_dict()
+    assert sd == {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}}  # apex.amp.state_dict() format
+    assert isinstance(sd["loss_scaler0"]["unskipped"], int)
+    assert set(make("torch")[2].state_dict()) >= {"scale", "_growth_tracker"}
+    assert make("none")[2].state_dict() == {} and make("torch", dtype=torch.bfloat16)[2].state_dict() == {}
+    with pytest.raises(ValueError, match="loss_scaler0"):
+        make("apex", "O1")[2].load_state_dict(make("torch")[2].state_dict())
+    with pytest.raises(ValueError, match="GradScaler"):
+        make("torch")[2].load_state_dict(sd)
+    with pytest.raises(ValueError, match="no state"):
+        make("none")[2].load_state_dict(sd)
+
+
+def test_gradient_accumulation_unscales_each_backward():
+    # apex semantics: two backward passes before one step give the sum of the true gradients
+    torch.manual_seed(0)
+    ref = TinyNet()
+    model, opt, amp = make("apex", "O1")
+    for i in range(2):
+        x, y = batch(i)
+        amp.backward(F.cross_entropy(model(x)["out"], y), opt)  # outside autocast: fp32 grads, exact scaling
+        F.cross_entropy(ref(x)["out"], y).backward()
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-6, atol=0)
+    assert amp.state_dict()["loss_scaler0"]["unskipped"] == 2  # apex counts backward passes
+
+
+def test_describe_and_errors():
+    assert make("none")[2].describe().startswith("amp=none")
+    d = make("apex", "O1")[2].describe()
+    assert d.startswith("amp=apex O1 (") and "fp16" in d and "dynamic loss scale 65536" in d
+    assert "our implementation of apex.amp semantics" in d
+    assert "bf16" in make("torch", dtype="bfloat16")[2].describe()
+    assert amp_mod.cpu_half_dtype() in (torch.bfloat16, torch.float16)
+    model, opt, amp = make("apex", "O1")
+    with pytest.raises(RuntimeError, match="without a preceding"):
+        amp.step(opt)
+    with pytest.raises(RuntimeError, match="already"):
+        amp.initialize(model, opt)
+    with pytest.raises(ValueError, match="letter O"):
+        Amp("apex", opt_level="01", device="cpu")
+    with pytest.raises(ValueError, match="fp32 model"):
+        Amp("apex", "O2", device="cpu").initialize(TinyNet().half(), opt)
+    with pytest.raises(RuntimeError, match="initialize"):
+        Amp("none", device="cpu").backward(torch.zeros(()), opt)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            Amp("torch", device="cuda")
