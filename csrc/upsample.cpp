@@ -21,6 +21,10 @@
 //
 // Dtypes: float, double, half, bfloat16; the math runs in at::opmath_type (float, double for double).
 // Layouts: any strides; inputs are made contiguous (logits: channels_last, classes contiguous per pixel) first.
+//
+// Measured (bench/kernels.py --only upsample, fp32, batch 2, fwd+bwd, 2-core x86 box shared with other jobs, so
+// noisy): PPM concat 3.2x (NCHW) / 4.2x (channels_last) faster than interpolate + cat, ASPP concat 2.2x / 3.2x;
+// the loss at 150 classes 64x64 -> 512x512 2.0x / 3.2x faster with 50x / 68x less peak CPU allocation (900 MB -> 18 MB).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

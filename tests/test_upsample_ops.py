@@ -98,6 +98,23 @@ def test_concat_matches_aten(case, layout, dtype):
         torch.testing.assert_close(x.grad.to(rx.grad.dtype), rx.grad, **tol)
 
 
+def test_concat_random_sizes_float64():
+    # many (in, out) pairs per axis, up and down, both align_corners: checks the analytic footprint ranges (up_range)
+    g = torch.Generator().manual_seed(3)
+    for k in range(40):
+        h, w, H, W = (int(v) for v in torch.randint(1, 24, (4,), generator=g))
+        ac = bool(k % 2)
+        x = torch.randn(1, 2, h, w, dtype=torch.float64, generator=g, requires_grad=True)
+        rx = x.detach().clone().requires_grad_()
+        out = ops.upsample_concat([x], (H, W), align_corners=ac)
+        ref = F.interpolate(rx, size=(H, W), mode="bilinear", align_corners=ac)
+        torch.testing.assert_close(out, ref, **TOL[torch.float64])
+        gy = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+        out.backward(gy)
+        ref.backward(gy)
+        torch.testing.assert_close(x.grad, rx.grad, **TOL[torch.float64], msg=lambda m: f"{(h, w, H, W, ac)}: {m}")
+
+
 @pytest.mark.parametrize("align_corners", [True, False])
 def test_concat_align_corners_and_promotion(align_corners):
     xs = [torch.randn(2, 3, 5, 4, dtype=torch.float64), torch.randn(2, 2, 1, 1, dtype=torch.float64),
@@ -204,8 +221,9 @@ def test_opcheck():
 
 
 def _bits(t):
-    return t.detach().contiguous().view(-1).view(torch.uint8 if t.element_size() == 1 else torch.int16).clone() \
-        if t.dtype in (torch.float16, torch.bfloat16) else t.detach().contiguous().clone()
+    """The raw bits of t (equal bits, not merely equal values)."""
+    t = t.detach().contiguous().view(-1)
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).clone()
 
 
 def test_deterministic_across_runs_and_thread_counts():
