@@ -1,0 +1,117 @@
+"""common/metrics.py against a brute-force numpy computation (per-class pixel loops, no confusion matrix)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.metrics import ConfusionMatrix
+
+
+def brute_force(pairs, k, ignore=255):
+    """Per class: I = #(pred==c & label==c), P = #(pred==c), L = #(label==c) over valid pixels of all images."""
+    inter, area_p, area_l = np.zeros(k), np.zeros(k), np.zeros(k)
+    for pred, label in pairs:
+        pred, label = np.asarray(pred).ravel(), np.asarray(label).ravel()
+        keep = label != ignore
+        pred, label = pred[keep], label[keep]
+        for c in range(k):
+            inter[c] += np.sum((pred == c) & (label == c))
+            area_p[c] += np.sum(pred == c)
+            area_l[c] += np.sum(label == c)
+    union = area_p + area_l - inter
+    iou = [inter[c] / union[c] if union[c] > 0 else math.nan for c in range(k)]
+    present = [v for v in iou if not math.isnan(v)]
+    return {"aAcc": inter.sum() / area_l.sum(), "mIoU": sum(present) / len(present), "IoU": iou}
+
+
+def random_pairs(k, n, seed, absent=(), ignore_frac=0.2):
+    g = np.random.default_rng(seed)
+    pairs = []
+    for i in range(n):
+        h, w = g.integers(3, 9, size=2)  # images of different sizes, as the val split
+        label = g.integers(0, k, size=(h, w))
+        pred = np.where(g.random((h, w)) < 0.6, label, g.integers(0, k, size=(h, w)))  # 60% right, rest random
+        for c in absent:  # classes never in label nor prediction
+            label[label == c] = (c + 1) % k
+            pred[pred == c] = (c + 2) % k
+        ignore = g.random((h, w)) < ignore_frac
+        label[ignore] = 255
+        pred[ignore & (g.random((h, w)) < 0.5)] = 0  # what the net says on ignore pixels must not count
+        pairs.append((pred, label))
+    return pairs
+
+
+@pytest.mark.parametrize("dtypes", [(torch.int64, torch.int64), (torch.int32, torch.uint8), (torch.int16, torch.int32)])
+def test_against_brute_force_with_ignore_and_absent_classes(dtypes):
+    k = 7
+    pairs = random_pairs(k, n=5, seed=0, absent=(3, 5))
+    cm = ConfusionMatrix(k, ignore_index=255)
+    for pred, label in pairs:  # multiple updates accumulate
+        cm.update(torch.from_numpy(pred).to(dtypes[0]), torch.from_numpy(label).to(dtypes[1]))
+    res, ref = cm.compute(), brute_force(pairs, k)
+    assert cm.mat.dtype == torch.int64 and cm.mat.shape == (k, k)
+    assert math.isclose(res["aAcc"], ref["aAcc"], rel_tol=1e-12)
+    assert math.isclose(res["mIoU"], ref["mIoU"], rel_tol=1e-12)  # not NaN although classes 3 and 5 are absent
+    for a, b in zip(res["IoU"], ref["IoU"]):
+        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12)
+    assert math.isnan(res["IoU"][3]) and math.isnan(res["IoU"][5])
+    # rows are targets: row sums are label areas over valid pixels
+    areas = np.bincount(np.concatenate([l[l != 255] for _, l in pairs]), minlength=k)
+    assert cm.mat.sum(1).tolist() == areas.tolist()
+
+
+def test_class_only_in_prediction_counts_with_zero_iou():
+    cm = ConfusionMatrix(4)
+    cm.update(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 1, 1]]))  # class 2 predicted, never labelled
+    res = cm.compute()
+    assert res["IoU"][2] == 0.0 and math.isnan(res["IoU"][3])
+    assert math.isclose(res["mIoU"], (1 + 0.5 + 0) / 3)
+    assert math.isclose(res["aAcc"], 2 / 3)
+
+
+def test_ignore_only_and_errors():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([1, 2]), torch.tensor([255, 255]))
+    assert cm.mat.sum() == 0 and math.isnan(cm.compute()["mIoU"])
+    with pytest.raises(ValueError, match="outside"):
+        cm.update(torch.tensor([3]), torch.tensor([0]))  # a prediction beyond num_classes
+    with pytest.raises(ValueError, match="outside"):
+        cm.update(torch.tensor([0]), torch.tensor([7]))  # a label that is neither a class nor ignore
+    with pytest.raises(ValueError, match="differ"):
+        cm.update(torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError):
+        cm.update(torch.zeros(2), torch.zeros(2, dtype=torch.long))
+
+
+def test_reduce_is_noop_single_process_and_format():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2]))
+    before = cm.mat.clone()
+    assert torch.equal(cm.reduce().mat, before)
+    table = cm.format(["wall", "building, edifice", "sky"])
+    assert "building" in table and "edifice" not in table and "mIoU" in table
+    assert table.count("\n") == 4  # header, 3 present classes, summary
+
+
+def _reduce_worker(rank, world, init_file, k, pairs, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cm = ConfusionMatrix(k)
+    for pred, label in pairs[rank::world]:  # each rank its shard; rank 1 may see fewer images
+        cm.update(torch.from_numpy(pred), torch.from_numpy(label))
+    cm.reduce()
+    if rank == 0:
+        torch.save(cm.mat, out)
+    dist.destroy_process_group()
+
+
+def test_reduce_sums_over_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+    k = 5
+    pairs = random_pairs(k, n=3, seed=1)
+    mp.spawn(_reduce_worker, args=(2, str(tmp_path / "init"), k, pairs, str(tmp_path / "mat.pt")), nprocs=2)
+    single = ConfusionMatrix(k)
+    for pred, label in pairs:
+        single.update(torch.from_numpy(pred), torch.from_numpy(label))
+    assert torch.equal(torch.load(tmp_path / "mat.pt"), single.mat)
