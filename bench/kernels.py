@@ -16,6 +16,116 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SECTIONS = {}  # name -> fn(args, device) returning (markdown table str, list of row dicts)
 
 # ---- section: bn_relu (Kernels I)
+# common.ops.bn_relu (fused BN [+ residual] + ReLU) against F.batch_norm [+ add] + F.relu, training mode with the
+# running-stat update, forward and forward+backward (torch.autograd.grad of x, weight, bias [, residual]),
+# interleaved A/B repetitions, median. CUDA: CUDA events around `inner` calls (no L2 flush: tensors of batch 16 are
+# 33-537 MB against a 50 MB L2; batch 2 rows are partly L2-resident). CPU: perf_counter, all torch threads.
+# GB/s = the bytes the op must move / time: fwd reads x (+ residual) and writes y; bwd reads dy, y, x and writes dx
+# (+ d residual); the statistics passes' extra reads are not counted.
+# Shapes: the distinct BN tensors of R50-D8 (v1c stem, OS 8) + PSP / ASPP / aux heads + the DeepLabV3+ decoder at
+# 512x512, as (C, H, W, residual?), per-GPU batch 16 and 2 on CUDA (fp16, channels_last). CPU: fp32 NCHW at batch 2,
+# a subset (BN_CPU_SHAPES: the full list at batch 2 is minutes per row pair on 2 cores). --quick: tiny shapes.
+BN_SHAPES = [  # (C, H, W, residual): where in the network
+    (32, 256, 256, False), (64, 256, 256, False),  # stem (three 3x3 convs at 1/2)
+    (64, 128, 128, False), (256, 128, 128, True), (256, 128, 128, False),  # layer1 (bn1/bn2, bn3 + add, downsample)
+    (128, 128, 128, False), (128, 64, 64, False), (512, 64, 64, True),  # layer2 (first bn1 at 1/4)
+    (256, 64, 64, False), (1024, 64, 64, True),  # layer3 (dilation 2)
+    (512, 64, 64, False), (2048, 64, 64, True),  # layer4 (dilation 4), also the heads' 512-channel convs
+    (512, 1, 1, False), (512, 2, 2, False), (512, 3, 3, False), (512, 6, 6, False),  # PPM bins / ASPP image pool
+    (48, 128, 128, False), (512, 128, 128, False),  # DeepLabV3+ decoder (shortcut, fuse convs at 1/4)
+]
+BN_CPU_SHAPES = [(64, 128, 128, False), (256, 64, 64, False), (512, 64, 64, True), (2048, 32, 32, True),
+                 (1024, 64, 64, True), (512, 6, 6, False), (512, 1, 1, False)]
+BN_QUICK_SHAPES = [(16, 8, 8, False), (24, 4, 4, True), (8, 1, 1, False)]
+
+
+def _bn_time(fns, device, reps, inner):
+    """fns: {name: zero-arg callable}; median seconds per call of each, the names interleaved each repetition."""
+    import statistics
+    import time
+
+    import torch
+    cuda = device.type == "cuda"
+    for fn in fns.values():  # warm-up: allocator, OpenMP pool, lazy CUDA init
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fn()
+                end.record()
+                end.synchronize()
+                times[k].append(start.elapsed_time(end) / 1e3 / inner)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                times[k].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_bn_relu(args, device):
+    import torch
+    import torch.nn.functional as F
+
+    from common import ops
+    ops.require("bn_stats", "bn_apply", "bn_relu_train", "bn_backward_reduce", "bn_backward_apply")
+    cuda = device.type == "cuda"
+    dtype, fmt = (torch.float16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
+    shapes = BN_QUICK_SHAPES if args.quick else (BN_SHAPES if cuda else BN_CPU_SHAPES)
+    batches = [2] if args.quick or not cuda else [16, 2]
+    reps, inner = (3, 2) if args.quick else ((15, 5) if cuda else (5, 1))
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g).contiguous(memory_format=fmt)
+
+    def aten(x, w, b, rm, rv, r):
+        y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+        return F.relu(y + r if r is not None else y)
+
+    def fused(x, w, b, rm, rv, r):
+        return ops.bn_relu(x, w, b, rm, rv, True, 0.1, 1e-5, residual=r)
+
+    rows = []
+    for batch in batches:
+        for C, H, W, res in shapes:
+            x, grad = rand(batch, C, H, W).requires_grad_(), rand(batch, C, H, W)
+            r = rand(batch, C, H, W).requires_grad_() if res else None
+            w = torch.ones(C, device=device, requires_grad=True)
+            b = torch.zeros(C, device=device, requires_grad=True)
+            rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+            inputs = [x, w, b] + ([r] if res else [])
+            fwd, fb = {}, {}
+            for name, f in (("aten", aten), ("fused", fused)):
+                fwd[name] = lambda f=f: f(x.detach(), w.detach(), b.detach(), rm, rv, None if r is None else r.detach())
+                fb[name] = lambda f=f: torch.autograd.grad(f(x, w, b, rm, rv, r), inputs, grad)
+            t_fwd = _bn_time(fwd, device, reps, inner)
+            t_fb = _bn_time(fb, device, reps, inner)
+            n = x.numel() * x.element_size()
+            moved = (2 + res) * n + (4 + res) * n
+            rows.append(dict(batch=batch, C=C, H=H, W=W, residual=res, dtype=str(dtype)[6:],
+                             layout="channels_last" if cuda else "NCHW",
+                             aten_fwd_ms=t_fwd["aten"] * 1e3, fused_fwd_ms=t_fwd["fused"] * 1e3,
+                             aten_fb_ms=t_fb["aten"] * 1e3, fused_fb_ms=t_fb["fused"] * 1e3,
+                             fused_fb_gbs=moved / t_fb["fused"] / 1e9, aten_fb_gbs=moved / t_fb["aten"] / 1e9))
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"### bn_relu family, training mode ({where}; {rows[0]['dtype']} {rows[0]['layout']})", "",
+             "| batch | C | HxW | +res | ATen fwd ms | fused fwd ms | fwd speed-up | ATen f+b ms | fused f+b ms | "
+             "f+b speed-up | fused f+b GB/s | ATen f+b GB/s |",
+             "|---:|---:|---|:-:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for q in rows:
+        lines.append(f"| {q['batch']} | {q['C']} | {q['H']}x{q['W']} | {'y' if q['residual'] else ''} | "
+                     f"{q['aten_fwd_ms']:.3f} | {q['fused_fwd_ms']:.3f} | {q['aten_fwd_ms'] / q['fused_fwd_ms']:.2f}x | "
+                     f"{q['aten_fb_ms']:.3f} | {q['fused_fb_ms']:.3f} | {q['aten_fb_ms'] / q['fused_fb_ms']:.2f}x | "
+                     f"{q['fused_fb_gbs']:.1f} | {q['aten_fb_gbs']:.1f} |")
+    return "\n".join(lines), rows
+
+
+SECTIONS["bn_relu"] = bench_bn_relu
 
 # ---- section: upsample (Kernels II)
 # upsample_concat (PSPNet PPM, DeepLabV3 ASPP) and upsample_cross_entropy (the loss of one head) against the ATen

@@ -8,9 +8,8 @@
 // The ATen composition (F.batch_norm + add + relu, fwd+bwd) makes 2 more full passes (the add and the ReLU, each
 // way) and keeps the same two tensors (x for BN, y for ReLU).
 //
-// Layouts: NCHW (any dim >= 2, viewed as [N, C, S]) and channels_last (4-D, viewed as [N*H*W, C]); other strides
-// are copied to the nearer of the two first (suggest_memory_format). Accumulation is float (double for fp64 inputs);
-// per-chunk float sums are merged in the accumulator type, chunks of at most kRowsPerChunk rows / one plane.
+// Layouts: see bn_relu.h. Accumulation is float (double for fp64 inputs) within a chunk (one [S] plane in NCHW,
+// kRowsPerChunk rows in channels_last), and the chunk sums are merged in double, in a fixed order (reproducible).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,49 +18,14 @@
 #include <tuple>
 #include <vector>
 
+#include "bn_relu.h"
+
 namespace segfp16 {
 namespace {
 
+using namespace bnr;
+
 constexpr int64_t kRowsPerChunk = 256;  // channels_last: rows per partial sum (float sums over <= 256 values)
-
-// ---- layout helpers
-
-struct Layout {
-  int64_t N, C, S;  // x viewed as [N, C, S] (NCHW) or [N*S, C] (channels_last)
-  bool cl;
-  int64_t count() const { return N * S; }  // values per channel
-};
-
-at::MemoryFormat format_of(const at::Tensor& x) {
-  return (x.dim() == 4 && x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
-                                                                                      : at::MemoryFormat::Contiguous;
-}
-
-Layout layout_of(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 2, "segfp16 bn_relu: x must be [N, C, ...], got shape ", x.sizes());
-  Layout l{x.size(0), x.size(1), 1, format_of(x) == at::MemoryFormat::ChannelsLast};
-  for (int64_t d = 2; d < x.dim(); ++d) l.S *= x.size(d);
-  return l;
-}
-
-// A [C] per-channel tensor as contiguous acc_t (float, or double for fp64 x).
-at::Tensor per_channel(const at::Tensor& t, const char* name, int64_t C, at::ScalarType acc) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "segfp16 bn_relu: ", name, " must have shape [", C, "], got ", t.sizes());
-  return t.to(acc).contiguous();
-}
-
-// Same shape, dtype and layout as x (x already made contiguous in its memory format).
-at::Tensor like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.sizes() == x.sizes(), "segfp16 bn_relu: ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "segfp16 bn_relu: ", name, " must have x's dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-  return t.contiguous(format_of(x));
-}
-
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "segfp16 bn_relu: x must be floating point, got ", x.scalar_type());
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // ---- the per-channel reduction both directions use
 
