@@ -51,7 +51,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.training or (self.running_mean is None and self.running_var is None)
 
     def normalize(self, x, factor):
-        """The statistics step alone: (B, C, H, W) -> bn(x). A synced variant (common.dist) overrides this one method."""
+        """The statistics step alone: (B, C, H, W) -> bn(x); a synced variant (common.dist) can override just this."""
         track = not self.training or self.track_running_stats
         return F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
                             self.weight, self.bias, self._use_batch_stats(), factor, self.eps)

@@ -1,4 +1,4 @@
-"""The four segmentors and their building blocks against spec §4/§5: keys, shapes, dilations, concat orders, loading."""
+"""The four segmentors and their building blocks vs spec §4/§5: keys, shapes, dilations, concat orders, loading."""
 import ast
 import importlib
 import io
@@ -54,7 +54,8 @@ def spec_keys(name, K=150):
     cls = {"fcn": "decoder.7", "pspnet": "decoder.1", "deeplabv3": "decoder.1", "deeplabv3plus": "decoder.3"}[name]
     keys |= {f"{cls}.weight": (K, 512, 1, 1), f"{cls}.bias": (K,)}
     if name == "fcn":
-        keys |= conv("decoder.0", 512, 2048, 3) | bn("decoder.1", 512) | conv("decoder.3", 512, 512, 3) | bn("decoder.4", 512)
+        keys |= conv("decoder.0", 512, 2048, 3) | bn("decoder.1", 512)
+        keys |= conv("decoder.3", 512, 512, 3) | bn("decoder.4", 512)
     if name == "pspnet":
         for i in range(4):
             keys |= conv(f"ppm_net.branches.{i}.1", 512, 2048, 1) | bn(f"ppm_net.branches.{i}.2", 512)
@@ -65,7 +66,8 @@ def spec_keys(name, K=150):
         keys |= conv("aspp_net.bottleneck.0", 512, 2560, 3) | bn("aspp_net.bottleneck.1", 512)
     if name == "deeplabv3":
         for i in (1, 2, 3):
-            keys |= conv(f"aspp_net.parallel_branches.{i}.0", 512, 2048, 3) | bn(f"aspp_net.parallel_branches.{i}.1", 512)
+            p = f"aspp_net.parallel_branches.{i}"
+            keys |= conv(f"{p}.0", 512, 2048, 3) | bn(f"{p}.1", 512)
     if name == "deeplabv3plus":
         def ds(p, cin, cout):
             return ({f"{p}.depthwise_conv.weight": (cin, 1, 3, 3)} | bn(f"{p}.depthwise_bn", cin)
@@ -265,7 +267,8 @@ def test_ppm_concat_order():
 def test_deeplabv3plus_concat_order_and_shortcut_resolution():
     import deeplabv3plus
     cfg = {"head": {"in_channels": [256, 2048], "feats_channels": 8, "shortcut_channels": 3, "dropout": 0.1,
-                    "dilations": [1, 12, 24, 36]}, "auxiliary": {"in_channels": 1024, "out_channels": 8, "dropout": 0.1}}
+                    "dilations": [1, 12, 24, 36]},
+           "auxiliary": {"in_channels": 1024, "out_channels": 8, "dropout": 0.1}}
     model = deeplabv3plus.build_model(cfg, num_classes=5).eval()
     constant_branch(model.aspp_net.bottleneck, 2)
     constant_branch(model.shortcut, 9)
@@ -322,7 +325,8 @@ def test_upsample_concat_and_loss():
     logits = torch.randn(2, 4, 5, 7, requires_grad=True)
     target = torch.randint(0, 4, (2, 33, 49))
     target[1, 10:] = 255
-    ref = F.cross_entropy(F.interpolate(logits, (33, 49), mode="bilinear", align_corners=False), target, ignore_index=255)
+    up = F.interpolate(logits, (33, 49), mode="bilinear", align_corners=False)
+    ref = F.cross_entropy(up, target, ignore_index=255)
     assert torch.allclose(layers.seg_cross_entropy(logits, target), ref, atol=1e-6)
     empty = layers.seg_cross_entropy(logits, torch.full((2, 33, 49), 255))
     empty.backward()
