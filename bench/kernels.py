@@ -261,6 +261,205 @@ def bench_upsample(args, device):
 SECTIONS["upsample"] = bench_upsample
 
 # ---- section: conv (benchmarks issue)
+# DeepBench's convolution table (baidu-research/DeepBench, kernels.md §5) on our own problem list: every distinct
+# Conv2d of the four segmentors' training forward at 512x512 (taken from the real models by forward hooks on a meta
+# copy, so dilated ASPP branches, PPM bins and the depthwise convs of DeepLabV3+ are all in), timed forward,
+# backward-data and backward-weight in fp32 (TF32 off), TF32, fp16 and bf16, NCHW against NHWC. TFLOP/s counts
+# 2 x N x K x P x Q x C/groups x R x S for each of the three passes (DeepBench uses the forward count for all three).
+# Knobs, by environment variable (the driver's flags are shared): CONV_MODELS (default fcn,pspnet,deeplabv3,
+# deeplabv3plus), CONV_BATCH (16), CONV_CROP (512), CONV_DTYPES (fp32,tf32,fp16,bf16), CONV_BUDGET_MS (20).
+
+CONV_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # name -> torch dtype
+
+
+def conv_problems(models, crop, batch):
+    """Distinct Conv2d problems of one training forward: [(problem dict, {model: count})], in first-use order."""
+    import importlib
+
+    import torch
+    import torch.nn as nn
+    found = {}
+    for name in models:
+        model = importlib.import_module(name).build_model().to("meta").train()  # training: the aux head runs too
+
+        def hook(m, inputs, output, name=name):
+            x = inputs[0]
+            key = (m.in_channels, x.shape[2], x.shape[3], m.out_channels, m.kernel_size, m.stride, m.padding,
+                   m.dilation, m.groups)
+            found.setdefault(key, {}).setdefault(name, 0)
+            found[key][name] += 1
+        hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():  # 2 images on meta: BN in training refuses the 1x1 pooled maps of a single image
+            model(torch.empty(2, 3, crop, crop, device="meta"))
+        for h in hooks:
+            h.remove()
+    problems = []
+    for (c, h, w, k, (r, s), stride, pad, dil, groups), users in found.items():
+        p = dict(N=batch, C=c, H=h, W=w, K=k, R=r, S=s, stride=stride[0], pad=pad[0], dilation=dil[0], groups=groups)
+        assert stride[0] == stride[1] and pad[0] == pad[1] and dil[0] == dil[1], f"non-square conv {p}"
+        P = (h + 2 * p["pad"] - p["dilation"] * (r - 1) - 1) // p["stride"] + 1
+        Q = (w + 2 * p["pad"] - p["dilation"] * (s - 1) - 1) // p["stride"] + 1
+        p["flops"] = 2 * batch * k * P * Q * (c // groups) * r * s
+        problems.append((p, users))
+    return problems
+
+
+def _conv_time_ms(fn, device, budget_ms, quick):
+    """Median ms of fn() after one warm-up call (cudnn.benchmark's algorithm search happens in it)."""
+    import statistics
+    import time
+
+    import torch
+    fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(1 if quick else 3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    reps = max(3, min(100, int(budget_ms / max(start.elapsed_time(end), 1e-3))))  # ~budget_ms per measurement
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in events:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(a.elapsed_time(b) for a, b in events)
+
+
+def conv_passes(p, dtype, memory_format, device):
+    """The three closures (fwd, bwd-data, bwd-weight) of one problem, on random tensors in dtype and layout."""
+    import torch
+    import torch.nn.functional as F
+    dtype = getattr(torch, CONV_DTYPES[dtype])
+    x = torch.randn(p["N"], p["C"], p["H"], p["W"], device=device, dtype=dtype).to(memory_format=memory_format)
+    w = torch.randn(p["K"], p["C"] // p["groups"], p["R"], p["S"], device=device, dtype=dtype)
+    w = w.to(memory_format=memory_format)
+    conv = dict(stride=[p["stride"]] * 2, padding=[p["pad"]] * 2, dilation=[p["dilation"]] * 2, groups=p["groups"])
+    y = F.conv2d(x, w, None, **conv)
+    dy = torch.randn_like(y)  # keeps y's layout
+
+    def bwd(mask):  # the ATen op autograd calls for a conv's backward; mask picks grad-input / grad-weight
+        return lambda: torch.ops.aten.convolution_backward(dy, x, w, None, conv["stride"], conv["padding"],
+                                                          conv["dilation"], False, [0, 0], conv["groups"], mask)
+    return {"fwd": lambda: F.conv2d(x, w, None, **conv), "dgrad": bwd([True, False, False]),
+            "wgrad": bwd([False, True, False])}
+
+
+def conv_section(args, device):
+    import torch
+    env = os.environ.get
+    quick = args.quick
+    models = env("CONV_MODELS", "pspnet" if quick else "fcn,pspnet,deeplabv3,deeplabv3plus").split(",")
+    batch, crop = int(env("CONV_BATCH", 1 if quick else 16)), int(env("CONV_CROP", 32 if quick else 512))
+    dtypes = env("CONV_DTYPES", "fp32,tf32,fp16,bf16").split(",")
+    budget_ms = float(env("CONV_BUDGET_MS", 20))
+    bad = [d for d in dtypes if d not in CONV_DTYPES]
+    if bad:
+        raise ValueError(f"CONV_DTYPES: unknown {bad}; choose from {', '.join(CONV_DTYPES)}")
+    from common.layers import KERNELS
+    assert KERNELS == "torch", "the problem list is taken with the plain ATen blocks"
+    problems = conv_problems(models, crop, batch)
+    if quick:  # CI: one problem per (kernel size, dilation, depthwise) kind, so every code path still runs
+        kinds = {}
+        for p, users in problems:
+            kinds.setdefault((p["R"], p["dilation"], p["groups"] > 1), (p, users))
+        problems = list(kinds.values())
+    skip = {}  # dtype -> why it is not measured here
+    if device.type == "cpu":
+        skip["tf32"] = "TF32 is a tensor-core mode (CUDA only)"
+        skip["fp16"] = "no fp16 conv fast path on this CPU build (bf16 stands for half precision here)"
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as the trainer (spec §1): every pass gets cuDNN's fastest algorithm
+    rows = []
+    try:
+        for i, (p, users) in enumerate(problems):
+            for dname in dtypes:
+                row = dict(p, id=i, dtype=dname, count=sum(users.values()), models=users)
+                if dname in skip:
+                    row["note"] = f"skipped: {skip[dname]}"
+                    rows.append(row)
+                    continue
+                torch.backends.cudnn.allow_tf32 = dname == "tf32"
+                for fname, mf in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+                    try:
+                        for pname, fn in conv_passes(p, dname, mf, device).items():
+                            ms = _conv_time_ms(fn, device, budget_ms, quick)
+                            row[f"{pname}_{fname}_ms"] = ms
+                            row[f"{pname}_{fname}_tflops"] = p["flops"] / ms / 1e9
+                    except torch.OutOfMemoryError:
+                        row["note"] = f"{fname}: OOM"
+                    except RuntimeError as e:  # e.g. a dtype/layout without a kernel on this device
+                        row["note"] = f"{fname}: {str(e).splitlines()[0][:80]}"
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before
+    md = conv_markdown(rows, device, models, batch, crop)
+    if quick:
+        md += "\n(--quick: one problem per kind only, so the step totals above cover that subset)\n"
+    return md, rows
+
+
+def _best_ms(r, fname=None):
+    """fwd + dgrad + wgrad ms, each pass in the faster layout (or in `fname`); None when a pass is missing."""
+    total = 0.0
+    for pname in ("fwd", "dgrad", "wgrad"):
+        ts = [r.get(f"{pname}_{f}_ms") for f in ((fname,) if fname else ("nchw", "nhwc"))]
+        ts = [t for t in ts if t is not None]
+        if not ts:
+            return None
+        total += min(ts)
+    return total
+
+
+def conv_markdown(rows, device, models, batch, crop):
+    import torch
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    short = {"fcn": "F", "pspnet": "P", "deeplabv3": "D", "deeplabv3plus": "D+"}
+    fp32_ms = {r["id"]: _best_ms(r) for r in rows if r["dtype"] == "fp32"}
+    lines = [f"### conv: distinct convolutions of {', '.join(models)} at {crop}x{crop}, batch {batch} ({dev}, "
+             f"torch {torch.__version__})", "",
+             "TFLOP/s per pass (fwd / bwd-data / bwd-weight) in each layout; ms = the three passes, each in its faster "
+             "layout; vs fp32 = fp32 ms / this ms. count = uses per forward, summed over the models "
+             "(F fcn, P pspnet, D deeplabv3, D+ deeplabv3plus).", "",
+             "| # | C x H x W -> K | RxS /s pad dil g | count | models | GFLOP | dtype | fwd NCHW | fwd NHWC | "
+             "dgrad NCHW | dgrad NHWC | wgrad NCHW | wgrad NHWC | ms | vs fp32 | note |",
+             "|" + "---|" * 16]
+    for r in rows:
+        ms = _best_ms(r)
+        base = fp32_ms.get(r["id"])
+        cells = [str(r["id"]), f"{r['C']}x{r['H']}x{r['W']} -> {r['K']}",
+                 f"{r['R']}x{r['S']} /{r['stride']} p{r['pad']} d{r['dilation']} g{r['groups']}", str(r["count"]),
+                 " ".join(f"{short.get(m, m)}{'' if n == 1 else 'x%d' % n}" for m, n in r["models"].items()),
+                 f(r["flops"] / 1e9, ".2f"), r["dtype"]]
+        cells += [f(r.get(f"{pn}_{fn}_tflops"), ".3g") for pn in ("fwd", "dgrad", "wgrad") for fn in ("nchw", "nhwc")]
+        cells += [f(ms, ".3f"), f(base / ms if base and ms else None, ".2f"), r.get("note", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    # the conv time of one training step (every use counted), per dtype and layout: where half precision pays
+    lines += ["", "Conv time of one training step of each model (fwd + bwd-data + bwd-weight, every use counted), ms:",
+              "", "| model | dtype | NCHW | NHWC | best of each |", "|---|---|---|---|---|"]
+    for m in models:
+        for dname in dict.fromkeys(r["dtype"] for r in rows):
+            sub = [r for r in rows if r["dtype"] == dname and m in r["models"]]
+            tot = {k: [(_best_ms(r, k) if k else _best_ms(r)) for r in sub] for k in ("nchw", "nhwc", None)}
+            cell = {k: None if any(t is None for t in v) else sum(t * r["models"][m] for t, r in zip(v, sub))
+                    for k, v in tot.items()}
+            lines.append(f"| {m} | {dname} | {f(cell['nchw'], '.2f')} | {f(cell['nhwc'], '.2f')} | "
+                         f"{f(cell[None], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS["conv"] = conv_section
 
 
 def main():

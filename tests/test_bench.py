@@ -1,0 +1,131 @@
+"""The two benches run end to end in their --quick form (what CI runs) and write the rows and columns they promise.
+
+Timings on a CI box mean nothing, so the checks are on structure and on the arithmetic around the timings: the
+FLOP counts against torch's own FlopCounterMode, the derived columns against the raw ones.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, out):
+    r = subprocess.run([sys.executable] + args + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def forward_flops(model, crop):
+    """FLOPs of one training forward of one image, counted by torch (independent of common.summary)."""
+    model = model.to("meta").train()  # shapes are all a counter needs
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.empty(2, 3, crop, crop, device="meta"))  # 2 images: BN in training mode; halved below
+    return fc.get_total_flops() / 2
+
+
+@pytest.fixture(scope="module")
+def train_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_train")
+    stdout = run(["bench/train.py", "--quick"], out)
+    with open(out / "train.json") as f:
+        return json.load(f), (out / "train.md").read_text(), stdout
+
+
+def test_train_quick_rows(train_out):
+    res, md, _ = train_out
+    head, rows = res["header"], res["rows"]
+    for key in ("card", "torch", "cuda", "commit", "date", "peak_fp16_tflops", "crop", "steps", "warmup"):
+        assert key in head, key
+    assert head["torch"] == torch.__version__ and head["crop"] == 32
+    got = [(r["model"], r["mode"], r["kernels"], r["format"], r["batch"]) for r in rows]
+    assert got == [("fcn", "fp32", "torch", "nchw", 2), ("fcn", "bf16", "torch", "nchw", 2),
+                   ("tv_fcn", "autocast", "torch", "nhwc", 2)]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["step_ms"] > 0 and r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+        assert r["img_per_s"] == pytest.approx(r["batch"] / r["step_ms"] * 1e3)
+        assert r["tflop_per_s"] == pytest.approx(r["img_per_s"] * r["gflop_per_img"] / 1e3)
+        if head["peak_fp16_tflops"] is None:  # the CPU: no MFU, no allocator peak
+            assert r["mfu"] is None
+    fp32, bf16, peer = rows
+    assert fp32["vs_fp32"] == pytest.approx(1.0)
+    assert bf16["vs_fp32"] == pytest.approx(bf16["img_per_s"] / fp32["img_per_s"])
+    assert bf16["vs_peer"] == pytest.approx(bf16["img_per_s"] / peer["img_per_s"])
+    assert "vs_fp32" not in peer  # a peer is the reference, not compared with our fp32
+    assert "amp=torch" in bf16["amp"] and "bfloat16" in bf16["amp"]
+
+
+def test_train_quick_flops_match_torch_counter(train_out):
+    import fcn
+    from torchvision.models.segmentation import fcn_resnet50
+    res, _, _ = train_out
+    ours, peer = res["rows"][0], res["rows"][2]
+    torch.manual_seed(0)
+    # bench: 3 x 2 x MACs of a training forward (fwd + bwd-data + bwd-weight); torch counts 2 FLOPs per MAC
+    assert ours["gflop_per_img"] * 1e9 == pytest.approx(3 * forward_flops(fcn.build_model(), 32), rel=1e-6)
+    tv = fcn_resnet50(weights=None, weights_backbone=None, num_classes=150, aux_loss=True)
+    assert peer["gflop_per_img"] * 1e9 == pytest.approx(3 * forward_flops(tv, 32), rel=1e-6)
+
+
+def test_train_quick_markdown(train_out):
+    _, md, stdout = train_out
+    lines = md.splitlines()
+    assert lines[0].startswith("# Training-step throughput: ")
+    assert "commit" in md and "torch " + torch.__version__ in md
+    table = [line for line in lines if line.startswith("|")]
+    cols = [c.strip() for c in table[0].strip("|").split("|")]
+    assert cols == ["model", "mode", "kernels", "format", "batch", "img/s", "step ms", "peak GiB", "TFLOP/s", "MFU",
+                    "vs fp32", "mem vs fp32", "vs tv", "note"]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [row[:2] for row in body] == [["fcn", "fp32"], ["fcn", "bf16"], ["tv_fcn", "autocast"]]
+    assert all(len(row) == len(cols) for row in body)
+    assert body[0][cols.index("vs fp32")] == "1.00"
+    assert md in stdout  # the table is printed too
+
+
+def test_train_rejects_unknown_names():
+    r = subprocess.run([sys.executable, "bench/train.py", "--modes", "fp8"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "fp8" in r.stderr
+
+
+def test_kernels_conv_quick(tmp_path):
+    import pspnet
+    run(["bench/kernels.py", "--quick", "--only", "conv"], tmp_path)
+    with open(tmp_path / "kernels.json") as f:
+        rows = json.load(f)["conv"]
+    md = (tmp_path / "kernels.md").read_text()
+    assert "| # | C x H x W -> K |" in md and "fwd NHWC" in md and "wgrad NCHW" in md
+    problems = {r["id"]: r for r in rows}
+    # every problem once per dtype
+    assert sorted(r["dtype"] for r in rows) == sorted(["fp32", "tf32", "fp16", "bf16"] * len(problems))
+    kinds = {(p["R"], p["dilation"], p["groups"] > 1) for p in problems.values()}
+    assert {(1, 1, False), (3, 1, False), (3, 2, False), (3, 4, False)} <= kinds  # dilated layer3/layer4 included
+    # uses per forward, against the model's own module list (each Conv2d runs once in pspnet's forward)
+    convs = [m for m in pspnet.build_model().modules() if isinstance(m, torch.nn.Conv2d)]
+    for p in problems.values():
+        n = sum(1 for m in convs if (m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.dilation[0],
+                                     m.groups) == (p["C"], p["K"], p["R"], p["stride"], p["dilation"], p["groups"]))
+        assert p["count"] == p["models"]["pspnet"] == n, p
+    for r in rows:
+        # FLOPs per pass against torch's counter on meta tensors
+        x = torch.empty(r["N"], r["C"], r["H"], r["W"], device="meta")
+        w = torch.empty(r["K"], r["C"] // r["groups"], r["R"], r["S"], device="meta")
+        with FlopCounterMode(display=False) as fc:
+            F.conv2d(x, w, None, r["stride"], r["pad"], r["dilation"], r["groups"])
+        assert r["flops"] == fc.get_total_flops()
+        if r["dtype"] in ("tf32", "fp16") and not torch.cuda.is_available():
+            assert r["note"].startswith("skipped") and "fwd_nchw_ms" not in r
+            continue
+        for p in ("fwd", "dgrad", "wgrad"):
+            for fmt in ("nchw", "nhwc"):
+                assert r[f"{p}_{fmt}_ms"] > 0
+                assert r[f"{p}_{fmt}_tflops"] == pytest.approx(r["flops"] / r[f"{p}_{fmt}_ms"] / 1e9)
