@@ -372,7 +372,8 @@ def wrap_ddp(model, device, amp_kind, fp16_compress=None):
     """DDP as the reference (spec §7 step 10): after AMP initialisation, default options, broadcast_buffers on.
 
     amp_kind: 'none' | 'torch' | 'apex'. fp16_compress: register DDP's fp16 gradient-compression hook (gradients
-    are all-reduced in fp16, then cast back); None = as the reference, on for the pytorch-AMP path only. apex
+    are all-reduced in fp16, then cast back): True / False (or 'true' / 'false'), or None / 'auto' = as the
+    reference, on for the pytorch-AMP path only (--ddp_fp16_compress). apex
     O1 keeps fp32 weights, so its gradients are reduced in fp32 as apex DDP did; O2 has fp16 weights, so DDP
     reduces their fp16 gradients (and the fp32 BN ones) before AMP unscales them into the fp32 master gradients,
     which is what apex DDP did too (we pre-divide by the world size, apex divided after the sum; either way every
@@ -390,13 +391,34 @@ def wrap_ddp(model, device, amp_kind, fp16_compress=None):
     # buffers (BN running stats) are broadcast from rank 0 at each forward: DDP's default (broadcast_buffers=True,
     # spelled forward_sync_buffers since torch 2.14; we pass neither so that 2.11 and 2.14 both take the default)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if fp16_compress is None:
+    if fp16_compress in (None, "auto"):
         fp16_compress = amp_kind == "torch"
+    elif fp16_compress in ("true", "false"):
+        fp16_compress = fp16_compress == "true"
+    elif not isinstance(fp16_compress, bool):
+        raise ValueError(f"wrap_ddp: fp16_compress must be auto, true or false, got {fp16_compress!r}")
     if fp16_compress:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     ddp.fp16_compress = bool(fp16_compress)  # for the log line
     return ddp
+
+
+def resume_warning(saved_world, total_batch):
+    """None when a checkpoint written by saved_world ranks resumes on as many; else the warning to print.
+
+    Same world size: every rank restores its own RNG streams and sampler position, and training continues exactly.
+    Another world size still resumes (weights, optimizer, AMP state, iteration; SyncBN keeps the statistics over
+    the same total batch), but the per-rank batch changes (memory per GPU), and the sampler's split of the data
+    and the per-rank random streams are re-dealt: the run continues, not bit-exactly.
+    """
+    world = world_size()
+    if saved_world is None or saved_world == world:
+        return None
+    return (f"resume: the checkpoint was written by {saved_world} rank(s) and this run has {world}: the per-rank "
+            f"batch changes from {total_batch // saved_world} to {total_batch // world} images (total {total_batch} "
+            f"unchanged), and the data order and random streams are re-dealt, so training continues but not "
+            f"exactly as an uninterrupted {saved_world}-rank run would")
 
 
 def unwrap(model):

@@ -302,6 +302,97 @@ def test_ddp_after_amp_initialisation_for_every_amp_kind(tmp_path):
                                        msg=lambda m: f"{case} {k}: {m}")
 
 
+# ---- the trainer end to end on 2 ranks: train, exact distributed resume, sharded evaluation
+
+class TinySeg(nn.Module):
+    """A few conv-BN-ReLU units (one with a residual) with the segmentor contract of the four scripts."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.backbone_net = nn.Sequential(*layers.conv_bn_relu(3, 8, 3, stride=4), *layers.conv_bn_relu(8, 8, 3))
+        self.conv = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
+        self.bn = BatchNormAct2d(8)
+        self.decoder = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(8, num_classes, 1))
+        self.auxiliary_decoder = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        f = self.backbone_net(x)
+        out = {"out": self.decoder(self.bn(self.conv(f), residual=f))}
+        if self.training:
+            out["aux"] = self.auxiliary_decoder(f)
+        return out
+
+
+def build_tiny(cfg=None, num_classes=150):
+    return TinySeg(num_classes)
+
+
+def _argv(root, work_dir, *extra):
+    return ["--data", "ade20k", "--data_root", root, "--device", "cpu", "--work_dir", work_dir, "--amp", "none",
+            "--kernels", "torch", "--batch_size", "4", "--crop_size", "(32, 32)", "--scale", "(64, 32)",
+            "--num_workers", "0", "--num_train_images", "8", "--num_val_images", "5", "--max_iters", "4",
+            "--log_interval", "1", "--eval_interval_epochs", "1000", "--save_predictions", "0", "--lr", "0.05",
+            *extra]
+
+
+def _worker_trainer(ports, runs):
+    from common import train
+    out = []
+    for port, argv in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)  # each main() builds (and tears down) its own process group
+        out.append(train.main({}, build_tiny, argv, name="tiny"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from common import data
+    root = str(tmp_path_factory.mktemp("ade"))
+    data.make_demo_ade20k(root, num_train=8, num_val=5, seed=0)  # 5 val images: not a multiple of 2 ranks
+    return root
+
+
+def _assert_same_metrics(a, b):
+    """Bit-equal metrics (IoU is NaN for classes absent from prediction and label, and NaN != NaN in a list)."""
+    for k in ("aAcc", "mIoU", "IoU"):
+        torch.testing.assert_close(torch.tensor(a[k]), torch.tensor(b[k]), rtol=0, atol=0, equal_nan=True)
+
+
+def _ckpt(path):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return ck["model"], ck["optimizer"]["state"], ck["iteration"]
+
+
+def test_trainer_two_ranks_resume_exactly_and_shard_eval_exactly(tmp_path, demo_root):
+    from common import train
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    runs = [_argv(demo_root, straight),  # 4 iterations, then the final evaluation on 5 sharded val images
+            _argv(demo_root, split, "--stop_iters", "2"),  # stop after 2 (with a checkpoint) ...
+            _argv(demo_root, split, "--resume", "auto"),  # ... and continue to 4
+            _argv(demo_root, straight, "--eval", os.path.join(straight, "checkpoint-final.pth"))]
+    res = spawn(_worker_trainer, tmp_path, [_free_port() for _ in runs], runs)
+
+    # distributed resume continues exactly: bit-identical weights, buffers and momentum to the straight run
+    m_a, o_a, it_a = _ckpt(os.path.join(straight, "checkpoint-final.pth"))
+    m_b, o_b, it_b = _ckpt(os.path.join(split, "checkpoint-final.pth"))
+    assert it_a == it_b == 4
+    assert _max_diff(m_a, m_b) == 0
+    assert all(torch.equal(o_a[k]["momentum_buffer"], o_b[k]["momentum_buffer"]) for k in o_a)
+
+    # sharded evaluation: both ranks report the metrics of the whole split, equal to one process evaluating it all
+    for r in range(WORLD):
+        _assert_same_metrics(res[r][0], res[0][0])
+        _assert_same_metrics(res[r][3], res[0][0])  # in-training eval == --eval of the final checkpoint
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks, so that the convolutions round the same way
+    try:
+        single = train.main({}, build_tiny, _argv(demo_root, str(tmp_path / "single"), "--eval",
+                                                  os.path.join(straight, "checkpoint-final.pth")), name="tiny")
+    finally:
+        torch.set_num_threads(threads)
+    _assert_same_metrics(single, res[0][3])  # 5 images on 1 process == 3 + 2 images on 2 ranks, exactly
+
+
 # ---- under torchrun itself (slow: each run starts fresh interpreters)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
