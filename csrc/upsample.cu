@@ -70,10 +70,10 @@ __global__ void upsample_concat_fwd_kernel(const scalar_t* __restrict__ src, sca
     acc_t ly0, ly1, lx0, lx1;
     up_index<acc_t>(sy, oy, h, H, align_corners, y0, y1, ly0, ly1);
     up_index<acc_t>(sx, ox, w, W, align_corners, x0, x1, lx0, lx1);
-    auto at = [&](int64_t y, int64_t x) -> acc_t {
+    auto src_at = [&](int64_t y, int64_t x) -> acc_t {
       return static_cast<acc_t>(cl ? src[((n * h + y) * w + x) * C + c] : src[((n * C + c) * h + y) * w + x]);
     };
-    const acc_t v = ly0 * (lx0 * at(y0, x0) + lx1 * at(y0, x1)) + ly1 * (lx0 * at(y1, x0) + lx1 * at(y1, x1));
+    const acc_t v = ly0 * (lx0 * src_at(y0, x0) + lx1 * src_at(y0, x1)) + ly1 * (lx0 * src_at(y1, x0) + lx1 * src_at(y1, x1));
     const int64_t o = cl ? ((n * H + oy) * W + ox) * Ct + off + c : ((n * Ct + off + c) * H + oy) * W + ox;
     out[o] = static_cast<scalar_t>(v);
   }

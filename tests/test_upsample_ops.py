@@ -247,6 +247,22 @@ def test_deterministic_across_runs_and_thread_counts():
             assert torch.equal(a, b)
 
 
+def test_under_cpu_autocast():
+    # the written decision (common/ops.py): no autocast rule; half inputs run as they come, the loss is fp32
+    conv = torch.nn.Conv2d(3, 5, 1)
+    x = torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 5, (2, 16, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = conv(x)
+        loss = ops.upsample_cross_entropy(logits, target)
+        cat = ops.upsample_concat([logits, x], (8, 8))
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert cat.dtype == torch.float32  # bf16 + fp32 promoted, as torch.cat does
+    torch.testing.assert_close(loss, ref_ce(logits.detach(), target), **TOL[torch.float32])
+    (loss + cat.sum()).backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+
+
 def test_layers_fused_branches_call_the_ops():
     from common import layers
     xs = make_inputs([(4, 6, 6), (3, 1, 1), (2, 2, 2)], 2, torch.float32, "cl")
