@@ -18,7 +18,6 @@ test_loader, the all-reduce of the confusion matrix in common.metrics.ConfusionM
 """
 import datetime
 import os
-import warnings
 
 import torch
 import torch.distributed as dist

@@ -142,41 +142,63 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path):
 
 # ---- the SyncBN function itself against autograd through F.batch_norm on the concatenated batch
 
-def _worker_syncbn_grads(kernels, dtype):
-    rank, world, _ = dist.init(device="cpu")
+def _syncbn_case(kernels, dtype, channels_last, split):
+    rank = dist.rank()
     layers.set_kernels(kernels)
     g = torch.Generator().manual_seed(1)
-    # uneven per-rank batches (3 and 1 images) and a large mean: the merge must weight ranks by their counts
+    # uneven per-rank batches (3 and 1 images, or 4 and an empty rank) and a large mean: the merge must weight
+    # ranks by their counts
     x = (torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64) * 3 + 40).to(dtype)
     r = torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64).to(dtype)
     dy = torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64).to(dtype)
-    part = slice(0, 3) if rank == 0 else slice(3, 4)
+    part = slice(0, split) if rank == 0 else slice(split, 4)
     bn = dist.convert_sync_bn(nn.Sequential(BatchNormAct2d(6, relu=True)))[0].to(torch.float64 if dtype ==
                                                                                  torch.float64 else torch.float32)
     with torch.no_grad():
         bn.weight.copy_(torch.linspace(0.5, 1.5, 6, dtype=torch.float64))
         bn.bias.copy_(torch.linspace(-0.2, 0.3, 6, dtype=torch.float64))
     calls = []  # which implementation of the split steps really ran (no silent fallback to the other one)
+    saved = {}
     for impl in (dist._TorchBN, dist._FusedBN):
         for step in ("stats", "backward_apply"):
-            f = getattr(impl, step)
+            f = saved[impl, step] = getattr(impl, step)
             setattr(impl, step, staticmethod(lambda *a, f=f, name=f"{impl.__name__}.{step}": calls.append(name)
                                              or f(*a)))
-    xs, rs = x[part].clone().requires_grad_(), r[part].clone().requires_grad_()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xs = x[part].clone().contiguous(memory_format=fmt).requires_grad_()
+    rs = r[part].clone().contiguous(memory_format=fmt).requires_grad_()
     y = bn(xs, residual=rs)
     y.backward(dy[part])
     layers.set_kernels("torch")
+    for (impl, step), f in saved.items():
+        setattr(impl, step, staticmethod(f))
     return dict(calls=calls, y=y.detach(), dx=xs.grad, dr=rs.grad, dw=bn.weight.grad, db=bn.bias.grad,
                 rm=bn.running_mean, rv=bn.running_var, n=bn.num_batches_tracked, x=x, r=r, dy=dy, part=part)
 
 
-@pytest.mark.parametrize("kernels,dtype", [("torch", torch.float64), ("torch", torch.float32),
-                                           ("torch", torch.float16), ("fused", torch.float64),
-                                           ("fused", torch.float16)])
-def test_syncbn_forward_backward_against_whole_batch_autograd(tmp_path, kernels, dtype):
+SYNCBN_CASES = [  # (kernels, dtype of x, channels_last, images on rank 0 of 4)
+    ("torch", torch.float64, False, 3), ("torch", torch.float32, False, 3), ("torch", torch.float16, True, 3),
+    ("torch", torch.float64, False, 4), ("fused", torch.float64, False, 3), ("fused", torch.float16, True, 3),
+    ("fused", torch.float64, False, 4)]
+
+
+def _worker_syncbn(cases):
+    dist.init(device="cpu")
+    return {case: _syncbn_case(*case) for case in cases}
+
+
+@pytest.fixture(scope="module")
+def syncbn_results(tmp_path_factory):
+    # one pair of processes runs every case (starting processes is the slow part on a busy box)
+    cases = [c for c in SYNCBN_CASES if c[0] == "torch" or fused_available()]
+    return spawn(_worker_syncbn, tmp_path_factory.mktemp("syncbn"), cases)
+
+
+@pytest.mark.parametrize("kernels,dtype,channels_last,split", SYNCBN_CASES)
+def test_syncbn_forward_backward_against_whole_batch_autograd(syncbn_results, kernels, dtype, channels_last, split):
     if kernels == "fused" and not fused_available():
         pytest.skip("common._C with the bn_relu split ops is not built (CI builds it)")
-    res = spawn(_worker_syncbn_grads, tmp_path, kernels, dtype)
+    res = [r[kernels, dtype, channels_last, split] for r in syncbn_results]
     x, r, dy = (res[0][k].double().requires_grad_() for k in ("x", "r", "dy"))
     w = torch.linspace(0.5, 1.5, 6, dtype=torch.float64).requires_grad_()
     b = torch.linspace(-0.2, 0.3, 6, dtype=torch.float64).requires_grad_()
@@ -189,7 +211,8 @@ def test_syncbn_forward_backward_against_whole_batch_autograd(tmp_path, kernels,
     impl = "_FusedBN" if kernels == "fused" else "_TorchBN"
     for rank in range(WORLD):
         o, p = res[rank], res[rank]["part"]
-        assert o["calls"] == [f"{impl}.stats", f"{impl}.backward_apply"], o["calls"]
+        # (an empty rank has no statistics to compute, but still joins both all-reduces)
+        assert o["calls"] == [f"{impl}.stats"] * bool(o["y"].numel()) + [f"{impl}.backward_apply"], o["calls"]
         torch.testing.assert_close(o["y"].double(), y[p].detach(), **tol)
         torch.testing.assert_close(o["dx"].double(), dx[p], **tol)
         torch.testing.assert_close(o["dr"].double(), dr[p], **tol)
