@@ -217,6 +217,7 @@ def upsample_concat(inputs, size, align_corners=False):
     """cat([F.interpolate(t, size, mode='bilinear', align_corners) for t in inputs], 1) -> (B, sum C_i, *size)."""
     require("upsample_concat")
     inputs = list(inputs)
+    size = (size, size) if isinstance(size, int) else size  # F.interpolate's int shorthand
     dtype = inputs[0].dtype
     for t in inputs[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
