@@ -172,7 +172,7 @@ void gather_from(const at::Tensor& g, at::Tensor& gi, int64_t off, bool cl, bool
   const scalar_t* gp = g.data_ptr<scalar_t>();
   scalar_t* out = gi.data_ptr<scalar_t>();
   if (!cl) {  // NCHW: one task per source row of one plane; r = sum over the output rows reading it, then columns
-    at::parallel_for(0, N * C * h, grain_for(W * 4), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * C * h, grain_for((H / h + 2) * W), [&](int64_t b, int64_t e) {
       std::vector<acc_t> r(W);
       for (int64_t t = b; t < e; ++t) {
         const int64_t y = t % h, nc = t / h, c = nc % C, n = nc / C;
@@ -198,7 +198,7 @@ void gather_from(const at::Tensor& g, at::Tensor& gi, int64_t off, bool cl, bool
   } else {  // NHWC: one task per (image, source row, block of 64 channels); r is (W, 64)
     constexpr int64_t CB = 64;
     const int64_t nb = (C + CB - 1) / CB;
-    at::parallel_for(0, N * h * nb, grain_for(W * CB * 4), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * h * nb, grain_for((H / h + 2) * W * std::min(C, CB)), [&](int64_t b, int64_t e) {
       std::vector<acc_t> r(W * CB), acc(CB);
       for (int64_t t = b; t < e; ++t) {
         const int64_t cb = t % nb, y = (t / nb) % h, n = t / (nb * h);
