@@ -367,12 +367,13 @@ def convert_sync_bn(model, process_group=None):
 # ----------------------------------------------------------------------------------------------------------------
 # DistributedDataParallel
 
-def wrap_ddp(model, device, amp_kind, fp16_compress=None):
+def wrap_ddp(model, device, amp_kind, fp16_compress=None, amp_dtype=None):
     """DDP as the reference (spec §7 step 10): after AMP initialisation, default options, broadcast_buffers on.
 
     amp_kind: 'none' | 'torch' | 'apex'. fp16_compress: register DDP's fp16 gradient-compression hook (gradients
     are all-reduced in fp16, then cast back): True / False (or 'true' / 'false'), or None / 'auto' = as the
-    reference, on for the pytorch-AMP path only (--ddp_fp16_compress). apex
+    reference, on for the pytorch-AMP path only (--ddp_fp16_compress) and, beyond it, not for bf16 autocast
+    (amp_dtype): without a loss scale, gradients below fp16's range would be flushed to zero. apex
     O1 keeps fp32 weights, so its gradients are reduced in fp32 as apex DDP did; O2 has fp16 weights, so DDP
     reduces their fp16 gradients (and the fp32 BN ones) before AMP unscales them into the fp32 master gradients,
     which is what apex DDP did too (we pre-divide by the world size, apex divided after the sum; either way every
@@ -391,7 +392,7 @@ def wrap_ddp(model, device, amp_kind, fp16_compress=None):
     # spelled forward_sync_buffers since torch 2.14; we pass neither so that 2.11 and 2.14 both take the default)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if fp16_compress in (None, "auto"):
-        fp16_compress = amp_kind == "torch"
+        fp16_compress = amp_kind == "torch" and amp_dtype in (None, torch.float16, "float16")
     elif fp16_compress in ("true", "false"):
         fp16_compress = fp16_compress == "true"
     elif not isinstance(fp16_compress, bool):

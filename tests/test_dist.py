@@ -308,11 +308,17 @@ AMP_CASES = [("torch", "O1"), ("apex", "O1"), ("apex", "O2")]
 
 def _worker_amp():
     dist.init(device="cpu")
-    return {case: _amp_run(*case, WORLD) for case in AMP_CASES}
+    out = {case: _amp_run(*case, WORLD) for case in AMP_CASES}
+    out["compress"] = [dist.wrap_ddp(nn.Linear(2, 2), "cpu", kind, flag, dtype).fp16_compress for kind, flag, dtype in
+                       [("torch", None, torch.bfloat16), ("torch", "auto", torch.float16), ("apex", "true", None),
+                        ("torch", "false", torch.float16), ("none", None, None)]]
+    return out
 
 
 def test_ddp_after_amp_initialisation_for_every_amp_kind(tmp_path):
     results = spawn(_worker_amp, tmp_path)
+    # the hook: on for torch fp16 (the reference), off for bf16 (no loss scale: fp16 would flush small grads), flags
+    assert results[0]["compress"] == [False, True, True, False, False]
     for case in AMP_CASES:
         ref = _amp_run(*case, WORLD)  # one process, the whole batch, no DDP
         r0, r1 = results[0][case], results[1][case]
