@@ -131,6 +131,7 @@ DEFAULTS = dict(
     # optim and schedule
     max_epochs=130,  # iterations = max_epochs x len(train loader) (spec §2.3: 164,190 at batch 16)
     max_iters=0,  # > 0 overrides the epoch-derived count (short runs); epochs become ceil(max_iters / per epoch)
+    stop_iters=0,  # > 0: stop (with a checkpoint) after this many iterations, schedule unchanged; --resume continues
     lr=0.01,  # SGD base lr (spec §1)
     momentum=0.9,
     weight_decay=5e-4,  # on every parameter, BN and bias included (spec §10.7)
@@ -140,8 +141,8 @@ DEFAULTS = dict(
     # init
     pretrained='none',  # ImageNet backbone weights: a .pth path, a URL already in the torch hub cache, or 'none'
     # run
-    work_dir='',  # '' = work_dirs/<script name>[_demo]
-    eval_interval_epochs=10,  # evaluate every N epochs and always at the end (spec §1)
+    work_dir='',  # '' = work_dirs/<SEGMENTOR_CFG's work_dir, else the script name>[_demo]
+    eval_interval_epochs=10,  # evaluate every N epochs and always at the end (spec §1); 0 = never
     save_interval_epochs=1,  # checkpoint every N epochs and always at the end (spec §1)
     log_interval=50,  # iterations between progress lines (spec §7)
     max_skipped_steps=100,  # stop when this many consecutive steps are skipped for non-finite gradients
@@ -263,5 +264,6 @@ def parse(seg_cfg=None, argv=None, name='run'):
     if 'min_lr' not in given and 'min_lr' not in (seg_cfg or {}).get('scheduler', {}):
         cfg['min_lr'] = cfg['lr'] * 0.01  # PolyScheduler's floor follows the base lr (spec §7), also for --lr X
     if not cfg['work_dir']:
-        cfg['work_dir'] = os.path.join('work_dirs', name + ('_demo' if cfg['data'] == 'demo' else ''))
+        run = (seg_cfg or {}).get('work_dir') or name
+        cfg['work_dir'] = os.path.join('work_dirs', run + ('_demo' if cfg['data'] == 'demo' else ''))
     return cfg
