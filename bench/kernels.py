@@ -389,8 +389,10 @@ def conv_section(args, device):
                     continue
                 torch.backends.cudnn.allow_tf32 = dname == "tf32"
                 for fname, mf in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+                    passes = fn = None
                     try:
-                        for pname, fn in conv_passes(p, dname, mf, device).items():
+                        passes = conv_passes(p, dname, mf, device)
+                        for pname, fn in passes.items():
                             ms = _conv_time_ms(fn, device, budget_ms, quick)
                             row[f"{pname}_{fname}_ms"] = ms
                             row[f"{pname}_{fname}_tflops"] = p["flops"] / ms / 1e9
@@ -398,6 +400,7 @@ def conv_section(args, device):
                         row["note"] = f"{fname}: OOM"
                     except RuntimeError as e:  # e.g. a dtype/layout without a kernel on this device
                         row["note"] = f"{fname}: {str(e).splitlines()[0][:80]}"
+                    passes = fn = None  # the closures hold this problem's tensors
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 rows.append(row)

@@ -105,14 +105,23 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)  # spec §1
 
 
-def build_ours(name, mode, kernels, fmt, device):
-    """(step closure, model, amp description) for one of our segmentors."""
+def construct(name):
+    """A fresh fp32 model on the CPU, random init: ours (the script's build_model) or a torchvision peer."""
+    torch.manual_seed(0)
+    if name in PEERS:
+        from torchvision.models import segmentation
+        # torchvision's backbone already uses replace_stride_with_dilation=[False, True, True]: output stride 8
+        return getattr(segmentation, PEERS[name])(weights=None, weights_backbone=None, num_classes=150,
+                                                  aux_loss=True)
     import importlib
+    return importlib.import_module(name).build_model(num_classes=150)
+
+
+def build_ours(model, mode, kernels, fmt, device):
+    """(step closure, model, amp description) for one of our segmentors, fresh from construct()."""
     from common.amp import Amp
     from common.layers import set_kernels
     set_kernels(kernels)  # raises (naming the build command) when fused kernels are not built
-    torch.manual_seed(0)
-    model = importlib.import_module(name).build_model(num_classes=150)
     model = model.to(device, memory_format=FORMATS[fmt]).train()
     optimizer = sgd(model)
     amp = Amp(device=device.type, **MODES[mode])
@@ -120,11 +129,7 @@ def build_ours(name, mode, kernels, fmt, device):
     return (lambda images, labels: train_step(model, images, labels, amp, optimizer)), model, amp.describe()
 
 
-def build_peer(name, device):
-    from torchvision.models import segmentation
-    torch.manual_seed(0)
-    # torchvision's ResNet backbone already uses replace_stride_with_dilation=[False, True, True]: output stride 8
-    model = getattr(segmentation, PEERS[name])(weights=None, weights_backbone=None, num_classes=150, aux_loss=True)
+def build_peer(name, model, device):
     model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = sgd(model)
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16  # CPU fp16 convs are a slow path
@@ -169,24 +174,27 @@ def time_steps(step, images, labels, warmup, steps, device):
 _FLOPS = {}
 
 
-def train_flops(key, model, crop):
-    """Training FLOPs per image: 3 (fwd, bwd-data, bwd-weight) x 2 (FLOPs per MAC) x MACs of one training forward."""
-    if key not in _FLOPS:
+def train_flops(name, crop, model):
+    """Training FLOPs per image: 3 (fwd, bwd-data, bwd-weight) x 2 (FLOPs per MAC) x MACs of one training forward.
+
+    Counted on the fresh fp32 CPU model, before the kernels switch and Amp touch it (count_macs runs a meta copy),
+    so it is the same number for every mode, kernel and format of a model."""
+    if (name, crop) not in _FLOPS:
         from common.summary import count_macs
-        _FLOPS[key] = 6 * sum(count_macs(model, (1, 3, crop, crop)).values())
-    return _FLOPS[key]
+        _FLOPS[name, crop] = 6 * sum(count_macs(model, (1, 3, crop, crop)).values())
+    return _FLOPS[name, crop]
 
 
 def run_row(row, args, device):
     """Fill row (a dict naming model/mode/kernels/format/batch) with timings; 'OOM' or the error otherwise."""
     fmt = row["format"]
     try:
+        model = construct(row["model"])
+        row["gflop_per_img"] = train_flops(row["model"], args.crop, model) / 1e9
         if row["model"] in PEERS:
-            step, model, row["amp"] = build_peer(row["model"], device)
+            step, model, row["amp"] = build_peer(row["model"], model, device)
         else:
-            step, model, row["amp"] = build_ours(row["model"], row["mode"], row["kernels"], fmt, device)
-        # counted on an fp32 copy of the structure, so the key ignores mode, kernels and format
-        row["gflop_per_img"] = train_flops((row["model"], args.crop), model, args.crop) / 1e9
+            step, model, row["amp"] = build_ours(model, row["mode"], row["kernels"], fmt, device)
         images, labels = synthetic_batch(row["batch"], args.crop, device, FORMATS[fmt])
         ms, ms_min, ms_max, peak = time_steps(step, images, labels, args.warmup, args.steps, device)
         row.update(status="ok", step_ms=ms, step_ms_min=ms_min, step_ms_max=ms_max,
