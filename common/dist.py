@@ -166,8 +166,8 @@ def shutdown():
 # Forward:  local (mean, M2) per channel -> ONE all-reduce of a packed [2C + 1] float64 tensor
 #           [n_r * mean_r, M2_r + n_r * mean_r^2, n_r] -> global mean and biased var -> normalise (+ residual, ReLU).
 #           Packing per-rank means and M2s (not raw sums of squares) in float64 keeps fp16/fp32 inputs with a large
-#           mean exact: the fp32 rounding of each mean_r cancels in var = Q/n - mean^2 (it would not with raw x^2
-#           sums in fp32). No host synchronisation: counts travel inside the tensor (torch's SyncBN all-gathers and
+#           mean accurate: the fp32 rounding of each mean_r enters Q and mean^2 alike and cancels in
+#           var = Q/n - mean^2, which raw fp32 sums of x^2 would lose to cancellation. No host synchronisation: counts travel inside the tensor (torch's SyncBN all-gathers and
 #           masks empty ranks on the host every layer, kernels.md §1.3).
 # Backward: local sum(dz), sum(dz * xhat) per channel (dz = dy through the ReLU mask) -> ONE all-reduce of [2C] ->
 #           dx = w * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)) with the means over the global batch.
@@ -270,7 +270,7 @@ class _SyncBNAct(torch.autograd.Function):
             b = bias.to(acc) if bias is not None else torch.zeros(C, dtype=acc, device=x.device)
             y = impl.apply(x, g_mean, invstd, w, b, residual, relu)
         ctx.save_for_backward(x, y, g_mean, invstd, w, total.to(acc))
-        ctx.relu, ctx.group, ctx.impl, ctx.has_residual = relu, group, impl, residual is not None
+        ctx.relu, ctx.group, ctx.impl = relu, group, impl
         ctx.weight_dtype = weight.dtype if weight is not None else None
         return y
 
