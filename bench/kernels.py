@@ -77,7 +77,7 @@ def bench_bn_relu(args, device):
     dtype, fmt = (torch.float16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
     shapes = BN_QUICK_SHAPES if args.quick else (BN_SHAPES if cuda else BN_CPU_SHAPES)
     batches = [2] if args.quick or not cuda else [16, 2]
-    reps, inner = (3, 2) if args.quick else ((15, 5) if cuda else (5, 1))
+    reps, inner = (3, 2) if args.quick else ((10, 3) if cuda else (5, 1))
     g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape):

@@ -69,7 +69,7 @@ def bn_merge_stats(mean, m2, count):
 
 
 def bn_apply(x, mean, invstd, weight, bias, residual=None, relu=True):
-    """act((x - mean) * invstd * weight + bias + residual); differentiable in x, weight, bias, residual (not the stats)."""
+    """act((x - mean) * invstd * weight + bias + residual); differentiable in x, weight, bias, residual (not stats)."""
     return torch.ops.segfp16.bn_apply(x, mean, invstd, weight, bias, residual, relu)
 
 
@@ -85,7 +85,7 @@ def bn_backward_apply(dy, y, x, mean, invstd, weight, mean_dz, mean_dz_xhat, rel
 
 
 def bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, residual=None, relu=True):
-    """relu(batch_norm(x) + residual) with F.batch_norm's arguments; updates the running stats in place when training."""
+    """relu(batch_norm(x) + residual), F.batch_norm's arguments; updates the running stats in place when training."""
     C = x.shape[1]
     if weight is None:  # affine=False
         weight = torch.ones(C, dtype=_bn_acc(x), device=x.device)

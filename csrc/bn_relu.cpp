@@ -15,7 +15,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "bn_relu.h"
@@ -27,23 +29,25 @@ using namespace bnr;
 
 constexpr int64_t kRowsPerChunk = 256;  // channels_last: rows per partial sum (float sums over <= 256 values)
 
-// ---- the per-channel reduction both directions use
+// ---- the two loop shapes every op is made of
 
-// out0[c] = sum f0, out1[c] = sum f1 over the values of channel c, where contrib(i, c, a0, a1) adds the contribution
-// of element i (flat index into the layout's storage) to the accumulators a0, a1.
-template <typename acc_t, typename F>
-void channel_sums(const Layout& l, acc_t* out0, acc_t* out1, const F& contrib) {
+// Per-channel sums out0[c], out1[c]. The caller gives the inner loops, so that they are plain vectorisable loops
+// with their per-channel constants in registers:
+//   run(c, base, n, a0, a1): NCHW, sets a0, a1 to the sums over the contiguous run [base, base + n) of channel c;
+//   row(base, p0, p1):       channels_last, adds the row [base, base + C) into the [C] partials p0, p1.
+// NCHW: one channel per task, the run sums (float) merged in double. channels_last: chunks of kRowsPerChunk rows
+// each fill a private [C] partial, merged per channel in double. The chunking does not depend on the thread count,
+// so results are bitwise reproducible.
+template <typename acc_t, typename Run, typename Row>
+void channel_sums(const Layout& l, acc_t* out0, acc_t* out1, const Run& run, const Row& row) {
   const int64_t C = l.C;
   if (!l.cl) {
-    // NCHW: one channel per task; a plane [S] is a contiguous run (vectorised float sum), merged in double.
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double t0 = 0, t1 = 0;
         for (int64_t n = 0; n < l.N; ++n) {
-          const int64_t base = (n * C + c) * l.S;
           acc_t a0 = 0, a1 = 0;
-#pragma omp simd reduction(+ : a0, a1)
-          for (int64_t s = 0; s < l.S; ++s) contrib(base + s, c, a0, a1);
+          run(c, (n * C + c) * l.S, l.S, a0, a1);
           t0 += a0;
           t1 += a1;
         }
@@ -53,20 +57,12 @@ void channel_sums(const Layout& l, acc_t* out0, acc_t* out1, const F& contrib) {
     });
     return;
   }
-  // channels_last: rows [C] are contiguous; chunks of kRowsPerChunk rows each fill a private [C] partial (the inner
-  // loop over C vectorises), then the partials are merged per channel. The chunking does not depend on the thread
-  // count, so results are bitwise reproducible.
   const int64_t R = l.N * l.S, chunks = (R + kRowsPerChunk - 1) / kRowsPerChunk;
   std::vector<acc_t> part(static_cast<size_t>(2 * chunks * C), acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       acc_t* p0 = part.data() + (2 * k) * C;
-      acc_t* p1 = p0 + C;
-      const int64_t r1 = std::min(R, (k + 1) * kRowsPerChunk);
-      for (int64_t r = k * kRowsPerChunk; r < r1; ++r) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) contrib(r * C + c, c, p0[c], p1[c]);
-      }
+      for (int64_t r = k * kRowsPerChunk; r < std::min(R, (k + 1) * kRowsPerChunk); ++r) row(r * C, p0, p0 + C);
     }
   });
   at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
@@ -82,27 +78,35 @@ void channel_sums(const Layout& l, acc_t* out0, acc_t* out1, const F& contrib) {
   });
 }
 
-// Elementwise pass: f(i, c) for every element i of channel c, parallel over planes (NCHW) or rows (channels_last).
-template <typename F>
-void for_each_element(const Layout& l, const F& f) {
+// Elementwise pass: plane(c, base, n) over the contiguous runs of one channel (NCHW, parallel over planes) or
+// row(base) over rows [C] (channels_last, parallel over rows).
+template <typename Plane, typename Row>
+void for_each_element(const Layout& l, const Plane& plane, const Row& row) {
   if (!l.cl) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(l.S, 1));
     at::parallel_for(0, l.N * l.C, grain, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c = p % l.C, base = p * l.S;
-#pragma omp simd
-        for (int64_t s = 0; s < l.S; ++s) f(base + s, c);
-      }
+      for (int64_t p = p0; p < p1; ++p) plane(p % l.C, p * l.S, l.S);
     });
     return;
   }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(l.C, 1));
   at::parallel_for(0, l.N * l.S, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-#pragma omp simd
-      for (int64_t c = 0; c < l.C; ++c) f(r * l.C + c, c);
-    }
+    for (int64_t r = r0; r < r1; ++r) row(r * l.C);
   });
+}
+
+// (The inner loops below sit inside AT_DISPATCH's macro argument, where only the _Pragma operator form works.)
+// Calls f(std::true_type) or f(std::false_type): a runtime flag as a compile-time one, so that the inner loops
+// carry no branch on it (GCC vectorises them only without).
+template <typename F>
+void with_flag(bool flag, const F& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+template <typename acc_t, typename T>
+inline acc_t ld(T v) {
+  return static_cast<acc_t>(v);
 }
 
 // ---- ops
@@ -116,18 +120,41 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
   if (l.count() == 0) return {mean, m2};  // empty batch (e.g. an idle SyncBN rank): count 0 merges as nothing
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    acc_t* mp = mean.mutable_data_ptr<acc_t>();
-    acc_t* qp = m2.mutable_data_ptr<acc_t>();
+    const scalar_t* __restrict__ xp = x.const_data_ptr<scalar_t>();
+    acc_t* __restrict__ mp = mean.mutable_data_ptr<acc_t>();
     std::vector<acc_t> unused(l.C);
-    channel_sums<acc_t>(l, mp, unused.data(), [&](int64_t i, int64_t, acc_t& a0, acc_t&) {
-      a0 += static_cast<acc_t>(xp[i]);
-    });
-    for (int64_t c = 0; c < l.C; ++c) mp[c] /= static_cast<acc_t>(l.count());
-    channel_sums<acc_t>(l, qp, unused.data(), [&](int64_t i, int64_t c, acc_t& a0, acc_t&) {
-      const acc_t d = static_cast<acc_t>(xp[i]) - mp[c];
-      a0 += d * d;
-    });
+    const int64_t C = l.C;
+    // pass 1: sum(x) -> mean
+    channel_sums<acc_t>(
+        l, mp, unused.data(),
+        [&](int64_t, int64_t base, int64_t n, acc_t& a0, acc_t&) {
+          acc_t s = 0;
+          _Pragma("omp simd reduction(+ : s)")
+          for (int64_t i = base; i < base + n; ++i) s += ld<acc_t>(xp[i]);
+          a0 = s;
+        },
+        [&](int64_t base, acc_t* __restrict__ p0, acc_t*) {
+          _Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) p0[c] += ld<acc_t>(xp[base + c]);
+        });
+    for (int64_t c = 0; c < C; ++c) mp[c] /= static_cast<acc_t>(l.count());
+    // pass 2: sum((x - mean)^2) -> M2
+    channel_sums<acc_t>(
+        l, m2.mutable_data_ptr<acc_t>(), unused.data(),
+        [&](int64_t c, int64_t base, int64_t n, acc_t& a0, acc_t&) {
+          const acc_t m = mp[c];
+          acc_t s = 0;
+          _Pragma("omp simd reduction(+ : s)")
+          for (int64_t i = base; i < base + n; ++i) s += (ld<acc_t>(xp[i]) - m) * (ld<acc_t>(xp[i]) - m);
+          a0 = s;
+        },
+        [&](int64_t base, acc_t* __restrict__ p0, acc_t*) {
+          _Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = ld<acc_t>(xp[base + c]) - mp[c];
+            p0[c] += d * d;
+          }
+        });
   });
   return {mean, m2};
 }
@@ -148,17 +175,36 @@ at::Tensor bn_apply_cpu(const at::Tensor& x_in, const at::Tensor& mean_in, const
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* rp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
-    const acc_t* sp = scale.const_data_ptr<acc_t>();
-    const acc_t* bp = bias.const_data_ptr<acc_t>();
-    for_each_element(l, [&](int64_t i, int64_t c) {
-      acc_t o = (static_cast<acc_t>(xp[i]) - mp[c]) * sp[c] + bp[c];
-      if (rp) o += static_cast<acc_t>(rp[i]);
-      if (relu) o = o < acc_t(0) ? acc_t(0) : o;  // written so that NaN passes through, as torch.relu does
-      yp[i] = static_cast<scalar_t>(o);
+    const scalar_t* __restrict__ xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ rp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* __restrict__ yp = y.mutable_data_ptr<scalar_t>();
+    const acc_t* __restrict__ mp = mean.const_data_ptr<acc_t>();
+    const acc_t* __restrict__ sp = scale.const_data_ptr<acc_t>();
+    const acc_t* __restrict__ bp = bias.const_data_ptr<acc_t>();
+    const int64_t C = l.C;
+    with_flag(relu, [&](auto relu_t) {
+      with_flag(rp != nullptr, [&](auto res_t) {
+        constexpr bool RELU = decltype(relu_t)::value, RES = decltype(res_t)::value;
+        // act(o): written so that NaN passes through, as torch.relu does
+        auto out = [](acc_t o) { return RELU ? (o < acc_t(0) ? acc_t(0) : o) : o; };
+        for_each_element(
+            l,
+            [&](int64_t c, int64_t base, int64_t n) {
+              const acc_t m = mp[c], k = sp[c], b = bp[c];
+              _Pragma("omp simd")
+              for (int64_t i = base; i < base + n; ++i)
+                yp[i] = static_cast<scalar_t>(
+                    out((ld<acc_t>(xp[i]) - m) * k + b + (RES ? ld<acc_t>(rp[i]) : acc_t(0))));
+            },
+            [&](int64_t base) {
+              _Pragma("omp simd")
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t i = base + c;
+                yp[i] = static_cast<scalar_t>(
+                    out((ld<acc_t>(xp[i]) - mp[c]) * sp[c] + bp[c] + (RES ? ld<acc_t>(rp[i]) : acc_t(0))));
+              }
+            });
+      });
     });
   });
   return y;
@@ -176,6 +222,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cpu(const at::Tenso
   return {y, mean, var};
 }
 
+// dz = dy where y > 0 (ATen's threshold_backward: zero where y <= 0, so a NaN y lets the gradient through)
+template <bool RELU, typename acc_t, typename T>
+inline acc_t masked(T dy, T y) {
+  const acc_t g = ld<acc_t>(dy);  // both loads unconditional, so that the select vectorises
+  if (!RELU) return g;
+  return ld<acc_t>(y) <= acc_t(0) ? acc_t(0) : g;
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& dy_in, const at::Tensor& y_in,
                                                           const at::Tensor& x_in, const at::Tensor& mean_in,
                                                           const at::Tensor& invstd_in, bool relu) {
@@ -191,20 +245,47 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& dy_i
   if (x.numel() == 0) return {sum_dz, sum_dz_xhat};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const scalar_t* __restrict__ xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ yp = y.const_data_ptr<scalar_t>();
+    const acc_t* __restrict__ mp = mean.const_data_ptr<acc_t>();
     acc_t* s0 = sum_dz.mutable_data_ptr<acc_t>();
     acc_t* s1 = sum_dz_xhat.mutable_data_ptr<acc_t>();
-    channel_sums<acc_t>(l, s0, s1, [&](int64_t i, int64_t c, acc_t& a0, acc_t& a1) {
-      // mask as ATen's threshold_backward: zero where y <= 0 (a NaN y lets the gradient through)
-      const acc_t dz = (relu && static_cast<acc_t>(yp[i]) <= acc_t(0)) ? acc_t(0) : static_cast<acc_t>(gp[i]);
-      a0 += dz;
-      a1 += dz * (static_cast<acc_t>(xp[i]) - mp[c]);
+    const int64_t C = l.C;
+    with_flag(relu, [&](auto relu_t) {
+      constexpr bool RELU = decltype(relu_t)::value;
+      channel_sums<acc_t>(
+          l, s0, s1,
+          [&](int64_t c, int64_t base, int64_t n, acc_t& a0, acc_t& a1) {
+            // GCC does not vectorise the masked select feeding a reduction, so mask a block into dz[], then reduce
+            constexpr int64_t B = 256;
+            acc_t dz[B];
+            const acc_t m = mp[c];
+            acc_t u = 0, v = 0;
+            for (int64_t i0 = base; i0 < base + n; i0 += B) {
+              const int64_t len = std::min(B, base + n - i0);
+              _Pragma("omp simd")
+              for (int64_t j = 0; j < len; ++j) dz[j] = masked<RELU, acc_t>(gp[i0 + j], yp[i0 + j]);
+              _Pragma("omp simd reduction(+ : u, v)")
+              for (int64_t j = 0; j < len; ++j) {
+                u += dz[j];
+                v += dz[j] * (ld<acc_t>(xp[i0 + j]) - m);
+              }
+            }
+            a0 = u;
+            a1 = v;
+          },
+          [&](int64_t base, acc_t* __restrict__ p0, acc_t* __restrict__ p1) {
+            _Pragma("omp simd")
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t dz = masked<RELU, acc_t>(gp[base + c], yp[base + c]);
+              p0[c] += dz;
+              p1[c] += dz * (ld<acc_t>(xp[base + c]) - mp[c]);
+            }
+          });
     });
     const acc_t* ip = invstd.const_data_ptr<acc_t>();
-    for (int64_t c = 0; c < l.C; ++c) s1[c] *= ip[c];  // sum(dz * (x - mean)) * invstd = sum(dz * xhat)
+    for (int64_t c = 0; c < C; ++c) s1[c] *= ip[c];  // sum(dz * (x - mean)) * invstd = sum(dz * xhat)
   });
   return {sum_dz, sum_dz_xhat};
 }
@@ -227,23 +308,45 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& dy_in
   const at::Tensor a = per_channel(mean_dz_in, "mean_dz", l.C, acc);
   const at::Tensor q = per_channel(mean_dz_xhat_in, "mean_dz_xhat", l.C, acc) * invstd;
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(format_of(x)));
-  at::Tensor dres = residual_grad ? at::empty(x.sizes(), x.options().memory_format(format_of(x))) : at::empty({0}, x.options());
+  at::Tensor dres = residual_grad ? at::empty(x.sizes(), x.options().memory_format(format_of(x)))
+                                  : at::empty({0}, x.options());
   if (x.numel() == 0) return {dx, dres};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    scalar_t* drp = residual_grad ? dres.mutable_data_ptr<scalar_t>() : nullptr;
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
-    const acc_t* kp = k.const_data_ptr<acc_t>();
-    const acc_t* ap = a.const_data_ptr<acc_t>();
-    const acc_t* qp = q.const_data_ptr<acc_t>();
-    for_each_element(l, [&](int64_t i, int64_t c) {
-      const acc_t dz = (relu && static_cast<acc_t>(yp[i]) <= acc_t(0)) ? acc_t(0) : static_cast<acc_t>(gp[i]);
-      dxp[i] = static_cast<scalar_t>(kp[c] * (dz - ap[c] - (static_cast<acc_t>(xp[i]) - mp[c]) * qp[c]));
-      if (drp) drp[i] = static_cast<scalar_t>(dz);
+    const scalar_t* __restrict__ xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ yp = y.const_data_ptr<scalar_t>();
+    scalar_t* __restrict__ dxp = dx.mutable_data_ptr<scalar_t>();
+    scalar_t* __restrict__ drp = residual_grad ? dres.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t* __restrict__ mp = mean.const_data_ptr<acc_t>();
+    const acc_t* __restrict__ kp = k.const_data_ptr<acc_t>();
+    const acc_t* __restrict__ ap = a.const_data_ptr<acc_t>();
+    const acc_t* __restrict__ qp = q.const_data_ptr<acc_t>();
+    const int64_t C = l.C;
+    with_flag(relu, [&](auto relu_t) {
+      with_flag(residual_grad, [&](auto dres_t) {
+        constexpr bool RELU = decltype(relu_t)::value, DRES = decltype(dres_t)::value;
+        for_each_element(
+            l,
+            [&](int64_t c, int64_t base, int64_t n) {
+              const acc_t m = mp[c], kk = kp[c], aa = ap[c], qq = qp[c];
+              _Pragma("omp simd")
+              for (int64_t i = base; i < base + n; ++i) {
+                const acc_t dz = masked<RELU, acc_t>(gp[i], yp[i]);
+                dxp[i] = static_cast<scalar_t>(kk * (dz - aa - (ld<acc_t>(xp[i]) - m) * qq));
+                if (DRES) drp[i] = static_cast<scalar_t>(dz);
+              }
+            },
+            [&](int64_t base) {
+              _Pragma("omp simd")
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t i = base + c;
+                const acc_t dz = masked<RELU, acc_t>(gp[i], yp[i]);
+                dxp[i] = static_cast<scalar_t>(kp[c] * (dz - ap[c] - (ld<acc_t>(xp[i]) - mp[c]) * qp[c]));
+                if (DRES) drp[i] = static_cast<scalar_t>(dz);
+              }
+            });
+      });
     });
   });
   return {dx, dres};

@@ -36,7 +36,8 @@ inline at::Tensor per_channel(const at::Tensor& t, const char* name, int64_t C, 
 
 // Same shape, dtype and layout as x (x already made contiguous in its memory format).
 inline at::Tensor like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.sizes() == x.sizes(), "segfp16 bn_relu: ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == x.sizes(), "segfp16 bn_relu: ", name, " must have x's shape ", x.sizes(), ", got ",
+              t.sizes());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "segfp16 bn_relu: ", name, " must have x's dtype ", x.scalar_type(),
               ", got ", t.scalar_type());
   return t.contiguous(format_of(x));
