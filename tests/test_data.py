@@ -233,7 +233,7 @@ def coordinate_sample(h=48, w=60, block=6):
 
 @pytest.mark.parametrize('seed', range(12))
 def test_train_transform_keeps_image_and_label_aligned(seed, monkeypatch):
-    monkeypatch.setattr(D, 'photometric_distortion', lambda image, rng: image)  # colours must stay readable here
+    monkeypatch.setattr(D, 'photometric_lut', lambda image, rng: (image, None))  # colours must stay readable here
     image, label = coordinate_sample()
     crop = (40, 44) if seed % 3 else (90, 100)  # some crops need padding (resized image smaller than the crop)
     t = D.train_transform(crop_size=crop, scale=(64, 48), seed=seed)
@@ -256,7 +256,7 @@ def test_train_transform_keeps_image_and_label_aligned(seed, monkeypatch):
 
 
 def test_flip_and_crop_positions_vary(monkeypatch):
-    monkeypatch.setattr(D, 'photometric_distortion', lambda image, rng: image)
+    monkeypatch.setattr(D, 'photometric_lut', lambda image, rng: (image, None))
     image, label = coordinate_sample()
     flips, corners = set(), set()
     for seed in range(16):
@@ -269,7 +269,7 @@ def test_flip_and_crop_positions_vary(monkeypatch):
 
 def test_uncropped_case_is_centre_cropped(monkeypatch):
     # an all-ignore label fails every try with no labelled pixel: returned uncropped, then Padding's negative F.pad
-    monkeypatch.setattr(D, 'photometric_distortion', lambda image, rng: image)
+    monkeypatch.setattr(D, 'photometric_lut', lambda image, rng: (image, None))
     image, _ = coordinate_sample()
     label = np.full((48, 60), 255, np.uint8)
     t = D.train_transform(crop_size=(20, 24), scale=(64, 48), ratio_range=(1.0, 1.0 + 1e-9), seed=0)
@@ -298,6 +298,11 @@ class Recorder:
         self.log.append(('uni', a, v))
         return v
 
+    def random(self):
+        v = self.g.random()
+        self.log.append(('rand', (), v))
+        return v
+
 
 class Replay:
     """np.random-style API (randint, uniform) that hands back a recorded stream and checks the calls match."""
@@ -312,6 +317,11 @@ class Replay:
     def uniform(self, *a):
         kind, args, v = self.log.pop(0)
         assert kind == 'uni' and args == a, (kind, args, a)
+        return v
+
+    def random_sample(self):
+        kind, args, v = self.log.pop(0)
+        assert kind == 'rand', kind
         return v
 
 
@@ -349,6 +359,55 @@ def test_photometric_distortion_matches_reference():
         np.testing.assert_array_equal(ours, ref_bgr[..., ::-1], err_msg=f"seed {seed}: {rec.log}")
         steps.add(tuple(v for k, a, v in rec.log if k == 'int' and a == (2,))[:2])
     assert len(steps) == 4  # both branches of brightness and of the mode bit were exercised
+
+
+def reference_train_bgr(image, label, r, crop, scale, ratio=(0.5, 2.0), cat_max_ratio=0.75):
+    # spec §2.1 end to end, the straightforward way, on BGR data with float labels like the reference
+    label = label.astype(np.float32)
+    s = r.random_sample() * (ratio[1] - ratio[0]) + ratio[0]
+    target = int(scale[0] * s), int(scale[1] * s)
+    h, w = image.shape[:2]
+    f = min(max(target) / max(h, w), min(target) / min(h, w))
+    size = int(w * f + 0.5), int(h * f + 0.5)
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    H, W = label.shape
+    ch, cw = min(crop[0], H), min(crop[1], W)
+    for _ in range(10):
+        y, x = r.randint(0, H - ch + 1), r.randint(0, W - cw + 1)
+        img_c, lab_c = image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+        values, counts = np.unique(lab_c, return_counts=True)
+        counts = counts[values != 255]
+        if len(counts) > 1 and np.max(counts) / np.sum(counts) < cat_max_ratio:
+            break
+    if len(counts) > 0:
+        image, label = img_c, lab_c
+    if r.random_sample() < 0.5:  # ours draws the flip as random() < 0.5 (the reference: rand() > 0.5 keeps it)
+        image, label = np.flip(image, 1), np.flip(label, 1)
+    image = reference_photometric_bgr(np.ascontiguousarray(image), r)
+    x = cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32)
+    x = torch.from_numpy(((x - np.float32(D.MEAN)) * (1 / np.float64(D.STD)).astype(np.float32)).transpose(2, 0, 1))
+    h, w = label.shape
+    top, left = (crop[0] - h) // 2, (crop[1] - w) // 2
+    pads = (left, crop[1] - w - left, top, crop[0] - h - top)
+    return F.pad(x, pads, value=0.0), F.pad(torch.from_numpy(label.copy()), pads, value=255.0).long()
+
+
+def test_train_transform_matches_reference_end_to_end():
+    rng = np.random.default_rng(3)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (45, 61, 3), dtype=np.uint8), (5, 5), 2)
+    image[:15, :20] = (240, 20, 30)
+    yy, xx = np.mgrid[0:45, 0:61]
+    label = np.where((xx // 20 + yy // 15) % 3 == 0, 255, (xx // 20) * 3 + yy // 15).astype(np.uint8)
+    for seed in range(24):
+        crop = (32, 40) if seed % 2 else (70, 90)  # cropped, or padded
+        rec = Recorder(seed)
+        t = D.train_transform(crop_size=crop, scale=(96, 64))
+        t.rng = rec
+        x, y = t(image, label)
+        rx, ry = reference_train_bgr(np.ascontiguousarray(image[..., ::-1]), label, Replay(rec.log), crop, (96, 64))
+        torch.testing.assert_close(x, rx, rtol=0, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+        assert torch.equal(y, ry), f"seed {seed}"
 
 
 def test_hue_quirk_is_not_plain_rgb():
@@ -454,8 +513,8 @@ def test_demo_dataset_layout_and_determinism(tmp_path):
         for kind in ('images', 'annotations'):
             folder = os.path.join(tmp_path, 'a', 'ADEChallengeData2016', kind, split)
             for name in os.listdir(folder):
-                a, b = os.path.join(folder, name), os.path.join(tmp_path, 'b', 'ADEChallengeData2016', kind, split, name)
-                assert open(a, 'rb').read() == open(b, 'rb').read(), name  # same seed, same bytes
+                twin = os.path.join(tmp_path, 'b', 'ADEChallengeData2016', kind, split, name)
+                assert open(os.path.join(folder, name), 'rb').read() == open(twin, 'rb').read(), name  # same bytes
     for ds in (train, val):
         for i in range(len(ds)):
             image, label = ds[i]
