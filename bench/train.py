@@ -311,10 +311,10 @@ def markdown(head, rows):
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         ok = r["status"] == "ok"
-        note = r.get("amp", "") if ok else r["status"]
+        note = r.get("amp", "") if ok else r["status"][:160]  # the whole message is in the JSON
         cells = [r["model"], r["mode"], r["kernels"], r["format"], str(r["batch"]),
                  fmt(r.get("img_per_s"), ".1f"), fmt(r.get("step_ms"), ".1f"), fmt(r.get("peak_gib"), ".2f"),
-                 fmt(r.get("tflop_per_s"), ".1f"), fmt(r.get("mfu"), ".1%"), fmt(r.get("vs_fp32"), ".2f"),
+                 fmt(r.get("tflop_per_s"), ".3g"), fmt(r.get("mfu"), ".1%"), fmt(r.get("vs_fp32"), ".2f"),
                  fmt(r.get("mem_vs_fp32"), ".2f"), fmt(r.get("vs_peer"), ".2f"), note.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
