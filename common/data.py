@@ -2,13 +2,14 @@
 DataLoader pair (§2.3), and a procedural demo dataset in the same folder layout (`--data demo`).
 
 Decisions worth knowing:
-* Decoding is cv2 (libjpeg-turbo, straight to RGB). bench/data.py measured cv2.imdecode, torchvision.io.decode_jpeg and
-  PIL on 683x512 JPEGs: cv2 and torchvision tie (~1.4 ms, bit-identical pixels), PIL is ~40% slower. cv2 also does
-  every resize/colour step of the reference, so the pixels are the reference's own (it reads with cv2.imread).
+* Decoding is cv2 (libjpeg-turbo, straight to RGB). bench/data.py times cv2.imdecode, torchvision.io.decode_jpeg and
+  PIL on the demo JPEGs (683x512 and friends): cv2 is as fast as torchvision or a little faster (1.4 ms each on an idle
+  core, bit-identical pixels) and PIL is ~45% slower. cv2 also does every resize/colour step of the reference, so the
+  pixels are the reference's own (it reads with cv2.imread), and one library is one dependency.
 * We hand RGB around (dataset[i] with transform=None is RGB), the reference hands BGR around. Where that matters, the
   photometric distortion, the reference calls COLOR_RGB2HSV/HSV2RGB on BGR data (spec §10.4: hue and saturation act
-  on swapped R/B). On RGB data the same numbers come from COLOR_BGR2HSV/HSV2BGR: both read channel 0 as the "red"
-  one the reference sees. tests/test_data.py checks this against a BGR re-implementation of the reference's step.
+  on swapped R/B). On RGB data the same numbers come from COLOR_BGR2HSV/HSV2BGR: both treat the true blue channel
+  as red (the reference's channel 0, our channel 2). tests/test_data.py checks this against a BGR re-implementation of the reference's step.
 * Every per-pixel step of the reference (brightness, contrast, saturation scale, hue shift, and the normalisation)
   maps a uint8 value to a value through float32 math, so it is a 256-entry table: cv2.LUT gives the same numbers
   ~4x faster, neighbouring tables compose into one, and the last ones fold into the normalisation table, which
