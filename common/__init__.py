@@ -5,7 +5,9 @@ try:  # the compiled kernels (csrc/); missing means `pip install --no-build-isol
     from . import _C  # noqa: F401  (loading it registers torch.ops.segfp16.*)
     _C_ERROR = None
 except ImportError as e:  # kept, so that the error can be shown where a kernel is actually asked for
-    _C_ERROR = e
+    # with no .so at all, Python's message ("partially initialized module ... circular import") misleads; say it plainly
+    import importlib.util
+    _C_ERROR = e if importlib.util.find_spec(f"{__name__}._C") is not None else ImportError("common._C is not built")
 
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
@@ -17,6 +19,6 @@ def extension_loaded():
 def build_info():
     """Which backends the installed extension holds, e.g. 'common._C: cpu+cuda (torch 2.14.1, CUDA 13.0)'."""
     if _C_ERROR is not None:
-        return f"common._C: not built ({_C_ERROR}); build it with `{BUILD_COMMAND}`"
+        return f"common._C: unavailable ({_C_ERROR}); build it with `{BUILD_COMMAND}`"
     return (f"common._C: {torch.ops.segfp16.build_info()} (torch {torch.__version__}, "
             f"CUDA {torch.version.cuda or 'none'}, GPU {'yes' if torch.cuda.is_available() else 'no'})")
