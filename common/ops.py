@@ -106,9 +106,9 @@ def bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, 
         if momentum is None:
             raise ValueError("common.ops.bn_relu: momentum=None (cumulative average) must be resolved by the caller "
                              "(BatchNormAct2d passes 1 / num_batches_tracked)")
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
+        with torch.no_grad():  # lerp_: running + momentum * (batch - running), one op per buffer
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
     return y
 
 

@@ -406,3 +406,26 @@ def test_autocast_conv_bn_relu(device, dtype):
     assert out["fused"][0].dtype == dtype and bns["fused"].running_var.dtype == torch.float32
     for a, e in zip(out["fused"], out["torch"]):
         torch.testing.assert_close(a.float(), e.float(), **GTOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cl", [False, True])
+def test_deterministic(device, cl):
+    """Fixed-order reductions (no atomics, chunking independent of the thread count): bitwise-equal reruns."""
+    x = make((3, 24, 20, 20), torch.float32, device, cl)
+    g = make((3, 24, 20, 20), torch.float32, device, cl, seed=9)
+    w, b = params(24, device)
+    threads = torch.get_num_threads()
+
+    def run(nthreads):
+        torch.set_num_threads(nthreads)
+        xi = x.detach().requires_grad_()
+        y = ops.bn_relu(xi, w, b, None, None, True)
+        y.backward(g)
+        return y, xi.grad
+
+    try:
+        a, b_ = run(threads), run(1)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(u, v) for u, v in zip(a, b_))
