@@ -62,9 +62,14 @@ PREFER_NVIDIA_APEX = True  # use NVIDIA's apex.amp when importable; tests set Fa
 # -----------------------------------------------------------------------------
 # which half type runs well on CPU
 
-# Measured on our 2-core dev box (Intel Xeon with avx512_bf16/avx512_fp16, shared with other jobs, so rough),
-# torch 2.14.1, torchvision ResNet-50 at 2x3x128x128, SGD step (forward + backward + step), autocast on CPU:
-#   fp32 6.5 s/step, bf16 23.8 s/step, fp16 TODO
+# Measured on our 2-core dev box (Intel Xeon with avx512_bf16 and avx512_fp16, load average ~10 from the other
+# engineers' jobs), torch 2.14.1, one SGD training step (forward + CE + backward + step) of a torchvision ResNet-18
+# under torch.autocast('cpu'), median of interleaved rounds:
+#   batch 2 at 96x96, process CPU seconds (robust to the load): fp32 3.1, bf16 1.3, fp16 15.3
+#   batch 4 at 128x128, wall seconds (noisy, 4 rounds):         fp32 14.2, bf16 9.3 (channels_last: 11.4 / 12.5)
+#   batch 4 at 128x128, wall, one round:                         fp16 100 (NCHW) and 169 (channels_last)
+# So bf16 is the CPU half type (~1.5-2.4x faster than fp32); fp16 autocast works on CPU but is 5-25x slower than
+# fp32 (no fast fp16 conv kernels on this path), fine for a 3-iteration test, useless for the demo run.
 CPU_HALF_DTYPE = torch.bfloat16
 
 
@@ -241,7 +246,7 @@ class Amp:
                 self.impl_note = "NVIDIA apex.amp"
             else:
                 if apex_amp is None:
-                    why = f"apex.amp not importable: {why}"
+                    why = f"apex.amp not importable ({why})"
                 elif not PREFER_NVIDIA_APEX:
                     why = "apex.amp importable but common.amp.PREFER_NVIDIA_APEX is False"
                 elif self.device_type != "cuda":

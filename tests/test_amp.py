@@ -316,6 +316,27 @@ def test_O1_autocast_casts_on_cuda():
     assert conv.dtype == torch.float16
     assert sm.dtype == up.dtype == ce.dtype == torch.float32  # apex O1's FP32 list and torch CUDA autocast agree
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind,opt_level,dtype", MODES)
+def test_modes_on_cuda(kind, opt_level, dtype):
+    """The CPU step tests' core, on the GPU: clean steps, an injected overflow skipped, O2 masters in sync."""
+    torch.manual_seed(0)
+    model = TinyNet(layers.BatchNormAct2d).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    amp = Amp(kind, opt_level=opt_level, dtype=dtype, device="cuda")
+    model, opt = amp.initialize(model, opt)
+    x, y = (t.cuda() for t in batch(0))
+    assert [train_step(model, opt, amp, x, y) for _ in range(2)] == [False, False]
+    before, scale = snapshot(model, opt), amp.loss_scale
+    assert train_step(model, opt, amp, x, y, poison=model.conv2.weight) is True
+    after = snapshot(model, opt)
+    assert same(before[0], after[0]) and same(before[1], after[1])
+    assert amp.loss_scale in (scale / 2, 1.0)
+    assert train_step(model, opt, amp, x, y) is False
+    for p, m in amp._pairs:
+        assert torch.equal(p, m.to(dtype))
+
+
 # -----------------------------------------------------------------------------
 # config, state, errors
 
