@@ -10,7 +10,10 @@
         skipped = amp.step(optimizer)    # optimizer.step() unless a gradient was inf/NaN
 
 After backward() the optimizer's params hold true (unscaled) gradients in every mode, so clipping, if ever wanted,
-goes between backward() and step() (amp_spec §2.4: apex unscaled at scale_loss exit too).
+goes between backward() and step() (amp_spec §2.4: apex unscaled at scale_loss exit too). zero_grad stays the
+trainer's: optimizer.zero_grad() clears the fp32 master grads too (for O2 the masters *are* the optimizer's params).
+A successful step() leaves the grads alone; a skipped one sets them all to None, so an inf/NaN can never leak into
+a later step. With kind='torch' call backward() once per step (GradScaler unscales once); apex accumulates.
 
 kind='none'   plain fp32. backward() is loss.backward(); step() is optimizer.step(). Bit-identical to the hand-written
               step: the only extra is a non-finite check that multiplies the grads by exactly 1.0.
@@ -101,7 +104,8 @@ class LossScaler:
     """apex.amp's LossScaler (apex/amp/scaler.py at e13873de, amp_spec §2.5), rule for rule.
 
     Dynamic: overflow -> scale / 2 (floored at min_loss_scale), unskipped <- 0, skip the step; clean backward ->
-    unskipped += 1, and at scale_window clean backwards in a row -> scale * 2 (capped at max_loss_scale), unskipped <- 0.
+    unskipped += 1, and at scale_window clean backwards in a row -> scale * 2 (capped at max_loss_scale) and
+    unskipped <- 0.
     The counter counts backward passes, not optimizer steps. Static: the scale never changes.
     """
 
@@ -262,7 +266,7 @@ class Amp:
 
     @classmethod
     def from_fp16_cfg(cls, fp16_cfg, device):
-        """Map ssseg's SEGMENTOR_CFG['fp16_cfg'] (either shape, ssseg_spec §1 and §9) onto an Amp; None/{} -> 'none'."""
+        """Map ssseg's SEGMENTOR_CFG['fp16_cfg'] (any shape, ssseg_spec §1 and §9) onto an Amp; None/{} -> 'none'."""
         if not fp16_cfg:
             return cls("none", device=device)
         cfg = dict(fp16_cfg)
