@@ -55,11 +55,20 @@ with_cuda = not cpu_only and torch.version.cuda is not None and have_nvcc
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 cxx = ["-O0", "-g"] if debug else ["-O3"]
 extra = {"cxx": cxx + ["-fopenmp"]}
+include_dirs = []
 if with_cuda:
     sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    # ATen's CUDA headers include cuSPARSE/cuBLAS headers. A minimal toolkit (ours: nvcc + runtime only) lacks them,
+    # but torch's CUDA wheels ship them in the pip `nvidia` packages: add those include dirs, after the toolkit's.
+    if not os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        try:
+            import nvidia
+            include_dirs = sorted(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "include")))
+        except ImportError:
+            pass
     extra["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]) + ["--use_fast_math"]
     ext = CUDAExtension("common._C", sources, extra_compile_args=extra, define_macros=[("WITH_CUDA", None)],
-                        extra_link_args=["-fopenmp"])
+                        include_dirs=include_dirs, extra_link_args=["-fopenmp"])
 else:
     ext = CppExtension("common._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
 print(f"[setup.py] building common._C: {'CPU + CUDA (archs ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ', CUDA_HOME ' + cuda_home + ')' if with_cuda else 'CPU only'}"
