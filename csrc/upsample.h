@@ -1,4 +1,4 @@
-// Shared by upsample.cpp (CPU) and upsample.cu (CUDA): PyTorch's bilinear source-index rule and the layout rule.
+// Shared by upsample.cpp (CPU) and upsample_cuda.cu (CUDA): PyTorch's bilinear source-index rule and the layout rule.
 //
 // Bilinear, align_corners=False, no scale_factor (what F.interpolate(size=...) passes down), per axis:
 //   scale = in / out                        (align_corners=True: (in - 1) / (out - 1), or 0 when out == 1)
