@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script to run on a bare GPU machine (torch + nvcc there, no internet):
 #   bash tools/device_check.sh OUT_DIR
-# Every stage is time-boxed (the limits add up to 8 min 40 s at most; a normal run takes far less), and a failing
+# Every stage is time-boxed (the limits add up to 9 min 15 s at most; a normal run takes far less), and a failing
 # stage does not stop the later ones.
 # Logs and tables land in OUT_DIR; summary.md there lists each stage's exit code and duration.
 set -u
@@ -35,10 +35,10 @@ stage build_info 15 $PY -c "import common; print(common.build_info())"
 # 2. every GPU test
 stage pytest_cuda 60 $PY -m pytest -q -m cuda tests
 # 3. the kernel table (bn_relu, upsample, conv)
-stage bench_kernels 60 $PY bench/kernels.py --out "$OUT"
-# 4. a quick training table: PSPNet and DeepLabV3 at batch 16, fp32 / torch fp16 / apex O2, fused vs torch, + peer
-stage bench_train 75 $PY bench/train.py --models pspnet,deeplabv3,torchvision_deeplabv3 --modes fp32,torch_fp16,apex_O2 \
-  --kernels torch,fused --formats channels_last --batch 16 --steps 10 --warmup 3 --out "$OUT"
+stage bench_kernels 60 env CONV_MODELS=pspnet,deeplabv3 $PY bench/kernels.py --out "$OUT"
+# 4. a quick training table: PSPNet and DeepLabV3 at batch 16: fp32 / torch fp16 / apex O2, fused vs torch, + peers
+stage bench_train 120 $PY bench/train.py --models pspnet,deeplabv3 --modes fp32,fp16,apex-O2 --kernels torch,fused \
+  --formats nhwc --batch 16 --steps 10 --warmup 3 --out "$OUT"
 # 5. 1-GPU torchrun smoke runs of every script, --amp torch and --amp apex, on demo data
 for script in fcn pspnet deeplabv3 deeplabv3plus; do
   for amp in torch apex; do
