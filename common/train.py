@@ -238,21 +238,23 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             window["aux"] += loss_aux.item()
             window["n"] += 1
             window["images"] += images.shape[0]
-            if skipped_run >= cfg["max_skipped_steps"]:
-                raise TooManySkippedSteps(
-                    f"stopping at iteration {it}: the last {skipped_run} steps were all skipped for non-finite "
-                    f"gradients (loss {loss.item():.4g}, loss scale {amp.loss_scale:g}; --max_skipped_steps "
-                    f"{cfg['max_skipped_steps']}). The weights were not touched by them; the last good checkpoint "
-                    f"is {last_ckpt or 'none (none written yet in this run)'}.")
             if it % cfg["log_interval"] == 0 or it == stop:
                 _log_progress(log, window, it, max_iters, epoch, max_epochs, lr, amp, skipped_total, skipped_run,
                               empty_total, device, start_iter)
+            if skipped_run >= cfg["max_skipped_steps"]:
+                msg = (f"stopping at iteration {it}: the last {skipped_run} steps were all skipped for non-finite "
+                       f"gradients (loss {loss.item():.4g}, loss scale {amp.loss_scale:g}; --max_skipped_steps "
+                       f"{cfg['max_skipped_steps']}). The weights were not touched by them; the last good "
+                       f"checkpoint is {last_ckpt or 'none (none written yet in this run)'}.")
+                log(msg)
+                raise TooManySkippedSteps(msg)
             if it >= stop or it % ipe == 0:
                 break
         # end of an epoch (or of this run's share of one)
         end_of_epoch, last = it % ipe == 0, it == max_iters
         ep = math.ceil(it / ipe)  # 1-based number of the epoch just finished
-        if last or (end_of_epoch and ep % cfg["save_interval_epochs"] == 0):
+        every = cfg["save_interval_epochs"]  # 0 = never (smoke tests)
+        if every and (last or (end_of_epoch and ep % every == 0)):
             save("final" if last else f"epoch-{ep}")
         elif it == stop:
             save(f"iter-{it}")  # a planned stop mid-schedule: checkpoint so that --resume continues from here

@@ -1,0 +1,212 @@
+"""The trainer's pieces: poly lr, the CLI, empty batches, the overflow stop, the log files."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from common import checkpoint, config, train
+from common.amp import Amp
+
+# ----------------------------------------------------------------------------------------------------------------
+# schedule
+
+
+def test_poly_lr_values():
+    # spec §7: lr = (1 - it/max)^0.9 x (0.01 - 1e-4) + 1e-4, it = finished iterations, from 0
+    assert train.poly_lr(0, 164190) == 0.01  # the first step uses the base lr
+    assert train.poly_lr(164190, 164190) == pytest.approx(1e-4, abs=1e-15)  # the floor, not 0
+    assert train.poly_lr(82095, 164190) == pytest.approx(0.5 ** 0.9 * 0.0099 + 1e-4, rel=1e-12)
+    assert train.poly_lr(1, 4) == pytest.approx(0.75 ** 0.9 * (0.01 - 1e-4) + 1e-4, rel=1e-12)
+    lrs = [train.poly_lr(i, 100, base_lr=0.02, power=1.0, min_lr=0.0) for i in range(101)]
+    assert lrs[0] == 0.02 and lrs[-1] == 0.0 and lrs[50] == pytest.approx(0.01)  # power 1: linear
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config / CLI
+
+
+def _seg_cfg():
+    return config.segmentor_cfg(num_classes=150, scheduler={
+        'type': 'PolyScheduler', 'max_epochs': 130, 'power': 0.9,
+        'optimizer': {'type': 'SGD', 'lr': 0.01, 'momentum': 0.9, 'weight_decay': 5e-4, 'params_rules': {}}})
+
+
+def test_parse_recipe_and_flags():
+    cfg = config.parse(_seg_cfg(), [], 'pspnet')
+    assert (cfg['lr'], cfg['momentum'], cfg['weight_decay'], cfg['power'], cfg['min_lr']) == (0.01, 0.9, 5e-4, 0.9,
+                                                                                           pytest.approx(1e-4))
+    assert (cfg['max_epochs'], cfg['batch_size'], cfg['crop_size'], cfg['aux_weight']) == (130, 16, (512, 512), 0.4)
+    assert (cfg['amp'], cfg['opt_level'], cfg['tf32']) == ('apex', 'O1', False)  # the reference's fp16_cfg
+    cfg = config.parse(_seg_cfg(), ['--amp', 'torch', '--batch_size=8', '--crop_size', '(64, 96)', '--tf32',
+                                    '--channels_last', 'false', '--lr', '2e-2'], 'x')
+    assert (cfg['amp'], cfg['batch_size'], cfg['crop_size'], cfg['tf32'], cfg['channels_last']) == \
+        ('torch', 8, (64, 96), True, False)
+    assert cfg['min_lr'] == pytest.approx(2e-4)  # PolyScheduler's floor follows the base lr
+    for bad in (['--no_such_key', '1'], ['--amp', 'fp16'], ['--batch_size', 'x'], ['--crop_size', '64'],
+                ['--batc', '8']):  # unknown key, bad choice, bad int, not a tuple, no abbreviations
+        with pytest.raises(SystemExit):
+            config.parse(_seg_cfg(), bad, 'x')
+
+
+def test_parse_fp16_cfg_and_demo_preset():
+    seg = _seg_cfg()
+    seg['fp16_cfg'] = {'type': 'pytorch', 'autocast': {'dtype': torch.bfloat16}, 'grad_scaler': {}}
+    assert [config.parse(seg, [])[k] for k in ('amp', 'amp_dtype')] == ['torch', 'bfloat16']
+    seg['fp16_cfg'] = {'is_on': True, 'opts': {'opt_level': 'O2'}}  # the 2021 form
+    assert [config.parse(seg, [])[k] for k in ('amp', 'opt_level')] == ['apex', 'O2']
+    demo = config.parse(_seg_cfg(), ['--data', 'demo', '--batch_size', '2'], 'pspnet')
+    for k, v in config.DEMO_PRESET.items():
+        assert demo[k] == (2 if k == 'batch_size' else v), k  # the preset, except what the flags say
+    assert demo['work_dir'] == os.path.join('work_dirs', 'ckpts_demo')  # segmentor_cfg's work_dir + _demo
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop on a tiny model and toy data
+
+
+class ToyTransform:
+    def reseed(self, seed):
+        self.g = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+
+
+class ToyData(Dataset):
+    """8 random 16x16 images; labels = a fixed function of the image, or all ignore (255) with empty=True."""
+
+    def __init__(self, empty=False):
+        self.transform, self.empty = ToyTransform(), empty
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        x = torch.randn(3, 16, 16, generator=self.transform.g)
+        y = torch.full((16, 16), 255) if self.empty else (x[0] > 0).long()
+        return x, y
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone_net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.decoder, self.auxiliary_decoder = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+        self.gain = 1.0  # set to inf to make every later step overflow
+
+    def forward(self, x):
+        f = self.backbone_net(x)
+        return {'out': self.decoder(f) * self.gain, 'aux': self.auxiliary_decoder(f)}
+
+
+def _fit(tmp_path, empty=False, model=None, **over):
+    cfg = dict(config.DEFAULTS, num_classes=2, max_iters=6, batch_size=2, num_workers=0, log_interval=1,
+               eval_interval_epochs=0, save_interval_epochs=1, work_dir=str(tmp_path), kernels='torch')
+    cfg.update(over)
+    model = model or TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg['lr'], momentum=cfg['momentum'],
+                          weight_decay=cfg['weight_decay'])
+    amp = Amp('none', device='cpu')
+    model, opt = amp.initialize(model, opt)
+    loader = checkpoint.resumable_loader(ToyData(empty), 2, 0, seed=0, num_items=4)  # 2 iterations per epoch
+    log = train.Logger(str(tmp_path))
+    return train.fit(cfg, model, opt, amp, loader, None, 0, 'cpu', log), model
+
+
+def _records(tmp_path):
+    with open(tmp_path / 'metrics.jsonl') as f:
+        return [json.loads(line) for line in f]
+
+
+def test_all_ignore_batches_give_zero_loss(tmp_path):
+    _, model = _fit(tmp_path, empty=True)
+    recs = [r for r in _records(tmp_path) if r['kind'] == 'train']
+    assert [r['iteration'] for r in recs] == list(range(1, 7))
+    assert [r['empty_batches'] for r in recs] == list(range(1, 7))  # counted in the log
+    assert all(r['loss'] == 0.0 and r['skipped'] == 0 for r in recs)  # 0, not the reference's NaN; not skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_overflow_stops_with_last_checkpoint_intact(tmp_path):
+    model = TinyNet()
+
+    class Inject:  # from iteration 3 on, every forward makes inf logits (-> NaN grads)
+        n = 0
+
+        def __call__(self, mod, args):
+            Inject.n += 1
+            if Inject.n == 3:
+                model.gain = float('inf')
+
+    model.register_forward_pre_hook(Inject())
+    with pytest.raises(train.TooManySkippedSteps, match=r"last 2 steps were all skipped.*checkpoint-epoch-1\.pth"):
+        _fit(tmp_path, model=model, max_skipped_steps=2)
+    recs = [r for r in _records(tmp_path) if r['kind'] == 'train']
+    assert [r['skipped'] for r in recs] == [0, 0, 1, 2]
+    # the checkpoint of epoch 1 (iteration 2) is the latest and loads; the skipped steps left the weights alone
+    path = checkpoint.resolve('auto', str(tmp_path))
+    assert os.path.basename(path) == 'checkpoint-epoch-1.pth'
+    ck = checkpoint.load(path)
+    assert ck['iteration'] == 2
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all() and torch.equal(p, ck['model'][name]), name
+    assert not [f for f in os.listdir(tmp_path) if '.tmp-' in f]  # no half-written temp files left behind
+
+
+def test_checkpoint_atomic_save_and_reference_formats(tmp_path):
+    net = TinyNet()
+    sd = net.state_dict()
+    checkpoint.save(str(tmp_path / 'a.pth'), {'model': sd, 'iteration': 1})
+    checkpoint.save(str(tmp_path / 'b.pth'), {'model': sd, 'iteration': 2})
+    assert checkpoint.resolve('auto', str(tmp_path)).endswith('b.pth')
+    assert checkpoint.resolve(str(tmp_path), 'unused').endswith('b.pth')
+    # ssseg's {'model': sd, 'cur_epoch': ...}, mmseg's {'state_dict': sd}, a bare sd, a DDP 'module.' sd
+    for i, obj in enumerate(({'model': sd, 'cur_epoch': 130}, {'state_dict': sd}, sd,
+                             {'module.' + k: v for k, v in sd.items()})):
+        torch.save(obj, tmp_path / f'ref{i}.pth')
+        other = TinyNet()
+        checkpoint.load_weights(other, str(tmp_path / f'ref{i}.pth'), log=lambda m: None)
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in sd.items())
+    torch.save({'model': {'decoder.weight': sd['decoder.weight']}}, tmp_path / 'partial.pth')
+    with pytest.raises(RuntimeError, match='missing'):
+        checkpoint.load_weights(TinyNet(), str(tmp_path / 'partial.pth'), log=lambda m: None)
+    with pytest.raises(FileNotFoundError):
+        checkpoint.resolve('auto', str(tmp_path / 'nothing_here'))
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+    state = checkpoint.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1))
+    checkpoint.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == a
+
+
+def test_main_writes_config_jsonl_and_eval(tmp_path):
+    def build(cfg=None, num_classes=150):
+        net = TinyNet()
+        net.decoder, net.auxiliary_decoder = nn.Conv2d(4, num_classes, 1), nn.Conv2d(4, num_classes, 1)
+        return net
+
+    argv = ['--data', 'demo', '--amp', 'torch', '--amp_dtype', 'bfloat16', '--device', 'cpu', '--kernels', 'torch',
+            '--crop_size', '(32, 32)', '--scale', '(128, 32)', '--batch_size', '2', '--num_workers', '0',
+            '--num_train_images', '4', '--num_val_images', '2', '--max_iters', '3', '--log_interval', '2',
+            '--save_predictions', '1', '--work_dir', str(tmp_path)]
+    metrics = train.main(_seg_cfg(), build, argv, name='tiny')
+    with open(tmp_path / 'config.json') as f:
+        saved = json.load(f)
+    assert saved['amp'] == 'torch' and saved['crop_size'] == [32, 32] and saved['max_iters'] == 3
+    recs = _records(tmp_path)
+    train_recs = [r for r in recs if r['kind'] == 'train']
+    assert [r['iteration'] for r in train_recs] == [2, 3]  # every log_interval and at the end
+    assert {'loss', 'loss_cls', 'loss_aux', 'lr', 'loss_scale', 'skipped', 'empty_batches', 'img_s',
+            'mem_gb'} <= set(train_recs[0])
+    assert train_recs[0]['loss'] == pytest.approx(train_recs[0]['loss_cls'] + 0.4 * train_recs[0]['loss_aux'])
+    evals = [r for r in recs if r['kind'] == 'eval']
+    assert len(evals) == 1 and evals[0]['mIoU'] == pytest.approx(metrics['mIoU'])
+    assert os.listdir(tmp_path / 'pred') and 'mIoU' in (tmp_path / 'log.txt').read_text()
+    ck = checkpoint.load(checkpoint.resolve('auto', str(tmp_path)))
+    assert ck['config']['max_iters'] == 3 and ck['iteration'] == 3
