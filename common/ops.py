@@ -86,6 +86,9 @@ def bn_backward_apply(dy, y, x, mean, invstd, weight, mean_dz, mean_dz_xhat, rel
 
 def bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, residual=None, relu=True):
     """relu(batch_norm(x) + residual), F.batch_norm's arguments; updates the running stats in place when training."""
+    if not _BN_REGISTERED:  # the ops are registered (and this is set) at import when common._C holds them
+        require(*_BN_OPS)
+        register_bn_relu()
     C = x.shape[1]
     if weight is None:  # affine=False
         weight = torch.ones(C, dtype=_bn_acc(x), device=x.device)
@@ -153,6 +156,7 @@ def _bn_apply_backward(ctx, dy):
 
 
 _BN_REGISTERED = False
+_BN_OPS = ("bn_stats", "bn_apply", "bn_relu_train", "bn_backward_reduce", "bn_backward_apply")
 
 
 def register_bn_relu():
