@@ -7,11 +7,12 @@
 //   backward:           pass 1 sum(dz), sum(dz * (x - mean)) with dz = dy * (y > 0), pass 2 dx (and dres = dz).
 // The ATen composition (F.batch_norm + add + relu, fwd+bwd) makes 2 more full passes (the add and the ReLU, each
 // way) and keeps the same two tensors (x for BN, y for ReLU).
-// Measured (bench/kernels.py --only bn_relu; 2-core x86 CPU shared with other jobs, fp32 NCHW, batch 2, training,
-// fwd+bwd with the running-stat update): 1.15-1.7x faster than the composition at R50-D8's maps (64x128x128,
-// 256..2048 channels at 32x32..64x64; fwd alone 1.1-2.2x); slower at the pyramid bins (512x1x1: 0.26-0.43x,
-// 512x6x6: 0.64-0.77x), where a fixed ~0.1 ms per call (the Python autograd registration and the per-channel
-// tensor ops around the kernels) dominates a tensor of a few KB.
+// Measured (bench/kernels.py --only bn_relu; 2-core x86 CPU shared with other jobs, so +-30% noise; fp32 NCHW,
+// batch 2, training with the running-stat update; 1 thread / 2 threads): fwd+bwd 1.19-1.53x / 1.01-1.53x faster
+// than the composition at R50-D8's maps (64x128x128, 256..2048 channels at 32x32..64x64), forward alone
+// 0.67-2.57x / 1.20-2.40x. Slower at the pyramid bins (512x1x1: 0.42x / 0.30x, 512x6x6: 0.64x), where a fixed
+// ~0.13 ms per fwd+bwd (the Python autograd registration and the per-channel tensor ops around the kernels)
+// dominates a tensor of a few KB.
 //
 // Layouts: see bn_relu.h. Accumulation is float (double for fp64 inputs) within a chunk (one [S] plane in NCHW,
 // kRowsPerChunk rows in channels_last), and the chunk sums are merged in double, in a fixed order (reproducible).
