@@ -1,7 +1,7 @@
 // segfp16 bn_relu family, CPU kernels: y = act(batch_norm(x) + residual), act = ReLU or identity, and its backward.
 // Schemas and the forward/backward split are documented in csrc/ops.cpp; the Python side is common/ops.py.
 //
-// This file is also the readable spec of the CUDA kernels (csrc/bn_relu.cu): same passes, same formulas.
+// This file is also the readable spec of the CUDA kernels (csrc/bn_relu_cuda.cu): same passes, same formulas.
 //   forward (training): pass 1 sum(x) -> mean, pass 2 sum((x - mean)^2) -> M2 (two-pass: exact for fp16 inputs
 //                       with a large mean), pass 3 y = act((x - mean) * invstd * w + b + r).
 //   backward:           pass 1 sum(dz), sum(dz * (x - mean)) with dz = dy * (y > 0), pass 2 dx (and dres = dz).

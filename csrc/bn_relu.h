@@ -1,4 +1,4 @@
-// Shared by bn_relu.cpp (CPU) and bn_relu.cu (CUDA): how a tensor is viewed, and the argument checks.
+// Shared by bn_relu.cpp (CPU) and bn_relu_cuda.cu (CUDA): how a tensor is viewed, and the argument checks.
 //
 // Layouts: NCHW (any dim >= 2, viewed as [N, C, S]) and channels_last (4-D, viewed as [N*H*W, C]). Any other strides
 // are first copied to the layout suggest_memory_format picks (a sliced channels_last tensor stays channels_last).
