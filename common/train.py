@@ -256,7 +256,7 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
         every = cfg["save_interval_epochs"]  # 0 = never (smoke tests)
         if every and (last or (end_of_epoch and ep % every == 0)):
             save("final" if last else f"epoch-{ep}")
-        elif it == stop:
+        elif it == stop < max_iters:
             save(f"iter-{it}")  # a planned stop mid-schedule: checkpoint so that --resume continues from here
         every = cfg["eval_interval_epochs"]  # 0 = never (smoke tests)
         if val_loader is not None and every and (last or (end_of_epoch and ep % every == 0)):
