@@ -210,3 +210,46 @@ def test_main_writes_config_jsonl_and_eval(tmp_path):
     assert os.listdir(tmp_path / 'pred') and 'mIoU' in (tmp_path / 'log.txt').read_text()
     ck = checkpoint.load(checkpoint.resolve('auto', str(tmp_path)))
     assert ck['config']['max_iters'] == 3 and ck['iteration'] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+class PixelNet(nn.Module):
+    """Per-pixel logits from a 1x1 conv, at stride `stride` (average pool first): no context, so windows agree."""
+
+    def __init__(self, k=3, stride=8):
+        super().__init__()
+        self.stride, self.head = stride, nn.Conv2d(3, k, 1)
+
+    def forward(self, x):
+        return {'out': self.head(nn.functional.avg_pool2d(x, self.stride) if self.stride > 1 else x)}
+
+
+def test_evaluate_resizes_low_res_logits_straight_to_label_size():
+    torch.manual_seed(0)
+    net, k = PixelNet(), 3
+    # two "resized" inputs whose labels are at other (original) sizes, with ignore pixels
+    samples = [(torch.randn(1, 3, 32, 48), torch.randint(0, k, (1, 45, 70))),
+               (torch.randn(1, 3, 40, 24), torch.randint(0, k, (1, 81, 50)))]
+    samples[0][1][0, :5] = 255
+    res = train.evaluate(net, samples, num_classes=k, log=lambda m: None, classes=['a', 'b', 'c'])
+    mat = torch.zeros(k, k, dtype=torch.int64)
+    for x, y in samples:  # independent reference: resize the (1, K, h/8, w/8) logits to H x W, argmax, count
+        logits = nn.functional.interpolate(net(x)['out'], size=y.shape[-2:], mode='bilinear', align_corners=False)
+        pred, y = logits.argmax(1).flatten(), y.flatten()
+        for t, p in zip(y[y != 255].tolist(), pred[y != 255].tolist()):
+            mat[t, p] += 1
+    iou = mat.diag() / (mat.sum(0) + mat.sum(1) - mat.diag())
+    assert res['mIoU'] == pytest.approx(float(iou.nanmean()))
+    assert res['aAcc'] == pytest.approx(float(mat.diag().sum() / mat.sum()))
+
+
+def test_slide_inference_covers_every_pixel_once_averaged():
+    torch.manual_seed(0)
+    net, x = PixelNet(stride=1).eval(), torch.randn(1, 3, 37, 53)
+    whole = net(x)['out']
+    with torch.no_grad():
+        slide = train.slide_logits(net, x, crop=(16, 20), stride=(10, 13))  # overlapping, ragged last windows
+    assert torch.allclose(slide, whole, atol=1e-6)
