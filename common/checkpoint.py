@@ -94,6 +94,15 @@ def save(path, state):
     return path
 
 
+def older_than_newest(work_dir, keep):
+    """Our checkpoint files in work_dir except the `keep` newest (by iteration); [] for keep <= 0 (keep all)."""
+    if keep <= 0:
+        return []
+    mine = [f for f in os.listdir(work_dir) if f.startswith("checkpoint-") and f.endswith(".pth")]
+    mine.sort(key=lambda f: os.path.getmtime(os.path.join(work_dir, f)))
+    return [os.path.join(work_dir, f) for f in mine[:-keep]]
+
+
 def resolve(path, work_dir):
     """'auto' -> the checkpoint work_dir/latest names; a folder -> its latest; a file -> itself."""
     if path == "auto" or os.path.isdir(path):

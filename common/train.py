@@ -205,6 +205,9 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
                          rng=rng, config=_jsonable(cfg))
             last_ckpt = checkpoint.save(os.path.join(cfg["work_dir"], f"checkpoint-{tag}.pth"), state)
             log(f"saved {last_ckpt}")
+            # ssseg keeps every epoch's file (130 x ~0.4 GB for PSPNet); we keep the newest few
+            for old in checkpoint.older_than_newest(cfg["work_dir"], cfg.get("keep_checkpoints", 0)):
+                os.remove(old)
         dist.barrier()
 
     while it < stop:
@@ -240,7 +243,7 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             window["images"] += images.shape[0]
             if it % cfg["log_interval"] == 0 or it == stop:
                 _log_progress(log, window, it, max_iters, epoch, max_epochs, lr, amp, skipped_total, skipped_run,
-                              empty_total, device, start_iter)
+                              empty_total, device)
             if skipped_run >= cfg["max_skipped_steps"]:
                 msg = (f"stopping at iteration {it}: the last {skipped_run} steps were all skipped for non-finite "
                        f"gradients (loss {loss.item():.4g}, loss scale {amp.loss_scale:g}; --max_skipped_steps "
@@ -268,7 +271,7 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
     return metrics
 
 
-def _log_progress(log, w, it, max_iters, epoch, max_epochs, lr, amp, skipped, skipped_run, empty, device, start_iter):
+def _log_progress(log, w, it, max_iters, epoch, max_epochs, lr, amp, skipped, skipped_run, empty, device):
     # losses averaged over the window and over ranks (spec §6: logged losses are all-reduced)
     t = torch.tensor([w["loss"], w["cls"], w["aux"], w["n"], w["images"]], dtype=torch.float64,
                      device=device if device.type == "cuda" else "cpu")

@@ -253,3 +253,10 @@ def test_slide_inference_covers_every_pixel_once_averaged():
     with torch.no_grad():
         slide = train.slide_logits(net, x, crop=(16, 20), stride=(10, 13))  # overlapping, ragged last windows
     assert torch.allclose(slide, whole, atol=1e-6)
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    _fit(tmp_path, keep_checkpoints=2, max_iters=8)  # epochs end at 2, 4, 6, 8 -> files for epochs 1-3 + final
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.pth')) == ['checkpoint-epoch-3.pth',
+                                                                             'checkpoint-final.pth']
+    assert checkpoint.resolve('auto', str(tmp_path)).endswith('checkpoint-final.pth')
