@@ -174,7 +174,7 @@ CHOICES = dict(amp=('none', 'torch', 'apex'), opt_level=('O0', 'O1', 'O2', 'O3')
 # `--data demo`: a CPU-sized run of the full recipe (a ResNet-50-D8 from scratch) on the synthetic dataset: small
 # crops, a short schedule, eval only at the end, a few prediction PNGs. Measured on a 2-core CPU box: see README.
 DEMO_PRESET = dict(
-    crop_size=(128, 128), scale=(512, 128), batch_size=4, num_workers=1, max_iters=150, lr=0.01,
+    crop_size=(64, 64), scale=(512, 128), batch_size=4, num_workers=1, max_iters=100, lr=0.02,
     eval_interval_epochs=1000, save_interval_epochs=1000, log_interval=10, pretrained='none', save_predictions=4,
 )
 
