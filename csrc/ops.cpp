@@ -1,6 +1,7 @@
 // The one schema file: every op of the `segfp16` library is declared here, once, as a string. Each op family
-// registers its implementations in its own files (<family>.cpp: CPU, <family>_cuda.cu: CUDA; ninja names objects by stem, hence the suffix) with TORCH_LIBRARY_IMPL,
-// so the dispatcher routes by device and no source needs an `if (x.is_cuda())`.
+// registers its implementations in its own files (<family>.cpp: CPU, <family>_cuda.cu: CUDA; the suffix because
+// ninja names objects by stem) with TORCH_LIBRARY_IMPL, so the dispatcher routes by device and no source needs an
+// `if (x.is_cuda())`.
 #include <Python.h>
 #include <torch/library.h>
 
