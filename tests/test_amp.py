@@ -423,6 +423,85 @@ def test_gradient_accumulation_unscales_each_backward():
     assert amp.state_dict()["loss_scaler0"]["unskipped"] == 2  # apex counts backward passes
 
 
+def test_nvidia_apex_adapter_wiring(monkeypatch):
+    """_NvidiaApex against a fake apex.amp with apex's API and scaler attributes (apex/amp/scaler.py names).
+
+    CI has neither apex nor a GPU, so this checks only our adapter's calls, not apex itself.
+    """
+    import contextlib
+    import sys
+    import types
+
+    class FakeScaler:  # the attributes the adapter touches on apex's LossScaler
+        def __init__(self):
+            self._loss_scale, self._scale_seq_len, self._unskipped, self.dynamic = 2.**16, 2000, 0, True
+            self._has_overflow = False
+
+        def loss_scale(self):
+            return self._loss_scale
+
+    state = types.SimpleNamespace(loss_scalers=[])
+    fake_amp = types.ModuleType("apex.amp")
+    calls = []
+
+    def initialize(model, optimizer, opt_level, verbosity, min_loss_scale, max_loss_scale):
+        calls.append(("initialize", opt_level, max_loss_scale))
+        state.loss_scalers[:] = [FakeScaler()]
+        return model, optimizer
+
+    @contextlib.contextmanager
+    def scale_loss(loss, optimizer):
+        s = state.loss_scalers[0]
+        yield loss * s._loss_scale
+        grads = [p.grad for p in amp_mod._optimizer_params(optimizer)]
+        s._has_overflow = amp_mod._unscale_and_check(grads, 1.0 / s._loss_scale)
+        if s._has_overflow:  # apex halves at scale_loss exit and makes the next step() a no-op
+            s._loss_scale /= 2
+            real_step = optimizer.step
+            optimizer.step = lambda: setattr(optimizer, "step", real_step)
+
+    fake_amp.initialize, fake_amp.scale_loss = initialize, scale_loss
+    fake_amp.state_dict = lambda: {"loss_scaler0": {"loss_scale": state.loss_scalers[0]._loss_scale,
+                                                    "unskipped": state.loss_scalers[0]._unskipped}}
+    fake_amp.load_state_dict = lambda sd: calls.append(("load", sd))
+    fake_state_mod = types.ModuleType("apex.amp._amp_state")
+    fake_state_mod._amp_state = state
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.setitem(sys.modules, "apex.amp", fake_amp)
+    monkeypatch.setitem(sys.modules, "apex.amp._amp_state", fake_state_mod)
+    assert amp_mod._probe_nvidia_apex()[0] is fake_amp
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    amp = Amp("apex", "O1", device="cpu", init_scale=2.**10, scale_window=7)  # CPU: ours ...
+    amp.nvidia = amp_mod._NvidiaApex(fake_amp, amp)  # ... so plug the adapter in by hand
+    amp.initialize(model, opt)
+    assert calls[0] == ("initialize", "O1", 2.**24)
+    assert state.loss_scalers[0]._loss_scale == 2.**10 and state.loss_scalers[0]._scale_seq_len == 7
+    assert train_step(model, opt, amp, *batch(0)) is False
+    before = snapshot(model, opt)
+    assert train_step(model, opt, amp, *batch(1), poison=model.conv1.weight) is True
+    assert same(before[0], snapshot(model, opt)[0]) and amp.loss_scale == 2.**9
+    assert train_step(model, opt, amp, *batch(2)) is False and not same(before[0], snapshot(model, opt)[0])
+    assert amp.state_dict() == {"loss_scaler0": {"loss_scale": 2.**9, "unskipped": 0}}
+    amp.load_state_dict(amp.state_dict())
+    assert calls[-1][0] == "load"
+
+
+def test_foreign_apex_is_not_nvidia_apex(monkeypatch):
+    # PyPI's 'apex' (a 2013 Pyramid toolkit, amp_spec §1.3) or apex >= May 2025: no apex.amp -> our implementation
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.delitem(sys.modules, "apex.amp", raising=False)
+    monkeypatch.setattr(amp_mod, "PREFER_NVIDIA_APEX", True)
+    mod, why = amp_mod._probe_nvidia_apex()
+    assert mod is None and why.startswith("ImportError: cannot import name 'amp' from 'apex'")  # as users saw it
+    amp = Amp("apex", device="cpu")
+    assert amp.nvidia is None and "apex.amp not importable (ImportError" in amp.describe()
+
+
 def test_describe_and_errors():
     assert make("none")[2].describe().startswith("amp=none")
     d = make("apex", "O1")[2].describe()
