@@ -39,7 +39,9 @@ apex bans F.binary_cross_entropy (torch too on CUDA); apex caches fp16 weight ca
 autocast exit. We correct none of these: nothing we run is affected on CUDA, and correcting them would mean
 monkey-patching torch, the thing apex was deleted for. On CPU (which apex never supported) torch's CPU policy runs
 softmax, sum, layer_norm and upsample in the half type (amp_spec §3.4, trap 6); cross_entropy stays fp32. Our custom
-ops (common.ops) are classified by their own torch.library.register_autocast registrations, for both kinds.
+ops (common.ops, --kernels fused) register no autocast rule: they run in their input's dtype and accumulate in fp32
+(see common/ops.py), under either kind. One divergence follows on CUDA: the fused upsample_concat interpolates fp16
+activations in fp16, where apex O1 and torch's CUDA autocast both interpolate in fp32 (amp_spec §2.3, trap 5).
 
 Deviations from apex, on purpose: (1) bf16 is allowed (no scaling, like torch); (2) modes without a dynamic scaler
 (none, O0, O3, bf16) still check for inf/NaN gradients and skip the step (apex O0/O3 did not check), so a
