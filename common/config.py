@@ -117,7 +117,7 @@ DEFAULTS = dict(
     # amp
     amp='apex',  # none | torch | apex (the reference trains with apex O1, spec §1; ours implements its semantics)
     opt_level='O1',  # apex opt level O0 | O1 | O2 | O3 (ignored unless amp=apex)
-    amp_dtype='auto',  # auto | float16 | bfloat16; auto = float16 on CUDA (the reference), bfloat16 on CPU (faster there)
+    amp_dtype='auto',  # auto | float16 | bfloat16; auto = float16 on CUDA (the reference), common.amp's CPU pick on CPU
     # data
     data='ade20k',  # ade20k | demo (a synthetic ADE-layout dataset generated on first use, no download)
     data_root='',  # folder holding ADEChallengeData2016; '' = ./ADE20k (ssseg's default) or the demo cache
@@ -251,7 +251,7 @@ def parse(seg_cfg=None, argv=None, name='run'):
     """Resolve the run config: DEFAULTS < recipe(seg_cfg) < DEMO_PRESET (with --data demo) < explicit flags."""
     types = {bool: _parse_bool, tuple: _parse_tuple, int: int, float: _parse_float, str: str}
     p = argparse.ArgumentParser(prog=name, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-                                description="Train / evaluate / predict; every flag is a key of common.config.DEFAULTS.")
+                                description="Train / evaluate / predict; each flag is a key of common.config.DEFAULTS.")
     for key, default in DEFAULTS.items():
         extra = dict(nargs='?', const=True) if isinstance(default, bool) else {}  # `--tf32` alone means true
         p.add_argument(f'--{key}', type=types[type(default)], choices=CHOICES.get(key), help=f"default {default!r}",
