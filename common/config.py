@@ -140,6 +140,7 @@ DEFAULTS = dict(
     aux_weight=0.4,  # loss = CE(out) + aux_weight * CE(aux) (spec §6)
     # init
     pretrained='none',  # ImageNet backbone weights: a .pth path, a URL already in the torch hub cache, or 'none'
+    init='',  # a whole-segmentor checkpoint (ours, ssseg's {'model': sd}, or a bare sd) to start training from
     # run
     work_dir='',  # '' = work_dirs/<SEGMENTOR_CFG's work_dir, else the script name>[_demo]
     eval_interval_epochs=10,  # evaluate every N epochs and always at the end (spec §1); 0 = never

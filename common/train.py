@@ -391,6 +391,8 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
         ckpt = checkpoint.load(path)
         model.load_state_dict(checkpoint.model_state(ckpt))  # fp32, before amp.initialize (O2 masters copy these)
         log(f"resume: {path} at iteration {ckpt['iteration']}")
+    elif cfg["init"]:
+        checkpoint.load_weights(model, cfg["init"], log)  # weights only: the schedule starts at iteration 0
     elif cfg["pretrained"] != "none":
         from .backbone import load_pretrained
         load_pretrained(model.backbone_net, cfg["pretrained"], log=log)
