@@ -148,6 +148,7 @@ DEFAULTS = dict(
     keep_checkpoints=3,  # delete older checkpoint files beyond the newest N (0 = keep all, as ssseg)
     log_interval=50,  # iterations between progress lines (spec §7)
     max_skipped_steps=100,  # stop when this many consecutive steps are skipped for non-finite gradients
+    ddp_fp16_compress='auto',  # auto | true | false: all-reduce grads in fp16 (auto = reference: on for amp torch fp16)
     save_predictions=0,  # after the final evaluation, write colour masks of the first N val images to work_dir/pred
     # modes
     resume='',  # '' | checkpoint path | 'auto' (work_dir/latest); continues exactly where it stopped
@@ -170,7 +171,8 @@ DEFAULTS = dict(
 
 CHOICES = dict(amp=('none', 'torch', 'apex'), opt_level=('O0', 'O1', 'O2', 'O3'),
                amp_dtype=('auto', 'float16', 'bfloat16'), data=('ade20k', 'demo'),
-               kernels=('auto', 'fused', 'torch'), inference_mode=('whole', 'slide'))
+               kernels=('auto', 'fused', 'torch'), inference_mode=('whole', 'slide'),
+               ddp_fp16_compress=('auto', 'true', 'false'))
 
 # `--data demo`: a CPU-sized run of the full recipe (a ResNet-50-D8 from scratch) on the synthetic dataset: small
 # crops, a short schedule, eval only at the end, a few prediction PNGs. Measured on our 2-core CPU box (Xeon with

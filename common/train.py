@@ -413,8 +413,12 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
         rng = ckpt["rng"]
         checkpoint.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
         start_iter = ckpt["iteration"]
+        note = dist.resume_warning(len(rng), cfg["batch_size"])  # (DIST) saved by another world size: say so
+        if note:
+            log(f"WARNING: {note}")
     log(f"amp: {amp.describe()}")
-    model = dist.wrap_ddp(model, device, cfg["amp"])
+    # (DIST) fp16 gradient all-reduce: auto = the reference's choice (on for --amp torch fp16)
+    model = dist.wrap_ddp(model, device, cfg["amp"], cfg["ddp_fp16_compress"], amp_dtype=amp.dtype)
 
     train_set = data.ADE20k(root, "train", data.train_transform(crop_size=tuple(cfg["crop_size"]),
                                                                 scale=tuple(cfg["scale"])))

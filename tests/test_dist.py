@@ -421,6 +421,15 @@ def test_trainer_two_ranks_resume_exactly_and_shard_eval_exactly(tmp_path, demo_
         torch.set_num_threads(threads)
     _assert_same_metrics(single, res[0][3])  # 5 images on 1 process == 3 + 2 images on 2 ranks, exactly
 
+    # a checkpoint written by 2 ranks resumes on 1 too, with a warning that the per-rank batch changed
+    one = str(tmp_path / "one")
+    train.main({}, build_tiny, _argv(demo_root, one, "--resume", os.path.join(split, "checkpoint-epoch-1.pth")),
+               name="tiny")
+    with open(os.path.join(one, "log.txt")) as f:
+        log = f.read()
+    assert "written by 2 rank(s) and this run has 1" in log and "from 2 to 4 images" in log, log
+    assert _ckpt(os.path.join(one, "checkpoint-final.pth"))[2] == 4
+
 
 # ---- under torchrun itself (slow: each run starts fresh interpreters)
 
