@@ -36,12 +36,12 @@ def require(*names):
 # running = (1 - momentum) * running + momentum * batch, the variance unbiased (n / (n - 1)). momentum=None (cumulative
 # average) is resolved by the caller (BatchNormAct2d passes 1 / num_batches_tracked and increments the counter).
 #
-# SyncBN (common/dist.py) uses the halves, with the collectives between them on the device:
-#   forward:  mean, m2 = bn_stats(x); all-gather (mean, m2, count); mean, m2, n = bn_merge_stats(...);
-#             y = bn_apply(x, mean, rsqrt(m2 / n + eps), weight, bias, residual, relu)
+# SyncBN (common/dist.py) uses the halves, with one on-device all-reduce between them each way (no host sync):
+#   forward:  mean, m2 = bn_stats(x) (local); all-reduce the packed (sum x, sum x^2, count) in float64;
+#             y = bn_apply(x, global mean, global invstd, weight, bias, residual, relu)
 #   backward: s_dz, s_dz_xhat = bn_backward_reduce(dy, y, x, mean, invstd, relu); dweight = s_dz_xhat and
 #             dbias = s_dz are these LOCAL sums (DDP averages them like any other grad, as torch's SyncBatchNorm);
-#             all-reduce copies of both (sum), then
+#             all-reduce a copy of both (sum), then
 #             dx, dres = bn_backward_apply(dy, y, x, mean, invstd, weight, S_dz / n, S_dz_xhat / n, relu, residual?).
 def _bn_acc(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -56,16 +56,6 @@ def _bn_like(x):
 def bn_stats(x):
     """Per-channel batch mean and M2 = sum((x - mean)^2) of x [N, C, ...]; float32 (float64 for float64 x)."""
     return torch.ops.segfp16.bn_stats(x)
-
-
-def bn_merge_stats(mean, m2, count):
-    """Merge per-rank statistics (mean, m2: [W, C], count: [W] float) into (mean [C], m2 [C], count []).
-
-    Chan et al.'s parallel variance: every term is non-negative, so no cancellation; ranks with count 0 drop out."""
-    total = count.sum()
-    w = count / total.clamp_min(1)  # [W]
-    merged = (w[:, None] * mean).sum(0)  # [C]
-    return merged, m2.sum(0) + (count[:, None] * (mean - merged) ** 2).sum(0), total
 
 
 def bn_apply(x, mean, invstd, weight, bias, residual=None, relu=True):

@@ -214,7 +214,7 @@ def test_module_momentum_none_and_num_batches_tracked(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_split_halves_as_syncbn(device):
-    """Ranks of 3, 1 and 0 images: per-rank bn_stats, bn_merge_stats, bn_apply; backward sums added across ranks
+    """Ranks of 3, 1 and 0 images: per-rank bn_stats, merged statistics, bn_apply; backward sums added across ranks
     (the all-reduce), per-rank bn_backward_apply. Must equal one whole-batch bn_relu (the SyncBN contract)."""
     x = make((4, 6, 3, 5), torch.float32, device, mean=3.0)
     r = make((4, 6, 3, 5), torch.float32, device, seed=7)
@@ -223,7 +223,10 @@ def test_split_halves_as_syncbn(device):
     xs, rs, gs = x.split([3, 1, 0]), r.split([3, 1, 0]), g.split([3, 1, 0])
     st = [ops.bn_stats(xi) for xi in xs]
     count = torch.tensor([xi.numel() // 6 for xi in xs], dtype=torch.float32, device=device)
-    mean, m2, n = ops.bn_merge_stats(torch.stack([s[0] for s in st]), torch.stack([s[1] for s in st]), count)
+    # Chan et al.'s parallel merge of (mean, M2, count) over ranks; an empty rank drops out
+    means, m2s, n = torch.stack([s[0] for s in st]), torch.stack([s[1] for s in st]), count.sum()
+    mean = (count[:, None] / n * means).sum(0)
+    m2 = m2s.sum(0) + (count[:, None] * (means - mean) ** 2).sum(0)
     invstd = torch.rsqrt(m2 / n + 1e-5)
     ys = [ops.bn_apply(xi, mean, invstd, w, b, ri, True) for xi, ri in zip(xs, rs)]
     red = [ops.bn_backward_reduce(gi, yi, xi, mean, invstd, True) for gi, yi, xi in zip(gs, ys, xs)]
