@@ -83,7 +83,12 @@ def load_pretrained(backbone, path_or_url, log=print, ignore=PRETRAINED_IGNORE):
     """
     src = PRETRAINED_URLS.get(path_or_url, path_or_url)
     if src.startswith(("http://", "https://")):
-        sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", progress=False)
+        try:
+            sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", progress=False)
+        except OSError as e:  # URLError is an OSError: no internet, proxy, 404 ...
+            raise RuntimeError(f"common/backbone.py: could not download the pretrained weights {src} ({e}). Download "
+                               f"them elsewhere and pass the file with --pretrained PATH, or train from scratch with "
+                               f"--pretrained none") from e
     elif os.path.isfile(src):
         sd = torch.load(src, map_location="cpu", weights_only=True)
     else:

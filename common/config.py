@@ -139,7 +139,9 @@ DEFAULTS = dict(
     min_lr=1e-4,  # poly floor: 1% of the base lr (spec §7, §10.7)
     aux_weight=0.4,  # loss = CE(out) + aux_weight * CE(aux) (spec §6)
     # init
-    pretrained='none',  # ImageNet backbone weights: a .pth path, a URL already in the torch hub cache, or 'none'
+    # ImageNet backbone (spec §4): a .pth path, a URL or a key of common.backbone.PRETRAINED_URLS (downloaded once into
+    # the torch hub cache; needs internet), or 'none' (from scratch). The default is the reference's v1c checkpoint.
+    pretrained='resnet50conv3x3stem',
     init='',  # a whole-segmentor checkpoint (ours, ssseg's {'model': sd}, or a bare sd) to start training from
     # run
     work_dir='',  # '' = work_dirs/<SEGMENTOR_CFG's work_dir, else the script name>[_demo]

@@ -361,7 +361,7 @@ def _argv(root, work_dir, *extra):
             "--kernels", "torch", "--batch_size", "4", "--crop_size", "(32, 32)", "--scale", "(64, 32)",
             "--num_workers", "0", "--num_train_images", "8", "--num_val_images", "5", "--max_iters", "4",
             "--log_interval", "1", "--eval_interval_epochs", "1000", "--save_predictions", "0", "--lr", "0.05",
-            *extra]
+            "--pretrained", "none", *extra]
 
 
 def _worker_trainer(ports, runs):
