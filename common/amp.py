@@ -75,6 +75,9 @@ PREFER_NVIDIA_APEX = True  # use NVIDIA's apex.amp when importable; tests set Fa
 #   batch 4 at 128x128, wall, one round:                         fp16 100 (NCHW) and 169 (channels_last)
 # So bf16 is the CPU half type (~1.5-2.4x faster than fp32); fp16 autocast works on CPU but is 5-25x slower than
 # fp32 (no fast fp16 conv kernels on this path), fine for a 3-iteration test, useless for the demo run.
+# On the R50-D8 segmentors themselves bf16 does not pay on this CPU (bench/results/2026-11-27-cpu-2core-train.md,
+# crop 128, batch 2: PSPNet 0.7x and DeepLabV3 0.14x of fp32; the dilated ASPP convs have a slow bf16 path), but it
+# is still the only usable half type here, so --amp torch|apex on CPU means bf16.
 CPU_HALF_DTYPE = torch.bfloat16
 
 
