@@ -10,9 +10,11 @@
 // Measured (bench/kernels.py --only bn_relu; 2-core x86 CPU shared with other jobs, so +-30% noise; fp32 NCHW,
 // batch 2, training with the running-stat update; 1 thread / 2 threads): fwd+bwd 1.19-1.53x / 1.01-1.53x faster
 // than the composition at R50-D8's maps (64x128x128, 256..2048 channels at 32x32..64x64), forward alone
-// 0.67-2.57x / 1.20-2.40x. Slower at the pyramid bins (512x1x1: 0.42x / 0.30x, 512x6x6: 0.64x), where a fixed
-// ~0.13 ms per fwd+bwd (the Python autograd registration and the per-channel tensor ops around the kernels)
-// dominates a tensor of a few KB.
+// 0.67-2.57x / 1.20-2.40x. At the demo's tiny maps (batch 4, 2 threads; bench/results/2026-11-27-cpu-2core.md)
+// fwd+bwd is 1.5-2.2x the composition's time (fwd alone 0.8-1.6x for fp32/bf16 at 6x6..16x16, ~1.1-1.3x at 1x1):
+// what is left at 1x1 is mostly the Python/autograd side (register_autograd, the backward's small ops); the
+// 1x1 row view (cpu_layout_of), the [C] loops instead of per-channel tensor ops and the vectorised bf16 store (st)
+// took the kernels' share from ~0.1 ms to ~0.02 ms there.
 //
 // Layouts: see bn_relu.h. Accumulation is float (double for fp64 inputs) within a chunk (one [S] plane in NCHW,
 // kRowsPerChunk rows in channels_last), and the chunk sums are merged in double, in a fixed order (reproducible).
@@ -22,6 +24,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -36,6 +41,15 @@ using namespace bnr;
 constexpr int64_t kRowsPerChunk = 256;  // channels_last: rows per partial sum (float sums over <= 256 values)
 
 // ---- the two loop shapes every op is made of
+
+// A map with one value per channel and image (the 1x1 pyramid bins, image pooling) is [N, C] in memory in either
+// layout; viewed as channels_last rows, the loops run over C (vectorised) instead of over N * C one-element planes,
+// each with its own loop set-up (that per-plane cost made these maps ~2x slower than ATen).
+Layout cpu_layout_of(const at::Tensor& x) {
+  Layout l = layout_of(x);
+  if (l.S == 1) l.cl = true;
+  return l;
+}
 
 // parallel_for grain (in tasks) for tasks of `work` elements each: at least at::internal::GRAIN_SIZE (32768) elements
 // per thread, as ATen's kernels do, so that small tensors (the pyramid bins) run inline instead of waking the pool.
@@ -119,15 +133,35 @@ inline acc_t ld(T v) {
   return static_cast<acc_t>(v);
 }
 
+// Store: static_cast, except float -> bfloat16, where c10's conversion branches on NaN and GCC leaves the loop
+// scalar (bf16 bn_apply / bn_backward_apply ran 10-20x slower than fp32). Same bits: round to nearest even, and
+// NaN -> 0x7FC0, as c10::detail::round_to_nearest_even; written as a select so that the loop vectorises.
+template <typename T, typename acc_t>
+inline T st(acc_t v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
 // ---- ops
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
   const at::ScalarType acc = acc_type_of(x_in);
-  const Layout l = layout_of(x_in);
+  const Layout l = cpu_layout_of(x_in);
   const at::Tensor x = x_in.contiguous(format_of(x_in));
-  at::Tensor mean = at::zeros({l.C}, x.options().dtype(acc));
-  at::Tensor m2 = at::zeros({l.C}, x.options().dtype(acc));
-  if (l.count() == 0) return {mean, m2};  // empty batch (e.g. an idle SyncBN rank): count 0 merges as nothing
+  // empty, not zeros: channel_sums writes every channel (per-channel tensor ops cost ~us each at the pyramid bins)
+  at::Tensor mean = at::empty({l.C}, x.options().dtype(acc));
+  at::Tensor m2 = at::empty({l.C}, x.options().dtype(acc));
+  if (l.count() == 0) {  // empty batch (e.g. an idle SyncBN rank): count 0 merges as nothing
+    mean.zero_();
+    m2.zero_();
+    return {mean, m2};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* __restrict__ xp = x.const_data_ptr<scalar_t>();
@@ -169,15 +203,18 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
   return {mean, m2};
 }
 
-at::Tensor bn_apply_cpu(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
-                        const at::Tensor& weight_in, const at::Tensor& bias_in,
-                        const std::optional<at::Tensor>& residual_in, bool relu) {
+// bn_apply with invstd given directly (from_var false) or as the biased variance, invstd = rsqrt(var + eps) (bn_relu_train).
+// The per-channel folding runs as plain [C] loops, not tensor ops: at the pyramid bins (a few KB per tensor) each
+// extra ATen op was a visible share of the call (see the "Measured" note at the top).
+at::Tensor bn_apply_impl(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& invstd_in, bool from_var, double eps,
+                         const at::Tensor& weight_in, const at::Tensor& bias_in,
+                         const std::optional<at::Tensor>& residual_in, bool relu) {
   const at::ScalarType acc = acc_type_of(x_in);
-  const Layout l = layout_of(x_in);
+  const Layout l = cpu_layout_of(x_in);
   const at::Tensor x = x_in.contiguous(format_of(x_in));
   const at::Tensor mean = per_channel(mean_in, "mean", l.C, acc);
-  // scale = invstd * weight, folded once per channel; shift stays (x - mean) so large means cancel exactly first
-  const at::Tensor scale = per_channel(invstd_in, "invstd", l.C, acc) * per_channel(weight_in, "weight", l.C, acc);
+  const at::Tensor invstd_or_var = per_channel(invstd_in, from_var ? "var" : "invstd", l.C, acc);
+  const at::Tensor weight = per_channel(weight_in, "weight", l.C, acc);
   const at::Tensor bias = per_channel(bias_in, "bias", l.C, acc);
   at::Tensor residual;
   if (residual_in.has_value()) residual = like_x(*residual_in, x, "residual");
@@ -189,9 +226,19 @@ at::Tensor bn_apply_cpu(const at::Tensor& x_in, const at::Tensor& mean_in, const
     const scalar_t* __restrict__ rp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* __restrict__ yp = y.mutable_data_ptr<scalar_t>();
     const acc_t* __restrict__ mp = mean.const_data_ptr<acc_t>();
-    const acc_t* __restrict__ sp = scale.const_data_ptr<acc_t>();
     const acc_t* __restrict__ bp = bias.const_data_ptr<acc_t>();
     const int64_t C = l.C;
+    // scale = invstd * weight, folded once per channel; shift stays (x - mean) so large means cancel exactly first.
+    // rsqrt as 1 / sqrt(var + eps) in acc_t: the same IEEE ops as torch.rsqrt(var + eps), which the backward uses.
+    std::vector<acc_t> scale(static_cast<size_t>(C));
+    {
+      const acc_t* iv = invstd_or_var.const_data_ptr<acc_t>();
+      const acc_t* wp = weight.const_data_ptr<acc_t>();
+      const acc_t e = static_cast<acc_t>(eps);
+      for (int64_t c = 0; c < C; ++c)
+        scale[c] = (from_var ? acc_t(1) / std::sqrt(iv[c] + e) : iv[c]) * wp[c];
+    }
+    const acc_t* __restrict__ sp = scale.data();
     with_flag(relu, [&](auto relu_t) {
       with_flag(rp != nullptr, [&](auto res_t) {
         constexpr bool RELU = decltype(relu_t)::value, RES = decltype(res_t)::value;
@@ -203,14 +250,14 @@ at::Tensor bn_apply_cpu(const at::Tensor& x_in, const at::Tensor& mean_in, const
               const acc_t m = mp[c], k = sp[c], b = bp[c];
               _Pragma("omp simd")
               for (int64_t i = base; i < base + n; ++i)
-                yp[i] = static_cast<scalar_t>(
+                yp[i] = st<scalar_t>(
                     out((ld<acc_t>(xp[i]) - m) * k + b + (RES ? ld<acc_t>(rp[i]) : acc_t(0))));
             },
             [&](int64_t base) {
               _Pragma("omp simd")
               for (int64_t c = 0; c < C; ++c) {
                 const int64_t i = base + c;
-                yp[i] = static_cast<scalar_t>(
+                yp[i] = st<scalar_t>(
                     out((ld<acc_t>(xp[i]) - mp[c]) * sp[c] + bp[c] + (RES ? ld<acc_t>(rp[i]) : acc_t(0))));
               }
             });
@@ -220,15 +267,25 @@ at::Tensor bn_apply_cpu(const at::Tensor& x_in, const at::Tensor& mean_in, const
   return y;
 }
 
+at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                        const at::Tensor& bias, const std::optional<at::Tensor>& residual, bool relu) {
+  return bn_apply_impl(x, mean, invstd, false, 0.0, weight, bias, residual, relu);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                  const at::Tensor& bias,
                                                                  const std::optional<at::Tensor>& residual, double eps,
                                                                  bool relu) {
   const Layout l = layout_of(x);
   TORCH_CHECK(l.count() > 0, "segfp16 bn_relu_train: x has no values per channel, shape ", x.sizes());
-  auto [mean, m2] = bn_stats_cpu(x);
-  at::Tensor var = m2 / static_cast<double>(l.count());  // biased: what normalises the batch
-  at::Tensor y = bn_apply_cpu(x, mean, (var + eps).rsqrt(), weight, bias, residual, relu);
+  auto [mean, var] = bn_stats_cpu(x);
+  // var = M2 / count in place (biased: what normalises the batch); a [C] loop instead of a tensor op
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "bn_relu_train_cpu", [&] {
+    scalar_t* vp = var.mutable_data_ptr<scalar_t>();
+    const scalar_t n = static_cast<scalar_t>(l.count());
+    for (int64_t c = 0; c < l.C; ++c) vp[c] /= n;
+  });
+  at::Tensor y = bn_apply_impl(x, mean, var, true, eps, weight, bias, residual, relu);
   return {y, mean, var};
 }
 
@@ -244,15 +301,19 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& dy_i
                                                           const at::Tensor& x_in, const at::Tensor& mean_in,
                                                           const at::Tensor& invstd_in, bool relu) {
   const at::ScalarType acc = acc_type_of(x_in);
-  const Layout l = layout_of(x_in);
+  const Layout l = cpu_layout_of(x_in);
   const at::Tensor x = x_in.contiguous(format_of(x_in));
   const at::Tensor dy = like_x(dy_in, x, "dy");
   const at::Tensor y = relu ? like_x(y_in, x, "y") : dy;  // y only feeds the ReLU mask
   const at::Tensor mean = per_channel(mean_in, "mean", l.C, acc);
   const at::Tensor invstd = per_channel(invstd_in, "invstd", l.C, acc);
-  at::Tensor sum_dz = at::zeros({l.C}, x.options().dtype(acc));
-  at::Tensor sum_dz_xhat = at::zeros({l.C}, x.options().dtype(acc));
-  if (x.numel() == 0) return {sum_dz, sum_dz_xhat};
+  at::Tensor sum_dz = at::empty({l.C}, x.options().dtype(acc));  // channel_sums writes every channel
+  at::Tensor sum_dz_xhat = at::empty({l.C}, x.options().dtype(acc));
+  if (x.numel() == 0) {
+    sum_dz.zero_();
+    sum_dz_xhat.zero_();
+    return {sum_dz, sum_dz_xhat};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* __restrict__ xp = x.const_data_ptr<scalar_t>();
@@ -307,16 +368,15 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& dy_in
                                                          const at::Tensor& mean_dz_xhat_in, bool relu,
                                                          bool residual_grad) {
   const at::ScalarType acc = acc_type_of(x_in);
-  const Layout l = layout_of(x_in);
+  const Layout l = cpu_layout_of(x_in);
   const at::Tensor x = x_in.contiguous(format_of(x_in));
   const at::Tensor dy = like_x(dy_in, x, "dy");
   const at::Tensor y = relu ? like_x(y_in, x, "y") : dy;
   const at::Tensor mean = per_channel(mean_in, "mean", l.C, acc);
   const at::Tensor invstd = per_channel(invstd_in, "invstd", l.C, acc);
-  // dx = k * (dz - mean_dz - (x - mean) * q) with k = weight * invstd and q = invstd * mean_dz_xhat, per channel
-  const at::Tensor k = per_channel(weight_in, "weight", l.C, acc) * invstd;
+  const at::Tensor weight = per_channel(weight_in, "weight", l.C, acc);
   const at::Tensor a = per_channel(mean_dz_in, "mean_dz", l.C, acc);
-  const at::Tensor q = per_channel(mean_dz_xhat_in, "mean_dz_xhat", l.C, acc) * invstd;
+  const at::Tensor mean_dz_xhat = per_channel(mean_dz_xhat_in, "mean_dz_xhat", l.C, acc);
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(format_of(x)));
   at::Tensor dres = residual_grad ? at::empty(x.sizes(), x.options().memory_format(format_of(x)))
                                   : at::empty({0}, x.options());
@@ -329,10 +389,22 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& dy_in
     scalar_t* __restrict__ dxp = dx.mutable_data_ptr<scalar_t>();
     scalar_t* __restrict__ drp = residual_grad ? dres.mutable_data_ptr<scalar_t>() : nullptr;
     const acc_t* __restrict__ mp = mean.const_data_ptr<acc_t>();
-    const acc_t* __restrict__ kp = k.const_data_ptr<acc_t>();
     const acc_t* __restrict__ ap = a.const_data_ptr<acc_t>();
-    const acc_t* __restrict__ qp = q.const_data_ptr<acc_t>();
     const int64_t C = l.C;
+    // dx = k * (dz - mean_dz - (x - mean) * q) with k = weight * invstd and q = invstd * mean_dz_xhat, per channel
+    // ([C] loops, not tensor ops: see bn_apply_impl)
+    std::vector<acc_t> k(static_cast<size_t>(C)), q(static_cast<size_t>(C));
+    {
+      const acc_t* wp = weight.const_data_ptr<acc_t>();
+      const acc_t* ip = invstd.const_data_ptr<acc_t>();
+      const acc_t* hp = mean_dz_xhat.const_data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        k[c] = wp[c] * ip[c];
+        q[c] = hp[c] * ip[c];
+      }
+    }
+    const acc_t* __restrict__ kp = k.data();
+    const acc_t* __restrict__ qp = q.data();
     with_flag(relu, [&](auto relu_t) {
       with_flag(residual_grad, [&](auto dres_t) {
         constexpr bool RELU = decltype(relu_t)::value, DRES = decltype(dres_t)::value;
@@ -343,8 +415,8 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& dy_in
               _Pragma("omp simd")
               for (int64_t i = base; i < base + n; ++i) {
                 const acc_t dz = masked<RELU, acc_t>(gp[i], yp[i]);
-                dxp[i] = static_cast<scalar_t>(kk * (dz - aa - (ld<acc_t>(xp[i]) - m) * qq));
-                if (DRES) drp[i] = static_cast<scalar_t>(dz);
+                dxp[i] = st<scalar_t>(kk * (dz - aa - (ld<acc_t>(xp[i]) - m) * qq));
+                if (DRES) drp[i] = st<scalar_t>(dz);
               }
             },
             [&](int64_t base) {
@@ -352,8 +424,8 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& dy_in
               for (int64_t c = 0; c < C; ++c) {
                 const int64_t i = base + c;
                 const acc_t dz = masked<RELU, acc_t>(gp[i], yp[i]);
-                dxp[i] = static_cast<scalar_t>(kp[c] * (dz - ap[c] - (ld<acc_t>(xp[i]) - mp[c]) * qp[c]));
-                if (DRES) drp[i] = static_cast<scalar_t>(dz);
+                dxp[i] = st<scalar_t>(kp[c] * (dz - ap[c] - (ld<acc_t>(xp[i]) - mp[c]) * qp[c]));
+                if (DRES) drp[i] = st<scalar_t>(dz);
               }
             });
       });
