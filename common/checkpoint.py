@@ -1,4 +1,4 @@
-"""Checkpoints that survive a crash mid-write and resume a run exactly, plus the loader that makes exact possible.
+"""Checkpoints that survive a crash mid-write and resume a run exactly.
 
 A checkpoint is one torch.save'd dict of tensors, containers and primitives only, so that it loads with
 torch.load(weights_only=True) (no pickled code runs at load):
@@ -11,21 +11,15 @@ ssseg's own checkpoints ({'model': sd, 'optimizer': ..., 'cur_epoch': ...}) and 
 --eval / --predict through model_state().
 
 Exact resume needs every random draw to be a pure function of (seed, epoch, position in the epoch). The model's
-draws (dropout) come from torch's global generator, which we save. The data's come from the loader: ResumableSampler
-gives each epoch a permutation seeded by (seed, epoch), can start mid-epoch, and tags every sample with its
-(epoch, position); SeededSamples reseeds the augmentation stream from that tag before each sample. So which worker
-process (or how many) handled a sample, and whether the workers were restarted by a resume, changes nothing.
+draws (dropout) come from torch's global generator, which we save. The data's come from common.data.train_loader,
+whose order and augmentation are a pure function of (seed, epoch, rank, position), so the sampler alone resumes it.
 """
-import math
 import os
 import random
 import tempfile
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-
-from . import data as data_lib
 
 LATEST = "latest"  # a one-line text file in the work dir naming the newest complete checkpoint
 
@@ -150,71 +144,3 @@ def load_weights(model, path, log=print):
                            f"{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
     log(f"loaded weights: {path} ({len(sd)} tensors)")
     return model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the resumable train loader
-
-class ResumableSampler(Sampler):
-    """Per-rank shuffled indices of an epoch, as DistributedSampler(shuffle=True) + drop_last batches (spec §2.3),
-    but the permutation is seeded by (seed, epoch) and the epoch can start at any batch. Yields (index, tag) pairs,
-    tag = (epoch, rank, position), which SeededSamples turns into that sample's augmentation seed."""
-
-    def __init__(self, n, batch_per_rank, seed=0, rank=0, world=1):
-        self.n, self.batch, self.seed, self.rank, self.world = n, batch_per_rank, seed, rank, world
-        self.per_rank = math.ceil(n / world)  # DistributedSampler pads the permutation to a multiple of world
-        self.epoch, self.start = 0, 0
-        if self.per_rank < self.batch:
-            raise ValueError(f"{n} training images over {world} rank(s) do not fill one batch of {self.batch}")
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start = epoch, start_batch
-
-    def batches_per_epoch(self):
-        return self.per_rank // self.batch  # drop_last
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)  # own generator: global RNG untouched
-        perm = torch.randperm(self.n, generator=g).tolist()
-        perm += perm[:self.per_rank * self.world - self.n]  # pad by wrapping around, like DistributedSampler
-        mine = perm[self.rank::self.world]
-        end = self.batches_per_epoch() * self.batch
-        for pos in range(self.start * self.batch, end):
-            yield mine[pos], (self.epoch, self.rank, pos)
-
-    def __len__(self):
-        return (self.batches_per_epoch() - self.start) * self.batch
-
-
-class SeededSamples(Dataset):
-    """dataset[(index, tag)]: reseed the dataset's augmentation stream from (seed, tag), then dataset[index]."""
-
-    def __init__(self, dataset, seed=0):
-        self.dataset, self.seed = dataset, seed
-        if not hasattr(getattr(dataset, "transform", None), "reseed"):
-            raise TypeError("SeededSamples: the dataset's transform has no reseed(seed) (common.data.TrainTransform)")
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, (epoch, rank, pos) = key
-        self.dataset.transform.reseed(np.random.SeedSequence([self.seed, epoch, rank, pos]))
-        return self.dataset[index]
-
-
-def resumable_loader(dataset, total_batch, num_workers=2, seed=0, num_items=0):
-    """common.data.train_loader with an exactly resumable order: loader.sampler.set_epoch(epoch, start_batch).
-
-    num_items > 0 trains on the first num_items images only (smoke runs). Same batches per rank, workers, pinning
-    and worker set-up as common.data.train_loader.
-    """
-    rank, world = data_lib._rank_world()
-    if total_batch % world:
-        raise ValueError(f"total batch {total_batch} does not split evenly over {world} ranks")
-    n = min(num_items, len(dataset)) if num_items > 0 else len(dataset)
-    sampler = ResumableSampler(n, total_batch // world, seed, rank, world)
-    return DataLoader(SeededSamples(dataset, seed), batch_size=total_batch // world, sampler=sampler,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
-                      worker_init_fn=data_lib.seed_worker, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=num_workers > 0)

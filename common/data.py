@@ -15,9 +15,11 @@ Decisions worth knowing:
   ~4x faster, neighbouring tables compose into one, and the last ones fold into the normalisation table, which
   writes straight into the padded CHW canvas. The cat-max-ratio crop counts classes with cv2.calcHist on the window
   in place, not np.unique (~90x). bench/data.py has the end-to-end numbers.
-* Randomness comes from one numpy Generator per transform object. seed_worker() reseeds it in every DataLoader worker
-  from torch's per-worker seed, which train_loader derives from (seed, rank): same seed, same batches.
+* Randomness comes from one numpy Generator per transform object. train_loader reseeds it before every sample from
+  (seed, epoch, rank, position in the epoch), so order and augmentation do not depend on the workers and a resume
+  mid-epoch is exact; seed_worker() seeds the other generators of a worker from torch's per-worker seed.
 """
+import math
 import os
 import random
 import shutil
@@ -26,7 +28,7 @@ import tempfile
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 IGNORE_INDEX = 255
 MEAN = (123.675, 116.28, 103.53)  # ImageNet mean/std, RGB order, 0-255 scale (spec §2.1 step 5)
@@ -422,19 +424,71 @@ def seed_worker(worker_id):
         dataset.transform.reseed(seed)
 
 
-def train_loader(dataset, total_batch, num_workers=2, seed=0):
-    """Shuffled, drop_last batches of total_batch // world_size per rank; loader.sampler.set_epoch(e) each epoch."""
+class ResumableSampler(Sampler):
+    """Per-rank shuffled indices of an epoch, as DistributedSampler(shuffle=True) + drop_last batches (spec §2.3),
+    but the permutation is seeded by (seed, epoch) and the epoch can start at any batch. Yields (index, tag) pairs,
+    tag = (epoch, rank, position), which SeededSamples turns into that sample's augmentation seed."""
+
+    def __init__(self, n, batch_per_rank, seed=0, rank=0, world=1):
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch_per_rank, seed, rank, world
+        self.per_rank = math.ceil(n / world)  # DistributedSampler pads the permutation to a multiple of world
+        self.epoch, self.start = 0, 0
+        if self.per_rank < self.batch:
+            raise ValueError(f"{n} training images over {world} rank(s) do not fill one batch of {self.batch}")
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start = epoch, start_batch
+
+    def batches_per_epoch(self):
+        return self.per_rank // self.batch  # drop_last
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)  # own generator: global RNG untouched
+        perm = torch.randperm(self.n, generator=g).tolist()
+        perm += perm[:self.per_rank * self.world - self.n]  # pad by wrapping around, like DistributedSampler
+        mine = perm[self.rank::self.world]
+        end = self.batches_per_epoch() * self.batch
+        for pos in range(self.start * self.batch, end):
+            yield mine[pos], (self.epoch, self.rank, pos)
+
+    def __len__(self):
+        return (self.batches_per_epoch() - self.start) * self.batch
+
+
+class SeededSamples(Dataset):
+    """dataset[(index, tag)]: reseed the dataset's augmentation stream from (seed, tag), then dataset[index].
+
+    A dataset without a transform has no randomness to seed; a transform without reseed() is an error."""
+
+    def __init__(self, dataset, seed=0):
+        self.dataset, self.seed = dataset, seed
+        transform = getattr(dataset, "transform", None)
+        if transform is not None and not hasattr(transform, "reseed"):
+            raise TypeError("SeededSamples: the dataset's transform has no reseed(seed) (common.data.TrainTransform)")
+        self.reseed = transform is not None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, (epoch, rank, pos) = key
+        if self.reseed:
+            self.dataset.transform.reseed(np.random.SeedSequence([self.seed, epoch, rank, pos]))
+        return self.dataset[index]
+
+
+def train_loader(dataset, total_batch, num_workers=2, seed=0, num_items=0):
+    """Shuffled, drop_last batches of total_batch // world_size per rank (spec §2.3), exactly resumable:
+    loader.sampler.set_epoch(epoch, start_batch). num_items > 0 trains on the first num_items images only."""
     rank, world = _rank_world()
     if total_batch % world:
         raise ValueError(f"total batch {total_batch} does not split evenly over {world} ranks")
-    # a DistributedSampler even on one process: one code path, set_epoch, a permutation seeded by seed + epoch
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    stream = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])  # per-rank augmentation seed
-    if num_workers == 0 and hasattr(getattr(dataset, 'transform', None), 'reseed'):
-        dataset.transform.reseed(stream)  # no workers: the transform runs here, seed it here
-    return DataLoader(dataset, batch_size=total_batch // world, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True, worker_init_fn=seed_worker,
-                      generator=torch.Generator().manual_seed(stream), persistent_workers=num_workers > 0)
+    n = min(num_items, len(dataset)) if num_items > 0 else len(dataset)
+    sampler = ResumableSampler(n, total_batch // world, seed, rank, world)
+    return DataLoader(SeededSamples(dataset, seed), batch_size=total_batch // world, sampler=sampler,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=num_workers > 0)
 
 
 class ShardSampler(Sampler):

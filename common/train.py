@@ -183,7 +183,7 @@ class TooManySkippedSteps(RuntimeError):
 def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, device="cpu", log=print):
     """Train from iteration start_iter to the end of the schedule; evaluate and checkpoint on the configured epochs.
 
-    loader.sampler must be a checkpoint.ResumableSampler (set_epoch(epoch, start_batch)); returns the last eval.
+    loader.sampler must be a data.ResumableSampler (set_epoch(epoch, start_batch)); returns the last eval.
     """
     device = torch.device(device)
     raw = dist.unwrap(model)
@@ -422,7 +422,7 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
 
     train_set = data.ADE20k(root, "train", data.train_transform(crop_size=tuple(cfg["crop_size"]),
                                                                 scale=tuple(cfg["scale"])))
-    loader = checkpoint.resumable_loader(train_set, cfg["batch_size"], cfg["num_workers"], cfg["seed"],
+    loader = data.train_loader(train_set, cfg["batch_size"], cfg["num_workers"], cfg["seed"],
                                          cfg["num_train_images"])
     val_loader = _val_loader(cfg, root)
     log(f"data: {root} | train {loader.sampler.n} images, val {len(val_loader.dataset)} images")

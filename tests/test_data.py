@@ -464,7 +464,7 @@ def test_train_loader_is_reproducible(tmp_path, workers):
 
     def batches(seed):
         loader = D.train_loader(ds, total_batch=2, num_workers=workers, seed=seed)
-        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+        assert isinstance(loader.sampler, D.ResumableSampler)
         out = []
         for epoch in range(2):
             loader.sampler.set_epoch(epoch)
@@ -482,7 +482,7 @@ def test_loader_per_rank_batch_and_shards(tmp_path, monkeypatch):
     assert loader.batch_size == 4 and loader.drop_last
     monkeypatch.setattr(D, '_rank_world', lambda: (1, 2))  # as if rank 1 of 2
     loader = D.train_loader(ds, total_batch=4, num_workers=0)
-    assert loader.batch_size == 2 and loader.sampler.num_replicas == 2 and loader.sampler.rank == 1
+    assert loader.batch_size == 2 and loader.sampler.world == 2 and loader.sampler.rank == 1
     with pytest.raises(ValueError, match="does not split evenly"):
         D.train_loader(ds, total_batch=5, num_workers=0)
     seen = []

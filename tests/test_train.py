@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common import checkpoint, config, train
+from common import checkpoint, config, data, train
 from common.amp import Amp
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def _fit(tmp_path, empty=False, model=None, **over):
                           weight_decay=cfg['weight_decay'])
     amp = Amp('none', device='cpu')
     model, opt = amp.initialize(model, opt)
-    loader = checkpoint.resumable_loader(ToyData(empty), 2, 0, seed=0, num_items=4)  # 2 iterations per epoch
+    loader = data.train_loader(ToyData(empty), 2, 0, seed=0, num_items=4)  # 2 iterations per epoch
     log = train.Logger(str(tmp_path))
     return train.fit(cfg, model, opt, amp, loader, None, 0, 'cpu', log), model
 
