@@ -54,7 +54,8 @@ with_cuda = not cpu_only and torch.version.cuda is not None and have_nvcc
 
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 cxx = ["-O0", "-g"] if debug else ["-O3"]
-extra = {"cxx": cxx + ["-fopenmp"]}
+# -ffp-contract=off: no FMA contraction, so the per-ISA variants of the CPU loops (csrc/bn_relu_cpu.h) give the same bits
+extra = {"cxx": cxx + ["-fopenmp", "-ffp-contract=off"]}
 include_dirs = []
 if with_cuda:
     sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))

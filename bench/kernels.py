@@ -3,7 +3,7 @@ R50-D8 at 512x512, plus the convolution table. Every ratio is measured side by s
 
     python bench/kernels.py                   # all sections, on CUDA if present, else CPU
     python bench/kernels.py --quick           # tiny shapes: proves the script runs (CI)
-    python bench/kernels.py --only bn_relu    # one section: bn_relu | upsample | conv
+    python bench/kernels.py --only bn_relu    # one section: bn_relu | bn_relu_demo | upsample | conv
     python bench/kernels.py --out DIR         # also write DIR/kernels.md and DIR/kernels.json
 """
 import argparse
@@ -69,15 +69,40 @@ def _bn_time(fns, device, reps, inner):
 
 def bench_bn_relu(args, device):
     import torch
-    import torch.nn.functional as F
-
-    from common import ops
-    ops.require("bn_stats", "bn_apply", "bn_relu_train", "bn_backward_reduce", "bn_backward_apply")
     cuda = device.type == "cuda"
     dtype, fmt = (torch.float16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
     shapes = BN_QUICK_SHAPES if args.quick else (BN_SHAPES if cuda else BN_CPU_SHAPES)
     batches = [2] if args.quick or not cuda else [16, 2]
     reps, inner = (3, 2) if args.quick else ((10, 3) if cuda else (5, 1))
+    return _bn_table(device, [dtype], fmt, shapes, batches, reps, inner, "training; R50-D8's BN shapes at 512x512")
+
+
+# The demo's shapes (`--data demo`: crop 64, batch 4, so features at 8x8, layer1 at 16x16, the stem at 32x32): the
+# maps where the CPU goal of Kernels I ("no slower than 1.5x the ATen composition") is judged, in fp32 (--amp none)
+# and bf16 (what --amp torch hands BN on a CPU). (C, H, W, residual): stem, layer1-4, PPM bins, heads, decoder.
+BN_DEMO_SHAPES = [(32, 32, 32, False), (64, 32, 32, False), (64, 16, 16, False), (256, 16, 16, True),
+                  (128, 16, 16, False), (512, 8, 8, True), (1024, 8, 8, True), (2048, 8, 8, True), (512, 8, 8, False),
+                  (512, 1, 1, False), (512, 2, 2, False), (512, 3, 3, False), (512, 6, 6, False),
+                  (48, 16, 16, False), (512, 16, 16, False)]
+
+
+def bench_bn_relu_demo(args, device):
+    import torch
+    cuda = device.type == "cuda"
+    dtypes = [torch.float16] if cuda else [torch.float32, torch.bfloat16]
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    shapes = BN_QUICK_SHAPES if args.quick else BN_DEMO_SHAPES
+    reps, inner = (3, 2) if args.quick else (7, 20)
+    return _bn_table(device, dtypes, fmt, shapes, [4], reps, inner, "training; the demo's shapes (crop 64, batch 4)")
+
+
+def _bn_table(device, dtypes, fmt, shapes, batches, reps, inner, what):
+    import torch
+    import torch.nn.functional as F
+
+    from common import ops
+    ops.require("bn_stats", "bn_apply", "bn_relu_train", "bn_backward_reduce", "bn_backward_apply")
+    cuda = device.type == "cuda"
     g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape):
@@ -91,41 +116,45 @@ def bench_bn_relu(args, device):
         return ops.bn_relu(x, w, b, rm, rv, True, 0.1, 1e-5, residual=r)
 
     rows = []
-    for batch in batches:
-        for C, H, W, res in shapes:
-            x, grad = rand(batch, C, H, W).requires_grad_(), rand(batch, C, H, W)
-            r = rand(batch, C, H, W).requires_grad_() if res else None
-            w = torch.ones(C, device=device, requires_grad=True)
-            b = torch.zeros(C, device=device, requires_grad=True)
-            rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-            inputs = [x, w, b] + ([r] if res else [])
-            fwd, fb = {}, {}
-            for name, f in (("aten", aten), ("fused", fused)):
-                fwd[name] = lambda f=f: f(x.detach(), w.detach(), b.detach(), rm, rv, None if r is None else r.detach())
-                fb[name] = lambda f=f: torch.autograd.grad(f(x, w, b, rm, rv, r), inputs, grad)
-            t_fwd = _bn_time(fwd, device, reps, inner)
-            t_fb = _bn_time(fb, device, reps, inner)
-            n = x.numel() * x.element_size()
-            moved = (2 + res) * n + (4 + res) * n
-            rows.append(dict(batch=batch, C=C, H=H, W=W, residual=res, dtype=str(dtype)[6:],
-                             layout="channels_last" if cuda else "NCHW",
-                             aten_fwd_ms=t_fwd["aten"] * 1e3, fused_fwd_ms=t_fwd["fused"] * 1e3,
-                             aten_fb_ms=t_fb["aten"] * 1e3, fused_fb_ms=t_fb["fused"] * 1e3,
-                             fused_fb_gbs=moved / t_fb["fused"] / 1e9, aten_fb_gbs=moved / t_fb["aten"] / 1e9))
-    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    lines = [f"### bn_relu family, training mode ({where}; {rows[0]['dtype']} {rows[0]['layout']})", "",
-             "| batch | C | HxW | +res | ATen fwd ms | fused fwd ms | fwd speed-up | ATen f+b ms | fused f+b ms | "
+    for dtype, batch, (C, H, W, res) in ((d, n, s) for d in dtypes for n in batches for s in shapes):
+        x, grad = rand(batch, C, H, W).requires_grad_(), rand(batch, C, H, W)
+        r = rand(batch, C, H, W).requires_grad_() if res else None
+        w = torch.ones(C, device=device, requires_grad=True)
+        b = torch.zeros(C, device=device, requires_grad=True)
+        rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+        inputs = [x, w, b] + ([r] if res else [])
+        fwd, fb = {}, {}
+        for name, f in (("aten", aten), ("fused", fused)):
+            fwd[name] = lambda f=f: f(x.detach(), w.detach(), b.detach(), rm, rv, None if r is None else r.detach())
+            fb[name] = lambda f=f: torch.autograd.grad(f(x, w, b, rm, rv, r), inputs, grad)
+        t_fwd = _bn_time(fwd, device, reps, inner)
+        t_fb = _bn_time(fb, device, reps, inner)
+        n = x.numel() * x.element_size()
+        moved = (2 + res) * n + (4 + res) * n
+        rows.append(dict(batch=batch, C=C, H=H, W=W, residual=res, dtype=str(dtype)[6:],
+                         layout="channels_last" if cuda else "NCHW",
+                         aten_fwd_ms=t_fwd["aten"] * 1e3, fused_fwd_ms=t_fwd["fused"] * 1e3,
+                         aten_fb_ms=t_fb["aten"] * 1e3, fused_fb_ms=t_fb["fused"] * 1e3,
+                         fused_fb_gbs=moved / t_fb["fused"] / 1e9, aten_fb_gbs=moved / t_fb["aten"] / 1e9))
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads, loops " + \
+        torch.ops.segfp16.bn_cpu_isa()
+    lines = [f"### bn_relu family, {what} ({where}; {rows[0]['layout']})", "",
+             "| dtype | batch | C | HxW | +res | ATen fwd ms | fused fwd ms | fwd speed-up | ATen f+b ms | fused f+b ms | "
              "f+b speed-up | fused f+b GB/s | ATen f+b GB/s |",
-             "|---:|---:|---|:-:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---|:-:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for q in rows:
-        lines.append(f"| {q['batch']} | {q['C']} | {q['H']}x{q['W']} | {'y' if q['residual'] else ''} | "
+        lines.append(f"| {q['dtype']} | {q['batch']} | {q['C']} | {q['H']}x{q['W']} | {'y' if q['residual'] else ''} | "
                      f"{q['aten_fwd_ms']:.3f} | {q['fused_fwd_ms']:.3f} | {q['aten_fwd_ms'] / q['fused_fwd_ms']:.2f}x | "
                      f"{q['aten_fb_ms']:.3f} | {q['fused_fb_ms']:.3f} | {q['aten_fb_ms'] / q['fused_fb_ms']:.2f}x | "
                      f"{q['fused_fb_gbs']:.1f} | {q['aten_fb_gbs']:.1f} |")
+    worst = max(rows, key=lambda q: q["fused_fb_ms"] / q["aten_fb_ms"])
+    lines += ["", f"Slowest row relative to ATen (f+b): {worst['dtype']} {worst['batch']}x{worst['C']}x{worst['H']}x"
+                  f"{worst['W']}, fused takes {worst['fused_fb_ms'] / worst['aten_fb_ms']:.2f}x ATen's time."]
     return "\n".join(lines), rows
 
 
 SECTIONS["bn_relu"] = bench_bn_relu
+SECTIONS["bn_relu_demo"] = bench_bn_relu_demo
 
 # ---- section: upsample (Kernels II)
 # upsample_concat (PSPNet PPM, DeepLabV3 ASPP) and upsample_cross_entropy (the loss of one head) against the ATen

@@ -17,8 +17,10 @@ def extension_loaded():
 
 
 def build_info():
-    """Which backends the installed extension holds, e.g. 'common._C: cpu+cuda (torch 2.14.1, CUDA 13.0)'."""
+    """Which backends the installed extension holds and which CPU loop variant runs (csrc/bn_relu_cpu.h), e.g.
+    'common._C: cpu+cuda (torch 2.14.1, CUDA 13.0, GPU no, CPU loops avx512)'."""
     if _C_ERROR is not None:
         return f"common._C: unavailable ({_C_ERROR}); build it with `{BUILD_COMMAND}`"
     return (f"common._C: {torch.ops.segfp16.build_info()} (torch {torch.__version__}, "
-            f"CUDA {torch.version.cuda or 'none'}, GPU {'yes' if torch.cuda.is_available() else 'no'})")
+            f"CUDA {torch.version.cuda or 'none'}, GPU {'yes' if torch.cuda.is_available() else 'no'}, "
+            f"CPU loops {torch.ops.segfp16.bn_cpu_isa()})")

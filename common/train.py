@@ -310,18 +310,18 @@ def _device(name):
 
 
 def _kernels(kind, log):
+    import common
     if kind == "auto":
-        import common
         if common.extension_loaded():
             try:
                 layers.set_kernels("fused")
-                return "fused (auto: common._C is built)"
+                return f"fused (auto; {common.build_info()})"
             except Exception as e:  # built, but without an op we need: say so, then run the torch composition
                 log(f"kernels: fused unavailable ({e})")
         layers.set_kernels("torch")
         return "torch (auto: common._C not built; `pip install --no-build-isolation -e .` for fused)"
     layers.set_kernels(kind)
-    return kind
+    return f"fused ({common.build_info()})" if kind == "fused" else kind
 
 
 def _amp_dtype(cfg, device):

@@ -1,6 +1,7 @@
 // segfp16 bn_relu family, CUDA kernels: y = act(batch_norm(x) + residual), act = ReLU or identity, and its backward.
 //
-// Contract (schemas in csrc/ops.cpp, Python side in common/ops.py, CPU twin and readable spec in bn_relu.cpp):
+// Contract (schemas in csrc/ops.cpp, Python side in common/ops.py, CPU twin in bn_relu.cpp, its loops (the readable
+// spec of these kernels) in bn_relu_cpu_loops.h):
 //   x, residual, y, dy, dx, dres: one dtype (fp32, fp64, fp16, bf16), NCHW or channels_last (bn_relu.h);
 //   per-channel tensors (mean, M2, invstd, weight, bias, the backward sums): float32 (float64 for fp64 x).
 //   All arithmetic in float (double for fp64); per-block partial sums are merged in double in a fixed order, so

@@ -34,6 +34,8 @@ TORCH_LIBRARY(segfp16, m) {
   // bn_backward_apply: dx = weight * invstd * (dz - mean_dz - xhat * mean_dz_xhat), where mean_dz = sum_dz / count
   // (zeros in eval mode, where the statistics are constants); dres = dz when residual_grad, else an empty tensor.
   m.def("bn_backward_apply(Tensor dy, Tensor y, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor mean_dz, Tensor mean_dz_xhat, bool relu, bool residual_grad) -> (Tensor dx, Tensor dres)");
+  // bn_cpu_isa: which instruction-set variant of the CPU loops runs here (csrc/bn_relu_cpu.h): base, avx2 or avx512.
+  m.def("bn_cpu_isa() -> str");
   // ---- upsample family (Kernels II): bilinear upsampling fused into its consumers; csrc/upsample.{h,cpp,cu}.
   // upsample_concat == cat([interpolate(t, size, 'bilinear', align_corners) for t in inputs], 1), written straight
   // into one output in the layout of inputs[0] (channels_last iff it is unambiguously channels_last).

@@ -22,19 +22,21 @@ BN_OPS = ("bn_stats", "bn_apply", "bn_relu_train", "bn_backward_reduce", "bn_bac
 @pytest.fixture(scope="module", autouse=True)
 def bn_ops():
     """The ops under test: common._C when built (CI: it is, and a build lacking them fails here), else a JIT build
-    of our own sources (dev boxes, where building common._C in place is not allowed). Never a skip."""
+    of our own sources (dev boxes, where building common._C in place is not allowed). Never a skip. Returns the
+    JIT library's path (None for common._C)."""
     if common.extension_loaded():
         ops.require(*BN_OPS)
-        return "common._C"
+        return None
     from torch.utils.cpp_extension import load
     build = os.environ.get("SEG_BN_DEV_BUILD", "/tmp/segfp16_dev_bn")
     os.makedirs(build, exist_ok=True)
-    load(name="segfp16_dev_bn", sources=[os.path.join(ROOT, "csrc", f) for f in ("ops.cpp", "build_info.cpp",
-                                                                               "bn_relu.cpp")],
-         build_directory=build, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+    sources = ["ops.cpp", "build_info.cpp"] + sorted(f for f in os.listdir(os.path.join(ROOT, "csrc"))
+                                                      if f.startswith("bn_relu") and f.endswith(".cpp"))
+    load(name="segfp16_dev_bn", sources=[os.path.join(ROOT, "csrc", f) for f in sources], build_directory=build,
+         extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], is_python_module=False)
     ops.register_bn_relu()
     ops.require(*BN_OPS)
-    return "jit"
+    return os.path.join(build, "segfp16_dev_bn.so")  # for subprocesses (test_isa_variants_bitwise_equal)
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -432,3 +434,62 @@ def test_deterministic(device, cl):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(u, v) for u, v in zip(a, b_))
+
+
+ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+torch.ops.load_library(sys.argv[2]) if sys.argv[2] else __import__("common")
+T, out = torch.ops.segfp16, {"isa": torch.ops.segfp16.bn_cpu_isa()}
+g = torch.Generator().manual_seed(0)
+# NCHW with run tails, NCHW past kFlush values per channel, channels_last rows, the 1x1 [N, C] rows
+for shape, cl in (((3, 5, 6, 7), False), ((2, 3, 97, 97), False), ((2, 20, 9, 11), True), ((4, 21, 1, 1), False)):
+    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x, r, dy = (torch.randn(shape, generator=g, dtype=torch.float64).to(dt) for _ in range(3))
+        if cl:
+            x, r, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, r, dy))
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        w, b = (torch.randn(shape[1], generator=g, dtype=acc) for _ in range(2))
+        key = f"{shape}-{cl}-{dt}"
+        mean, m2 = out[key + "-stats"] = T.bn_stats(x)
+        inv = torch.rsqrt(m2 / (x.numel() // shape[1]) + 1e-5)
+        out[key + "-train"] = T.bn_relu_train(x, w, b, r, 1e-5, True)
+        y = T.bn_apply(x, mean, inv, w, b, None, True)
+        out[key + "-apply"] = (y,)
+        out[key + "-bred"] = T.bn_backward_reduce(dy, y, x, mean, inv, True)
+        out[key + "-bred-norelu"] = T.bn_backward_reduce(dy, y, x, mean, inv, False)
+        out[key + "-bapp"] = T.bn_backward_apply(dy, y, x, mean, inv, w, mean, inv, True, True)
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_isa_variants_bitwise_equal(bn_ops, tmp_path):
+    """The CPU loops are compiled per instruction set (csrc/bn_relu_cpu.h); every variant this CPU runs must give
+    the same bits as the baseline one (same summation order, no FMA contraction) on every op, dtype and loop shape.
+    The variants the CPU lacks are reported, not run."""
+    import subprocess
+    import sys
+    results, lacking = {}, []
+    for isa in ("base", "avx2", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT, ROOT, bn_ops or "", str(path)], capture_output=True,
+                              text=True, env={**os.environ, "SEGFP16_CPU_ISA": isa})
+        if proc.returncode and "cannot run it" in proc.stderr:
+            lacking.append(isa)
+            continue
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[isa] = torch.load(path)
+        assert results[isa].pop("isa") == isa
+    assert "base" in results
+    print(f"ISA variants compared: {sorted(results)}; not runnable on this CPU: {lacking}")
+    for isa, got in results.items():
+        for key, want in results["base"].items():
+            assert all(torch.equal(a, e) for a, e in zip(got[key], want)), f"{isa} differs from base: {key}"
+
+
+def test_isa_choice_errors(bn_ops, tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT, ROOT, bn_ops or "", str(tmp_path / "x.pt")],
+                          capture_output=True, text=True, env={**os.environ, "SEGFP16_CPU_ISA": "sse9"})
+    assert proc.returncode != 0 and "SEGFP16_CPU_ISA=sse9: expected base, avx2 or avx512" in proc.stderr
