@@ -30,7 +30,7 @@ def bn_ops():
     build = os.environ.get("SEG_BN_DEV_BUILD", "/tmp/segfp16_dev_bn")
     os.makedirs(build, exist_ok=True)
     load(name="segfp16_dev_bn", sources=[os.path.join(ROOT, "csrc", f) for f in ("ops.cpp", "build_info.cpp",
-                                                                               "bn_relu.cpp")],
+                                                                               "bn_relu.cpp", "bn_relu_autograd.cpp")],
          build_directory=build, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     ops.register_bn_relu()
     ops.require(*BN_OPS)
@@ -307,6 +307,16 @@ def test_compile_traces_through(device):
     want = step(reference, x, w, b, *stats[1])
     for a, e in zip(got + stats[0], want + stats[1]):
         torch.testing.assert_close(a, e, **GTOL[torch.float32])
+
+
+def test_autograd_is_cpp():
+    """The autograd of bn_relu_train and bn_apply is the C++ one (csrc/bn_relu_autograd.cpp): at the tiny maps a
+    Python registration costs more than the kernels."""
+    x = make((2, 3, 2, 2), torch.float32, "cpu").requires_grad_()
+    w, b = params(3, "cpu")
+    for training in (True, False):
+        y = ops.bn_relu(x, w, b, torch.zeros(3), torch.ones(3), training)
+        assert "CppNode" in y.grad_fn.name(), y.grad_fn.name()
 
 
 def test_errors():
