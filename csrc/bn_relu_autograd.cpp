@@ -1,10 +1,10 @@
-// Autograd for segfp16::bn_relu_train and segfp16::bn_apply, in C++. Backend-agnostic: everything goes through the
-// dispatcher, so this file serves CPU and CUDA.
+// Autograd for segfp16::bn_relu_train and segfp16::bn_apply, and segfp16::bn_relu (bn_relu_train + the running-stat
+// update), in C++. Backend-agnostic: everything goes through the dispatcher, so this file serves CPU and CUDA.
 //
-// Why C++: at the demo's tiny maps (4x512x1x1 ... 4x48x16x16 on CPU) the kernels take ~20 us, and the Python
-// autograd path (register_autograd's Function, the backward's small tensor ops) cost several times that. Here the
-// forward redispatches below autograd and the backward calls our two backward ops, with the same math as the Python
-// version had (bit-identical results; common/ops.py documents what is saved and why).
+// Why C++: at the demo's tiny maps (4x512x1x1 ... 4x48x16x16 on CPU) the kernels take ~20 us, and the Python side
+// (register_autograd's Function, the backward's small tensor ops, the wrapper's lerp_s) cost several times that.
+// Here the forward redispatches below autograd and the backward calls our two backward ops, with the same math as
+// the Python version had (bit-identical results; common/ops.py documents what is saved and why).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -150,6 +150,22 @@ Tensor bn_apply_autograd(const Tensor& x, const Tensor& mean, const Tensor& invs
   return BnApply::apply(x, mean, invstd, weight, bias, residual, relu);
 }
 
+// The training forward with the running-stat update: running = (1 - momentum) * running + momentum * batch, the
+// variance unbiased (n / (n - 1)); ATen ops on the stats' device, no host sync. A composite: autograd sees
+// bn_relu_train (above) and the in-place updates (no grad), and torch.compile decomposes it into those.
+Tensor bn_relu(const Tensor& x, const Tensor& weight, const Tensor& bias, const OptTensor& running_mean,
+               const OptTensor& running_var, const OptTensor& residual, double momentum, double eps, bool relu) {
+  auto [y, mean, var] = train_op().call(x, weight, bias, residual, eps, relu);
+  at::NoGradGuard no_grad;  // lerp_: running + momentum * (batch - running), one op per buffer
+  if (running_mean.has_value()) running_mean->lerp_(mean.to(running_mean->scalar_type()), momentum);
+  if (running_var.has_value()) {
+    const c10::SymInt n = x.sym_numel() / x.sym_size(1);  // values per channel
+    const c10::Scalar unbias = c10::SymFloat(n) / c10::SymFloat(n - 1);
+    running_var->lerp_(var.mul(unbias).to(running_var->scalar_type()), momentum);
+  }
+  return y;
+}
+
 }  // namespace
 }  // namespace segfp16
 
@@ -157,3 +173,5 @@ TORCH_LIBRARY_IMPL(segfp16, Autograd, m) {
   m.impl("bn_relu_train", &segfp16::bn_relu_train_autograd);
   m.impl("bn_apply", &segfp16::bn_apply_autograd);
 }
+
+TORCH_LIBRARY_IMPL(segfp16, CompositeImplicitAutograd, m) { m.impl("bn_relu", &segfp16::bn_relu); }
