@@ -20,7 +20,8 @@ def require(*names):
 
 # ---- bn_relu family (Kernels I)
 # y = act(batch_norm(x) + residual), act = ReLU (or identity with relu=False), forward and backward fused
-# (csrc/bn_relu.{cpp,cu}; schemas in csrc/ops.cpp).
+# (csrc/bn_relu.{cpp,cu}; schemas in csrc/ops.cpp). Their autograd is C++ (csrc/bn_relu_autograd.cpp), the fake
+# kernels for torch.compile are below.
 #
 # Saved for backward (bn_relu_train and bn_apply): x (BN needs xhat everywhere, also where the ReLU zeroed y), y (the
 # ReLU mask is y > 0; not saved when relu=False), and per-channel mean, var or invstd and weight. That is the same
@@ -32,7 +33,8 @@ def require(*names):
 # float (double for fp64), y and dx have x's dtype, dweight/dbias have weight's dtype, and the residual must have x's
 # dtype (we raise instead of guessing a promotion). No register_autocast: casting to fp32 would double the traffic.
 #
-# Running statistics: updated here, in place with tensor ops on the device (no host sync), with PyTorch's semantics:
+# Running statistics: updated in place by segfp16::bn_relu (C++, ATen ops on the device, no host sync; in Python
+# the update's few small ops were ~15% of a call at the 1x1 pyramid bins), with PyTorch's semantics:
 # running = (1 - momentum) * running + momentum * batch, the variance unbiased (n / (n - 1)). momentum=None (cumulative
 # average) is resolved by the caller (BatchNormAct2d passes 1 / num_batches_tracked and increments the counter).
 #
@@ -94,63 +96,22 @@ def bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, 
     count = x.numel() // C  # values per channel, known on the host from the shape
     if count <= 1:  # the same check (and message) as F.batch_norm: the unbiased variance needs two values
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-    y, mean, var = torch.ops.segfp16.bn_relu_train(x, weight, bias, residual, eps, relu)
-    if running_mean is not None:
-        if momentum is None:
-            raise ValueError("common.ops.bn_relu: momentum=None (cumulative average) must be resolved by the caller "
-                             "(BatchNormAct2d passes 1 / num_batches_tracked)")
-        with torch.no_grad():  # lerp_: running + momentum * (batch - running), one op per buffer
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
-    return y
-
-
-def _bn_train_setup(ctx, inputs, output):
-    x, weight, bias, residual, eps, relu = inputs
-    y, mean, var = output
-    ctx.save_for_backward(x, y if relu else None, mean, var, weight)
-    ctx.eps, ctx.relu = eps, relu
-    ctx.mark_non_differentiable(mean, var)
-
-
-def _bn_train_backward(ctx, dy, _dmean, _dvar):
-    x, y, mean, var, weight = ctx.saved_tensors
-    invstd = torch.rsqrt(var + ctx.eps)  # bit-identical to the forward's (same op on the same values)
-    y = y if ctx.relu else dy  # the kernels ignore y when relu is False
-    sum_dz, sum_dz_xhat = torch.ops.segfp16.bn_backward_reduce(dy, y, x, mean, invstd, ctx.relu)
-    count = x.numel() // x.shape[1]
-    dx, dres = torch.ops.segfp16.bn_backward_apply(dy, y, x, mean, invstd, weight, sum_dz / count,
-                                                   sum_dz_xhat / count, ctx.relu, ctx.needs_input_grad[3])
-    return (dx if ctx.needs_input_grad[0] else None, sum_dz_xhat.to(weight.dtype), sum_dz.to(weight.dtype),
-            dres if ctx.needs_input_grad[3] else None, None, None)
-
-
-def _bn_apply_setup(ctx, inputs, output):
-    x, mean, invstd, weight, bias, residual, relu = inputs
-    ctx.save_for_backward(x, output if relu else None, mean, invstd, weight)
-    ctx.relu = relu
-
-
-def _bn_apply_backward(ctx, dy):
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        raise RuntimeError("segfp16::bn_apply does not differentiate through mean/invstd; use common.ops.bn_relu "
-                           "(training) or the split backward ops (SyncBN)")
-    x, y, mean, invstd, weight = ctx.saved_tensors
-    y = y if ctx.relu else dy
-    sum_dz, sum_dz_xhat = torch.ops.segfp16.bn_backward_reduce(dy, y, x, mean, invstd, ctx.relu)
-    zeros = torch.zeros_like(sum_dz)  # eval: mean and invstd are constants, so dx has no statistics terms
-    dx, dres = torch.ops.segfp16.bn_backward_apply(dy, y, x, mean, invstd, weight, zeros, zeros, ctx.relu,
-                                                   ctx.needs_input_grad[5])
-    return (dx if ctx.needs_input_grad[0] else None, None, None, sum_dz_xhat.to(weight.dtype),
-            sum_dz.to(weight.dtype), dres if ctx.needs_input_grad[5] else None, None)
+    if running_mean is not None and momentum is None:
+        raise ValueError("common.ops.bn_relu: momentum=None (cumulative average) must be resolved by the caller "
+                         "(BatchNormAct2d passes 1 / num_batches_tracked)")
+    # bn_relu_train plus the running-stat update (a C++ composite, csrc/bn_relu_autograd.cpp)
+    return torch.ops.segfp16.bn_relu(x, weight, bias, running_mean, running_var, residual,
+                                     0.0 if momentum is None else momentum, eps, relu)
 
 
 _BN_REGISTERED = False
-_BN_OPS = ("bn_stats", "bn_apply", "bn_relu_train", "bn_backward_reduce", "bn_backward_apply")
+_BN_OPS = ("bn_stats", "bn_apply", "bn_relu_train", "bn_relu", "bn_backward_reduce", "bn_backward_apply")
 
 
 def register_bn_relu():
-    """Attach fake kernels and autograd to torch.ops.segfp16.bn_* (idempotent; runs at import when _C is loaded)."""
+    """Attach fake kernels to torch.ops.segfp16.bn_* (idempotent; runs at import when _C is loaded).
+
+    Their autograd is C++ (csrc/bn_relu_autograd.cpp): the Python version's fixed cost was most of a call at 1x1."""
     global _BN_REGISTERED
     if _BN_REGISTERED:
         return
@@ -168,8 +129,6 @@ def register_bn_relu():
     lib.register_fake("segfp16::bn_backward_apply")(
         lambda dy, y, x, mean, invstd, weight, mean_dz, mean_dz_xhat, relu, residual_grad:
         (_bn_like(x), _bn_like(x) if residual_grad else x.new_empty((0,))))
-    lib.register_autograd("segfp16::bn_relu_train", _bn_train_backward, setup_context=_bn_train_setup)
-    lib.register_autograd("segfp16::bn_apply", _bn_apply_backward, setup_context=_bn_apply_setup)
     _BN_REGISTERED = True
 
 

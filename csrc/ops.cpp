@@ -26,8 +26,12 @@ TORCH_LIBRARY(segfp16, m) {
   // bn_apply: act((x - mean) * invstd * weight + bias + residual). Also the eval forward (running stats).
   m.def("bn_apply(Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, Tensor? residual, bool relu) -> Tensor");
   // bn_relu_train: bn_stats + bn_apply in one op (the single-device training forward, the op autograd sees).
-  // Returns y, the batch mean and the biased batch variance (the wrapper updates the running stats from them).
+  // Returns y, the batch mean and the biased batch variance (bn_relu updates the running stats from them).
   m.def("bn_relu_train(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps, bool relu) -> (Tensor y, Tensor mean, Tensor var)");
+  // bn_relu: bn_relu_train, then the running stats updated in place (PyTorch's rule, unbiased variance): the training
+  // call of common.ops.bn_relu, one op from Python. A C++ composite of bn_relu_train and ATen ops (no fake kernel
+  // needed: torch.compile decomposes it); csrc/bn_relu_autograd.cpp.
+  m.def("bn_relu(Tensor x, Tensor weight, Tensor bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, float momentum, float eps, bool relu) -> Tensor");
   // bn_backward_reduce: dz = dy * (y > 0) (dy when relu is false); returns sum(dz) = dbias and
   // sum(dz * xhat) = dweight, per channel. The ReLU mask comes from the saved output y (no mask tensor kept).
   m.def("bn_backward_reduce(Tensor dy, Tensor y, Tensor x, Tensor mean, Tensor invstd, bool relu) -> (Tensor sum_dz, Tensor sum_dz_xhat)");

@@ -16,7 +16,7 @@ import common
 from common import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BN_OPS = ("bn_stats", "bn_apply", "bn_relu_train", "bn_backward_reduce", "bn_backward_apply")
+BN_OPS = ("bn_stats", "bn_apply", "bn_relu_train", "bn_relu", "bn_backward_reduce", "bn_backward_apply")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -279,6 +279,9 @@ def opcheck_samples(device):
         (T.bn_relu_train, (x.detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_(),
                            dy.detach().requires_grad_(), 1e-5, True)),
         (T.bn_relu_train, (xn, params(4, device)[0], params(4, device)[1], None, 1e-3, False)),
+        (T.bn_relu, (x.detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_(),
+                     mean.clone(), inv.clone(), dy.detach().requires_grad_(), 0.1, 1e-5, True)),
+        (T.bn_relu, (xn, params(4, device)[0], params(4, device)[1], None, None, None, 0.0, 1e-3, False)),
         (T.bn_backward_reduce, (dy.detach(), y, x.detach(), mean, inv, True)),
         (T.bn_backward_apply, (dy.detach(), y, x.detach(), mean, inv, w.detach(), mean * 0.1, inv * 0.1, True, True)),
         (T.bn_backward_apply, (dy.detach(), y, x.detach(), mean, inv, w.detach(), mean, inv, False, False)),
@@ -309,6 +312,16 @@ def test_compile_traces_through(device):
     want = step(reference, x, w, b, *stats[1])
     for a, e in zip(got + stats[0], want + stats[1]):
         torch.testing.assert_close(a, e, **GTOL[torch.float32])
+
+
+def test_autograd_is_cpp():
+    """The autograd of bn_relu_train and bn_apply is the C++ one (csrc/bn_relu_autograd.cpp): at the tiny maps a
+    Python registration costs more than the kernels."""
+    x = make((2, 3, 2, 2), torch.float32, "cpu").requires_grad_()
+    w, b = params(3, "cpu")
+    for training in (True, False):
+        y = ops.bn_relu(x, w, b, torch.zeros(3), torch.ones(3), training)
+        assert "CppNode" in y.grad_fn.name(), y.grad_fn.name()
 
 
 def test_errors():
