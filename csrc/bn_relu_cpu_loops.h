@@ -98,10 +98,27 @@ int64_t grain_for(int64_t work) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work, 1));
 }
 
-// ---- the two loop shapes every pass is made of
+// ---- the loop shapes every pass is made of
 
-// Per-channel sums out0[c], out1[c] of term(i, a0, a1) (which adds element i's two terms to a0, a1) over the
-// elements of channel c. The term is inlined into plain loops with independent accumulators, which vectorise:
+// NCHW maps with planes shorter than a vector (the 2x2 and 3x3 pyramid bins): per-plane loops of 4 or 9 values
+// never vectorise and pay their set-up per plane (bf16 bn_apply at 4x512x3x3 took 140 us, 8 ns a value). Instead
+// each image is one flat run of C * S values, and the loops below index the per-channel constants by the position i
+// in the image (0 .. C*S-1), not by the channel: the entry points pass them repeated S times (per_value), so that
+// they are read contiguously (gathering them by i / S was 3x slower).
+bool small_planes(const Layout& l) { return !l.cl && l.S < kLanes; }
+
+// v (a [C] array) as the loops index it: itself, or for small planes each value repeated S times (into buf)
+template <typename acc_t>
+const acc_t* per_value(const Layout& l, const acc_t* v, std::vector<acc_t>& buf) {
+  if (!small_planes(l)) return v;
+  buf.resize(static_cast<size_t>(l.C * l.S));
+  for (int64_t c = 0; c < l.C; ++c) std::fill_n(buf.begin() + c * l.S, l.S, v[c]);
+  return buf.data();
+}
+
+// Per-channel sums out0[c], out1[c] of term(c, i, a0, a1) (which adds element i's two terms to a0, a1) over the
+// elements of channel c (c is the position in the image for small planes: see small_planes). The term is inlined into plain loops with independent accumulators, which vectorise:
+//   small planes (NCHW, S < kLanes): [C * S] partials summed over the images, then over each channel's S;
 //   NCHW: channel c is N runs of S contiguous values; kLanes partials per channel (lane = offset in the run mod
 //         kLanes), added to double every kFlush values; parallel over channels.
 //   channels_last: rows of C values; chunks of kRowsPerChunk rows each fill private [C] partials, merged per
@@ -110,6 +127,27 @@ int64_t grain_for(int64_t work) {
 template <typename acc_t, typename Term>
 void channel_sums(const Layout& l, acc_t* out0, acc_t* out1, const Term& term) {
   const int64_t C = l.C;
+  if (small_planes(l)) {  // [C * S] partials, one flat loop per image, then the S values of each channel
+    const int64_t CS = C * l.S;
+    std::vector<acc_t> p0(static_cast<size_t>(CS), acc_t(0)), p1(static_cast<size_t>(CS), acc_t(0));
+    acc_t* __restrict__ q0 = p0.data();
+    acc_t* __restrict__ q1 = p1.data();
+    for (int64_t n = 0; n < l.N; ++n) {
+      const int64_t base = n * CS;
+      _Pragma("omp simd")
+      for (int64_t i = 0; i < CS; ++i) term(i, base + i, q0[i], q1[i]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      double t0 = 0, t1 = 0;
+      for (int64_t s = c * l.S; s < (c + 1) * l.S; ++s) {
+        t0 += q0[s];
+        t1 += q1[s];
+      }
+      out0[c] = static_cast<acc_t>(t0);
+      out1[c] = static_cast<acc_t>(t1);
+    }
+    return;
+  }
   if (!l.cl) {
     at::parallel_for(0, C, grain_for(l.count()), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -175,11 +213,21 @@ void channel_sums(const Layout& l, acc_t* out0, acc_t* out1, const Term& term) {
   });
 }
 
-// Elementwise pass: f(c, i) for every element i of channel c. NCHW: parallel over the N * C planes; channels_last:
-// parallel over rows.
+// Elementwise pass: f(c, i) for every element i of channel c (c as in channel_sums). NCHW: parallel over the N * C planes (over images for
+// small planes); channels_last: parallel over rows.
 template <typename F>
 void for_each_element(const Layout& l, const F& f) {
   const int64_t C = l.C, S = l.S;
+  if (small_planes(l)) {  // one flat loop per image
+    at::parallel_for(0, l.N, grain_for(C * S), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t base = n * C * S;
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < C * S; ++i) f(i, base + i);
+      }
+    });
+    return;
+  }
   if (!l.cl) {
     at::parallel_for(0, l.N * C, grain_for(S), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
@@ -208,12 +256,13 @@ void stats(at::ScalarType t, const Layout& l, const void* x_, void* mean_, void*
     using T = typename decltype(tag)::type;
     using acc_t = acc_of<T>;
     const T* __restrict__ x = static_cast<const T*>(x_);
-    acc_t* __restrict__ mean = static_cast<acc_t*>(mean_);
-    std::vector<acc_t> unused(static_cast<size_t>(l.C));
+    acc_t* mean = static_cast<acc_t*>(mean_);
+    std::vector<acc_t> unused(static_cast<size_t>(l.C)), buf;
     channel_sums<acc_t>(l, mean, unused.data(), [&](int64_t, int64_t i, acc_t& a0, acc_t&) { a0 += ld<acc_t>(x[i]); });
     for (int64_t c = 0; c < l.C; ++c) mean[c] /= static_cast<acc_t>(l.count());
+    const acc_t* __restrict__ m = per_value(l, static_cast<const acc_t*>(mean), buf);
     channel_sums<acc_t>(l, static_cast<acc_t*>(m2_), unused.data(), [&](int64_t c, int64_t i, acc_t& a0, acc_t&) {
-      const acc_t d = ld<acc_t>(x[i]) - mean[c];
+      const acc_t d = ld<acc_t>(x[i]) - m[c];
       a0 += d * d;
     });
   });
@@ -227,9 +276,10 @@ void apply(at::ScalarType t, const Layout& l, const void* x_, const void* res_, 
     const T* __restrict__ x = static_cast<const T*>(x_);
     const T* __restrict__ res = static_cast<const T*>(res_);
     T* __restrict__ y = static_cast<T*>(y_);
-    const acc_t* __restrict__ mean = static_cast<const acc_t*>(mean_);
-    const acc_t* __restrict__ scale = static_cast<const acc_t*>(scale_);
-    const acc_t* __restrict__ bias = static_cast<const acc_t*>(bias_);
+    std::vector<acc_t> b0, b1, b2;
+    const acc_t* __restrict__ mean = per_value(l, static_cast<const acc_t*>(mean_), b0);
+    const acc_t* __restrict__ scale = per_value(l, static_cast<const acc_t*>(scale_), b1);
+    const acc_t* __restrict__ bias = per_value(l, static_cast<const acc_t*>(bias_), b2);
     with_flag(relu, [&](auto relu_t) {
       with_flag(res != nullptr, [&](auto res_t) {
         constexpr bool RELU = decltype(relu_t)::value, RES = decltype(res_t)::value;
@@ -251,7 +301,8 @@ void backward_reduce(at::ScalarType t, const Layout& l, const void* dy_, const v
     const T* __restrict__ dy = static_cast<const T*>(dy_);
     const T* __restrict__ y = static_cast<const T*>(relu ? y_ : dy_);
     const T* __restrict__ x = static_cast<const T*>(x_);
-    const acc_t* __restrict__ mean = static_cast<const acc_t*>(mean_);
+    std::vector<acc_t> buf;
+    const acc_t* __restrict__ mean = per_value(l, static_cast<const acc_t*>(mean_), buf);
     with_flag(relu, [&](auto relu_t) {
       constexpr bool RELU = decltype(relu_t)::value;
       channel_sums<acc_t>(l, static_cast<acc_t*>(sum_dz), static_cast<acc_t*>(sum_dz_xm),
@@ -274,10 +325,11 @@ void backward_apply(at::ScalarType t, const Layout& l, const void* dy_, const vo
     const T* __restrict__ x = static_cast<const T*>(x_);
     T* __restrict__ dx = static_cast<T*>(dx_);
     T* __restrict__ dres = static_cast<T*>(dres_);
-    const acc_t* __restrict__ mean = static_cast<const acc_t*>(mean_);
-    const acc_t* __restrict__ k = static_cast<const acc_t*>(k_);
-    const acc_t* __restrict__ a = static_cast<const acc_t*>(a_);
-    const acc_t* __restrict__ q = static_cast<const acc_t*>(q_);
+    std::vector<acc_t> b0, b1, b2, b3;
+    const acc_t* __restrict__ mean = per_value(l, static_cast<const acc_t*>(mean_), b0);
+    const acc_t* __restrict__ k = per_value(l, static_cast<const acc_t*>(k_), b1);
+    const acc_t* __restrict__ a = per_value(l, static_cast<const acc_t*>(a_), b2);
+    const acc_t* __restrict__ q = per_value(l, static_cast<const acc_t*>(q_), b3);
     with_flag(relu, [&](auto relu_t) {
       with_flag(dres != nullptr, [&](auto dres_t) {
         constexpr bool RELU = decltype(relu_t)::value, DRES = decltype(dres_t)::value;

@@ -455,8 +455,9 @@ sys.path.insert(0, sys.argv[1])
 torch.ops.load_library(sys.argv[2]) if sys.argv[2] else __import__("common")
 T, out = torch.ops.segfp16, {"isa": torch.ops.segfp16.bn_cpu_isa()}
 g = torch.Generator().manual_seed(0)
-# NCHW with run tails, NCHW past kFlush values per channel, channels_last rows, the 1x1 [N, C] rows
-for shape, cl in (((3, 5, 6, 7), False), ((2, 3, 97, 97), False), ((2, 20, 9, 11), True), ((4, 21, 1, 1), False)):
+# NCHW with run tails, NCHW past kFlush values per channel, NCHW small planes, channels_last rows, 1x1 [N, C] rows
+for shape, cl in (((3, 5, 6, 7), False), ((2, 3, 97, 97), False), ((4, 9, 3, 3), False), ((2, 20, 9, 11), True),
+                  ((4, 21, 1, 1), False)):
     for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         x, r, dy = (torch.randn(shape, generator=g, dtype=torch.float64).to(dt) for _ in range(3))
         if cl:
