@@ -117,8 +117,10 @@ const acc_t* per_value(const Layout& l, const acc_t* v, std::vector<acc_t>& buf)
 }
 
 // Per-channel sums out0[c], out1[c] of term(c, i, a0, a1) (which adds element i's two terms to a0, a1) over the
-// elements of channel c (c is the position in the image for small planes: see small_planes). The term is inlined into plain loops with independent accumulators, which vectorise:
-//   small planes (NCHW, S < kLanes): [C * S] partials summed over the images, then over each channel's S;
+// elements of channel c (c is the position in the image for small planes: see small_planes). The term is inlined
+// into plain loops with independent accumulators, which vectorise:
+//   small planes (NCHW, S < kLanes): [C * S] partials summed over the images (added to double every
+//         kFlush / kLanes images), then over each channel's S values;
 //   NCHW: channel c is N runs of S contiguous values; kLanes partials per channel (lane = offset in the run mod
 //         kLanes), added to double every kFlush values; parallel over channels.
 //   channels_last: rows of C values; chunks of kRowsPerChunk rows each fill private [C] partials, merged per
@@ -129,19 +131,28 @@ void channel_sums(const Layout& l, acc_t* out0, acc_t* out1, const Term& term) {
   const int64_t C = l.C;
   if (small_planes(l)) {  // [C * S] partials, one flat loop per image, then the S values of each channel
     const int64_t CS = C * l.S;
-    std::vector<acc_t> p0(static_cast<size_t>(CS), acc_t(0)), p1(static_cast<size_t>(CS), acc_t(0));
+    std::vector<acc_t> p0(static_cast<size_t>(CS)), p1(static_cast<size_t>(CS));
+    std::vector<double> d0(static_cast<size_t>(CS), 0.0), d1(static_cast<size_t>(CS), 0.0);
     acc_t* __restrict__ q0 = p0.data();
     acc_t* __restrict__ q1 = p1.data();
-    for (int64_t n = 0; n < l.N; ++n) {
-      const int64_t base = n * CS;
-      _Pragma("omp simd")
-      for (int64_t i = 0; i < CS; ++i) term(i, base + i, q0[i], q1[i]);
+    for (int64_t n0 = 0; n0 < l.N; n0 += kFlush / kLanes) {
+      std::fill(p0.begin(), p0.end(), acc_t(0));
+      std::fill(p1.begin(), p1.end(), acc_t(0));
+      for (int64_t n = n0; n < std::min(l.N, n0 + kFlush / kLanes); ++n) {
+        const int64_t base = n * CS;
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < CS; ++i) term(i, base + i, q0[i], q1[i]);
+      }
+      for (int64_t i = 0; i < CS; ++i) {
+        d0[i] += q0[i];
+        d1[i] += q1[i];
+      }
     }
     for (int64_t c = 0; c < C; ++c) {
       double t0 = 0, t1 = 0;
       for (int64_t s = c * l.S; s < (c + 1) * l.S; ++s) {
-        t0 += q0[s];
-        t1 += q1[s];
+        t0 += d0[s];
+        t1 += d1[s];
       }
       out0[c] = static_cast<acc_t>(t0);
       out1[c] = static_cast<acc_t>(t1);
