@@ -113,22 +113,6 @@ void interp_into(const at::Tensor& src, at::Tensor& out, int64_t off, bool cl, b
   }
 }
 
-void check_concat_inputs(const at::TensorList& inputs, at::IntArrayRef size) {
-  TORCH_CHECK(!inputs.empty(), "segfp16::upsample_concat: inputs is empty");
-  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, "segfp16::upsample_concat: size must be 2 positive ints, got ", size);
-  const auto& t0 = inputs[0];
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    const auto& t = inputs[i];
-    TORCH_CHECK(t.dim() == 4, "segfp16::upsample_concat: inputs[", i, "] must be 4-D (N, C, H, W), got ", t.sizes());
-    TORCH_CHECK(t.size(0) == t0.size(0), "segfp16::upsample_concat: inputs[", i, "] has batch ", t.size(0),
-                ", inputs[0] has ", t0.size(0));
-    TORCH_CHECK(t.scalar_type() == t0.scalar_type(), "segfp16::upsample_concat: inputs[", i, "] is ", t.scalar_type(),
-                ", inputs[0] is ", t0.scalar_type(), " (the Python wrapper promotes mixed dtypes)");
-    TORCH_CHECK(t.device() == t0.device(), "segfp16::upsample_concat: inputs[", i, "] is on ", t.device(), ", inputs[0] on ", t0.device());
-    TORCH_CHECK(t.size(2) > 0 && t.size(3) > 0, "segfp16::upsample_concat: inputs[", i, "] has an empty spatial size ", t.sizes());
-  }
-}
-
 }  // namespace
 
 at::Tensor upsample_concat_cpu(at::TensorList inputs, at::IntArrayRef size, bool align_corners) {
@@ -237,13 +221,7 @@ void gather_from(const at::Tensor& g, at::Tensor& gi, int64_t off, bool cl, bool
 
 std::vector<at::Tensor> upsample_concat_backward_cpu(const at::Tensor& grad_output, at::IntArrayRef channels,
                                                      at::IntArrayRef heights, at::IntArrayRef widths, bool align_corners) {
-  TORCH_CHECK(grad_output.dim() == 4, "segfp16::upsample_concat_backward: grad_output must be 4-D, got ", grad_output.sizes());
-  TORCH_CHECK(channels.size() == heights.size() && channels.size() == widths.size(),
-              "segfp16::upsample_concat_backward: channels/heights/widths differ in length");
-  int64_t Ct = 0;
-  for (auto c : channels) Ct += c;
-  TORCH_CHECK(Ct == grad_output.size(1), "segfp16::upsample_concat_backward: channels sum to ", Ct,
-              " but grad_output has ", grad_output.size(1));
+  const int64_t Ct = check_concat_backward(grad_output, channels, heights, widths);
   const auto fmt = layout_of(grad_output);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor g = grad_output.contiguous(fmt);
@@ -276,15 +254,6 @@ std::vector<at::Tensor> upsample_concat_backward_cpu(const at::Tensor& grad_outp
 // upsample_cross_entropy
 
 namespace {
-
-void check_ce_inputs(const at::Tensor& logits, const at::Tensor& target) {
-  TORCH_CHECK(logits.dim() == 4, "segfp16::upsample_cross_entropy: logits must be (N, C, h, w), got ", logits.sizes());
-  TORCH_CHECK(target.dim() == 3 && target.size(0) == logits.size(0), "segfp16::upsample_cross_entropy: target must be (N, H, W) with N = ",
-              logits.size(0), ", got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "segfp16::upsample_cross_entropy: target must be int64, got ", target.scalar_type());
-  TORCH_CHECK(logits.size(1) > 0 && logits.size(2) > 0 && logits.size(3) > 0, "segfp16::upsample_cross_entropy: empty logits ", logits.sizes());
-  TORCH_CHECK(target.device() == logits.device(), "segfp16::upsample_cross_entropy: target on ", target.device(), ", logits on ", logits.device());
-}
 
 // z[c] = the bilinear interpolation of the C logits of output pixel (oy, ox) of image `img` (h, w, C), ATen's order.
 template <typename scalar_t, typename acc_t>
@@ -430,11 +399,7 @@ std::tuple<at::Tensor, at::Tensor> upsample_cross_entropy_cpu(const at::Tensor& 
 
 at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                                                const at::Tensor& target, const at::Tensor& lse, int64_t ignore_index) {
-  check_ce_inputs(logits, target);
-  TORCH_CHECK(grad_loss.numel() == 1, "segfp16::upsample_cross_entropy_backward: grad_loss must be a scalar, got ", grad_loss.sizes());
-  const auto acc = at::toOpMathType(logits.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == acc && lse.sizes() == target.sizes(),
-              "segfp16::upsample_cross_entropy_backward: lse must be ", acc, " ", target.sizes(), ", got ", lse.scalar_type(), " ", lse.sizes());
+  check_ce_backward(grad_loss, logits, target, lse);
   const at::Tensor lg = logits.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor tg = target.contiguous();
   const at::Tensor ls = lse.contiguous();

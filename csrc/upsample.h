@@ -1,4 +1,5 @@
-// Shared by upsample.cpp (CPU) and upsample_cuda.cu (CUDA): PyTorch's bilinear source-index rule and the layout rule.
+// Shared by upsample.cpp (CPU) and upsample_cuda.cu (CUDA): PyTorch's bilinear source-index rule, the layout rule
+// and the argument checks.
 //
 // Bilinear, align_corners=False, no scale_factor (what F.interpolate(size=...) passes down), per axis:
 //   scale = in / out                        (align_corners=True: (in - 1) / (out - 1), or 0 when out == 1)
@@ -10,6 +11,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
@@ -96,6 +98,55 @@ inline bool is_channels_last(const at::Tensor& t) {
 }
 inline at::MemoryFormat layout_of(const at::Tensor& t) {
   return is_channels_last(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// ---- argument checks, shared by the CPU and CUDA ops (the CUDA ones first check that every tensor is on the GPU)
+
+inline void check_concat_inputs(const at::TensorList& inputs, at::IntArrayRef size) {
+  TORCH_CHECK(!inputs.empty(), "segfp16::upsample_concat: inputs is empty");
+  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, "segfp16::upsample_concat: size must be 2 positive ints, got ", size);
+  const auto& t0 = inputs[0];
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const auto& t = inputs[i];
+    TORCH_CHECK(t.dim() == 4, "segfp16::upsample_concat: inputs[", i, "] must be 4-D (N, C, H, W), got ", t.sizes());
+    TORCH_CHECK(t.size(0) == t0.size(0), "segfp16::upsample_concat: inputs[", i, "] has batch ", t.size(0),
+                ", inputs[0] has ", t0.size(0));
+    TORCH_CHECK(t.scalar_type() == t0.scalar_type(), "segfp16::upsample_concat: inputs[", i, "] is ", t.scalar_type(),
+                ", inputs[0] is ", t0.scalar_type(), " (the Python wrapper promotes mixed dtypes)");
+    TORCH_CHECK(t.device() == t0.device(), "segfp16::upsample_concat: inputs[", i, "] is on ", t.device(), ", inputs[0] on ", t0.device());
+    TORCH_CHECK(t.size(2) > 0 && t.size(3) > 0, "segfp16::upsample_concat: inputs[", i, "] has an empty spatial size ", t.sizes());
+  }
+}
+
+// Returns the total channel count Ct (= grad_output.size(1)).
+inline int64_t check_concat_backward(const at::Tensor& grad_output, at::IntArrayRef channels, at::IntArrayRef heights,
+                                     at::IntArrayRef widths) {
+  TORCH_CHECK(grad_output.dim() == 4, "segfp16::upsample_concat_backward: grad_output must be 4-D, got ", grad_output.sizes());
+  TORCH_CHECK(channels.size() == heights.size() && channels.size() == widths.size(),
+              "segfp16::upsample_concat_backward: channels/heights/widths differ in length");
+  int64_t Ct = 0;
+  for (auto c : channels) Ct += c;
+  TORCH_CHECK(Ct == grad_output.size(1), "segfp16::upsample_concat_backward: channels sum to ", Ct,
+              " but grad_output has ", grad_output.size(1));
+  return Ct;
+}
+
+inline void check_ce_inputs(const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.dim() == 4, "segfp16::upsample_cross_entropy: logits must be (N, C, h, w), got ", logits.sizes());
+  TORCH_CHECK(target.dim() == 3 && target.size(0) == logits.size(0), "segfp16::upsample_cross_entropy: target must be (N, H, W) with N = ",
+              logits.size(0), ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "segfp16::upsample_cross_entropy: target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(logits.size(1) > 0 && logits.size(2) > 0 && logits.size(3) > 0, "segfp16::upsample_cross_entropy: empty logits ", logits.sizes());
+  TORCH_CHECK(target.device() == logits.device(), "segfp16::upsample_cross_entropy: target on ", target.device(), ", logits on ", logits.device());
+}
+
+inline void check_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                              const at::Tensor& lse) {
+  check_ce_inputs(logits, target);
+  TORCH_CHECK(grad_loss.numel() == 1, "segfp16::upsample_cross_entropy_backward: grad_loss must be a scalar, got ", grad_loss.sizes());
+  const auto acc = at::toOpMathType(logits.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc && lse.sizes() == target.sizes(),
+              "segfp16::upsample_cross_entropy_backward: lse must be ", acc, " ", target.sizes(), ", got ", lse.scalar_type(), " ", lse.sizes());
 }
 
 }  // namespace segfp16
