@@ -435,20 +435,25 @@ class Amp:
         self._found_inf |= found
         self._pending = True
 
-    def step(self, optimizer):
-        """optimizer.step() (then masters -> half model for O2), or nothing if a grad was inf/NaN; returns skipped."""
+    def step(self, optimizer, skip=False):
+        """optimizer.step() (then masters -> half model for O2), or nothing if a grad was inf/NaN; returns skipped.
+
+        skip=True: the caller found another reason not to step (a non-finite BN buffer, common.guard); the loss
+        scale then moves only as the gradients say (a finite backward does not back it off).
+        """
         self._check(optimizer)
         if not self._pending:
             raise RuntimeError("common/amp.py: Amp.step() called without a preceding Amp.backward()")
         if self.nvidia is not None:
-            skipped = self.nvidia.step(optimizer, self._found_inf)
+            skipped = self.nvidia.step(optimizer, self._found_inf, skip)
         elif self.grad_scaler is not None:
             before = self.grad_scaler.get_scale()
-            self.grad_scaler.step(optimizer)  # does not call optimizer.step() when it found inf/NaN
-            self.grad_scaler.update()
-            skipped = self.grad_scaler.get_scale() < before  # backoff (x0.5) happens exactly when it skipped
+            if not skip:
+                self.grad_scaler.step(optimizer)  # does not call optimizer.step() when it found inf/NaN
+            self.grad_scaler.update()  # uses the inf/NaN flags unscale_ recorded in backward()
+            skipped = skip or self.grad_scaler.get_scale() < before  # backoff (x0.5) happens exactly on inf/NaN
         else:
-            skipped = self._found_inf
+            skipped = self._found_inf or skip
             if not skipped:
                 optimizer.step()
                 if self._pairs:
@@ -592,10 +597,10 @@ class _NvidiaApex:
         # O0/O3: apex does not check; we do (module docstring, deviation 2)
         return _unscale_and_check([p.grad for p in _optimizer_params(optimizer)], 1.0)
 
-    def step(self, optimizer, found_inf):
-        if self._scaler().dynamic or not found_inf:
+    def step(self, optimizer, found_inf, skip=False):
+        if (self._scaler().dynamic and found_inf) or not (found_inf or skip):
             optimizer.step()  # on overflow this is apex's one-shot skip_step, which must be consumed
-        return bool(found_inf)
+        return bool(found_inf or skip)
 
     def loss_scale(self):
         return float(self._scaler().loss_scale())

@@ -14,14 +14,26 @@ Exact resume needs every random draw to be a pure function of (seed, epoch, posi
 draws (dropout) come from torch's global generator, which we save. The data's come from common.data.train_loader,
 whose order and augmentation are a pure function of (seed, epoch, rank, position), so the sampler alone resumes it.
 """
+import errno
 import os
+import pickle
 import random
 import tempfile
 
 import numpy as np
 import torch
 
-LATEST = "latest"  # a one-line text file in the work dir naming the newest complete checkpoint
+from .errors import BadFileError, UserError
+
+LATEST = "latest"  # a one-line text file naming the newest complete checkpoint (in a run folder and the work dir)
+
+
+class DiskFullError(UserError, OSError):
+    pass
+
+
+class NoCheckpointError(UserError, FileNotFoundError):
+    pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,22 +65,66 @@ def set_rng_state(state):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# atomic save, the latest pointer, load
+# atomic save, the latest pointers, load
 
-def _replace_atomically(write, path):
+_open = os.fdopen  # how the temp file is opened (a test swaps in a file that fills up, to check the disk-full line)
+
+
+class NonFiniteState(RuntimeError):
+    """save() refused a state with an inf/NaN tensor: such a checkpoint is never written nor pointed to."""
+
+
+class _Recording:
+    """The temp file, remembering the OSError a write hit: torch.save reports a failed write as its own RuntimeError
+    ('unexpected pos'), which does not say that the disk is full."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def _nbytes(tree):
+    if torch.is_tensor(tree):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(v) for v in tree)
+    return 0
+
+
+def _replace_atomically(write, path, size_hint=0):
     """write(file) into a temp file next to `path`, fsync it, then rename over `path`: readers see old or new."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".tmp-", dir=folder)
+    f = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with _open(fd, "wb") as raw:
+            f = _Recording(raw)
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX within one file system (hence the temp file in the same folder)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        error = e if isinstance(e, OSError) else getattr(f, "error", None)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            prev = latest(folder)
+            raise DiskFullError(
+                f"no space left on device writing {path} (about {max(size_hint, 1) / 2**20:.0f} MB needed); "
+                + (f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint in this folder")
+                + "; free some space (or --keep_checkpoints N) and --resume auto") from e
         raise
     try:  # make the rename itself durable
         dfd = os.open(folder, os.O_RDONLY)
@@ -80,11 +136,24 @@ def _replace_atomically(write, path):
         pass  # some file systems cannot fsync a directory; the data itself is already on disk
 
 
-def save(path, state):
-    """Write `state` to `path` atomically, then point work_dir/latest at it."""
-    _replace_atomically(lambda f: torch.save(state, f), path)
-    _replace_atomically(lambda f: f.write(os.path.basename(path).encode() + b"\n"),
-                        os.path.join(os.path.dirname(os.path.abspath(path)), LATEST))
+def _write_pointer(folder, target):
+    _replace_atomically(lambda f: f.write(target.encode() + b"\n"), os.path.join(folder, LATEST))
+
+
+def save(path, state, root=None):
+    """Write `state` to `path` atomically, then point <its folder>/latest (and root/latest, if given) at it.
+
+    Refuses (NonFiniteState, nothing written, pointers unchanged) a state holding an inf/NaN tensor.
+    """
+    from .guard import non_finite_tensors
+    bad = non_finite_tensors(state.get("model", {})) + non_finite_tensors(state.get("optimizer", {}), "optimizer")
+    if bad:
+        raise NonFiniteState(f"{len(bad)} non-finite tensor(s), e.g. {', '.join(bad[:3])}")
+    _replace_atomically(lambda f: torch.save(state, f), path, size_hint=_nbytes(state))
+    folder = os.path.dirname(os.path.abspath(path))
+    _write_pointer(folder, os.path.basename(path))
+    if root is not None:  # the work dir's pointer names the newest run's checkpoint, relative to the work dir
+        _write_pointer(root, os.path.relpath(os.path.abspath(path), os.path.abspath(root)))
     return path
 
 
@@ -97,50 +166,127 @@ def older_than_newest(work_dir, keep):
     return [os.path.join(work_dir, f) for f in mine[:-keep]]
 
 
-def resolve(path, work_dir):
+def temp_files(folder):
+    """The temp files a killed save left in folder (.checkpoint-*.tmp-*, .latest.tmp-*)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.startswith(".") and ".tmp-" in f and (f.startswith(".checkpoint-") or f.startswith(".latest")))
+
+
+def _read_pointer(pointer, flag):
+    """The checkpoint a `latest` file names, or a BadFileError saying what is wrong with the pointer."""
+    folder = os.path.dirname(pointer)
+    with open(pointer, "rb") as f:
+        raw = f.read(4096)
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    what = ("empty" if not raw.strip() else "not a file name" if name is None or "\n" in name or "\x00" in name
+            else None)
+    if what is None:
+        target = os.path.join(folder, name)
+        if os.path.isfile(target):
+            return target
+        what = f"names {name!r}, which does not exist"
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".pth"))
+    hint = f"; pass {flag} {os.path.join(folder, found[-1])} (or another .pth there)" if found else ""
+    raise BadFileError(f"{pointer}: the latest-checkpoint pointer is {what}{hint}")
+
+
+def latest(folder):
+    """The checkpoint folder/latest names, or None when there is none (or it is broken)."""
+    try:
+        return _read_pointer(os.path.join(folder, LATEST), "--resume")
+    except (OSError, BadFileError):
+        return None
+
+
+def resolve(path, work_dir, flag="--resume"):
     """'auto' -> the checkpoint work_dir/latest names; a folder -> its latest; a file -> itself."""
     if path == "auto" or os.path.isdir(path):
         folder = work_dir if path == "auto" else path
         pointer = os.path.join(folder, LATEST)
         if not os.path.isfile(pointer):
-            raise FileNotFoundError(f"--resume {path}: no {pointer} (no checkpoint written in {folder} yet)")
-        with open(pointer) as f:
-            path = os.path.join(folder, f.read().strip())
+            raise NoCheckpointError(f"{flag} {path}: no {pointer} (no checkpoint written in {folder} yet)")
+        return _read_pointer(pointer, flag)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        raise NoCheckpointError(f"{flag} {path}: checkpoint {path!r} does not exist")
     return path
 
 
 def load(path, map_location="cpu"):
+    """torch.load(weights_only=True), with one line naming the file and the cause when it cannot be used."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise BadFileError(f"{path}: empty file (0 bytes), not a checkpoint (a copy or save that never finished?); "
+                           f"use an earlier checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(4)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # e.g. an old pickle holding numpy objects or code
-        raise RuntimeError(f"common/checkpoint.py: cannot load {path!r} with weights_only=True ({e}); re-save it "
-                           f"as a dict of tensors (torch.save({{'model': model.state_dict()}}, path))") from e
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):  # a pickle that would run code on load
+            raise BadFileError(f"{path}: holds Python objects other than tensors and containers, which are not loaded "
+                               f"(they could run code); re-save it as a dict of tensors "
+                               f"(torch.save({{'model': model.state_dict()}}, path))") from e
+        raise BadFileError(f"{path}: not a PyTorch checkpoint ({size} bytes that do not unpickle)") from e
+    except Exception as e:
+        if head == b"PK\x03\x04":  # torch.save's zip format, cut short or damaged
+            raise BadFileError(f"{path}: truncated or corrupt checkpoint ({size} bytes; the zip archive is "
+                               f"incomplete, e.g. a copy or save that was cut short); use an earlier checkpoint") from e
+        raise BadFileError(f"{path}: not a PyTorch checkpoint ({size} bytes, neither torch.save's zip format nor a "
+                           f"pickle)") from e
 
 
-def model_state(ckpt):
+def load_training(path):
+    """A checkpoint to --resume from: one of ours, with optimizer, AMP, iteration and RNG state."""
+    ckpt = load(path)
+    needed = ("model", "optimizer", "amp", "iteration", "rng")
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in needed):
+        raise BadFileError(f"{path}: not a training checkpoint (no optimizer/iteration state, e.g. a weights-only "
+                           f"file); use --init {path} to start a new schedule from its weights")
+    return ckpt
+
+
+def model_state(ckpt, path="checkpoint"):
     """The model's state dict from one of ours, ssseg's ({'model': sd, ...}), mmseg's ({'state_dict': sd}), or bare."""
     for key in ("model", "state_dict"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
             break
-    if not all(torch.is_tensor(v) for v in ckpt.values()):
-        raise ValueError("common/checkpoint.py: checkpoint holds no state dict ({'model': sd}, {'state_dict': sd} or "
-                         "a bare {name: tensor} dict)")
+    if not isinstance(ckpt, dict) or not ckpt or not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise BadFileError(f"{path}: holds no state dict ({{'model': sd}}, {{'state_dict': sd}} or a bare "
+                           f"{{name: tensor}} dict)")
     # a DDP-wrapped model saved without unwrapping carries 'module.' on every key
     if ckpt and all(k.startswith("module.") for k in ckpt):
         ckpt = {k[len("module."):]: v for k, v in ckpt.items()}
     return ckpt
 
 
-def load_weights(model, path, log=print):
-    """Load a checkpoint's model weights into `model` strictly; errors list the mismatching keys."""
-    sd = model_state(load(path))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path!r} does not match the model: missing {missing[:8]}"
-                           f"{'...' if len(missing) > 8 else ''} ({len(missing)}), unexpected {unexpected[:8]}"
-                           f"{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
+def _few(names, n=5):
+    return f"{len(names)} ({', '.join(names[:n])}{', ...' if len(names) > n else ''})"
+
+
+def check_matches(model, sd, path):
+    """Our key/shape report (before torch's 'Error(s) in loading state_dict'): BadFileError naming the file."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected
+                 else "", f"mismatched shapes (file vs model) {_few(shapes, 3)}" if shapes else ""]
+        raise BadFileError(f"{path}: does not match this model (another model or --num_classes?): "
+                           + "; ".join(p for p in parts if p))
+
+
+def load_weights(model, path, log=print, ckpt=None):
+    """Load a checkpoint's model weights into `model` strictly; errors list the mismatching keys and shapes."""
+    sd = model_state(load(path) if ckpt is None else ckpt, path)
+    check_matches(model, sd, path)
+    model.load_state_dict(sd)
     log(f"loaded weights: {path} ({len(sd)} tensors)")
     return model

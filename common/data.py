@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .errors import BadFileError
+
 IGNORE_INDEX = 255
 MEAN = (123.675, 116.28, 103.53)  # ImageNet mean/std, RGB order, 0-255 scale (spec §2.1 step 5)
 STD = (58.395, 57.12, 57.375)
@@ -109,25 +111,28 @@ _IMREAD_RGB = getattr(cv2, 'IMREAD_COLOR_RGB', None)
 # reading
 
 
-def _read_bytes(path):
+def _read_bytes(path, what):
     try:
-        return np.fromfile(path, dtype=np.uint8)
+        buf = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise OSError(f"cannot read {path}: {e}") from e
+    if buf.size == 0:  # cv2.imdecode would fail its `!buf.empty()` assertion without naming the file
+        raise BadFileError(f"{what} {path} is an empty file (0 bytes): replace it (or remove the sample)")
+    return buf
 
 
 def read_image(path):
     """The RGB uint8 (H, W, 3) image at path; raises naming the file if it is unreadable or truncated."""
-    buf = _read_bytes(path)
+    buf = _read_bytes(path, "image")
     img = cv2.imdecode(buf, _IMREAD_RGB if _IMREAD_RGB is not None else cv2.IMREAD_COLOR)
     if img is None:
-        raise ValueError(f"unreadable image {path} ({buf.size} bytes): not a decodable JPEG/PNG, or truncated")
+        raise BadFileError(f"unreadable image {path} ({buf.size} bytes): not a decodable JPEG/PNG, or truncated")
     # OpenCV < 5 decodes a JPEG cut short into a grey-padded image with only a warning on stderr. A complete JPEG
     # has its end-of-image marker after its last scan header (neither pair can occur inside entropy-coded data).
     b = buf.tobytes()
     sos = b.rfind(b'\xff\xda')
     if b[:2] == b'\xff\xd8' and (sos < 0 or b.rfind(b'\xff\xd9') < sos):
-        raise ValueError(f"truncated image {path}: the JPEG ends inside its image data (no end-of-image marker)")
+        raise BadFileError(f"truncated image {path}: the JPEG ends inside its image data (no end-of-image marker)")
     if _IMREAD_RGB is None:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return img
@@ -135,18 +140,18 @@ def read_image(path):
 
 def read_label(path):
     """The raw uint8 (H, W) ADE annotation (values 0..150) at path, unmapped; raises naming the file otherwise."""
-    buf = _read_bytes(path)
+    buf = _read_bytes(path, "annotation")
     lab = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if lab is None:
-        raise ValueError(f"unreadable annotation {path} ({buf.size} bytes): not a decodable PNG, or truncated")
+        raise BadFileError(f"unreadable annotation {path} ({buf.size} bytes): not a decodable PNG, or truncated")
     # the reference reads with IMREAD_GRAYSCALE, which would quietly turn a colour PNG into luminance: refuse instead
     if lab.dtype != np.uint8 or lab.ndim != 2:
-        raise ValueError(f"annotation {path} is {lab.dtype} with shape {lab.shape}: expected a single-channel 8-bit "
+        raise BadFileError(f"annotation {path} is {lab.dtype} with shape {lab.shape}: expected a single-channel 8-bit "
                          "PNG of class ids (0 = unlabelled, 1..150)")
     hi = int(lab.max())
     if hi > len(CLASSES):
         bad = np.unique(lab[lab > len(CLASSES)])[:10].tolist()
-        raise ValueError(f"annotation {path} has values {bad} outside 0..{len(CLASSES)} (ADE20k has 150 classes, "
+        raise BadFileError(f"annotation {path} has values {bad} outside 0..{len(CLASSES)} (ADE20k has 150 classes, "
                          "0 = unlabelled)")
     return lab
 
@@ -181,7 +186,7 @@ class ADE20k(Dataset):
         image_path, ann_path = self.paths(i)
         image, raw = read_image(image_path), read_label(ann_path)
         if image.shape[:2] != raw.shape:
-            raise ValueError(f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
+            raise BadFileError(f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
                              f"annotation {ann_path} is {raw.shape[1]}x{raw.shape[0]}")
         label = cv2.LUT(raw, REDUCE_ZERO_LABEL)  # (H, W) uint8, 0..149 or 255
         if self.transform is None:

@@ -9,6 +9,7 @@ One step code path for every AMP mode (`with amp.autocast()`, `amp.backward`, `a
 which kind it has. A non-finite gradient never reaches the weights (amp.step skips), and a run that keeps
 overflowing stops with a message instead of silently training nothing.
 """
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, config, data, dist, layers
+from . import checkpoint, config, data, dist, errors, layers, runs
+from .errors import UserError
+from .guard import BufferGuard
 
 # ----------------------------------------------------------------------------------------------------------------
 # schedule
@@ -37,21 +40,37 @@ def poly_lr(iteration, max_iters, base_lr=0.01, power=0.9, min_lr=1e-4):
 
 
 class Logger:
-    def __init__(self, work_dir):
-        self.work_dir, self.main = work_dir, dist.is_main()
+    """work_dir None: print only, keeping the lines until attach(run folder) writes them (--eval etc. never do)."""
+
+    def __init__(self, work_dir=None):
+        self.work_dir, self.main, self._held = None, dist.is_main(), []
+        if work_dir:
+            self.attach(work_dir)
+
+    def attach(self, folder):
+        self.work_dir = folder
         if self.main:
-            os.makedirs(work_dir, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
+            held, self._held = self._held, []
+            for name, line in held:
+                self.to_file(line, name)
 
     def __call__(self, msg):
         if self.main:
             print(msg, flush=True)
-            with open(os.path.join(self.work_dir, "log.txt"), "a") as f:
-                f.write(msg + "\n")
+            self.to_file(msg)
+
+    def to_file(self, line, name="log.txt"):
+        if not self.main:
+            return
+        if self.work_dir is None:
+            self._held.append((name, line))
+            return
+        with open(os.path.join(self.work_dir, name), "a") as f:
+            f.write(line + "\n")
 
     def record(self, **kv):
-        if self.main:
-            with open(os.path.join(self.work_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(kv) + "\n")
+        self.to_file(json.dumps(kv), "metrics.jsonl")
 
 
 def peak_memory_gb(device):
@@ -176,7 +195,7 @@ def image_paths(path):
 # training
 
 
-class TooManySkippedSteps(RuntimeError):
+class TooManySkippedSteps(UserError, RuntimeError):
     pass
 
 
@@ -193,23 +212,32 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
     stop = min(cfg.get("stop_iters") or max_iters, max_iters)
     log(f"schedule: {max_iters} iterations = {max_epochs} epochs x {ipe} iterations/epoch at {loader.batch_size} "
         f"images/rank x {dist.world_size()} rank(s){f'; this run stops at {stop}' if stop < max_iters else ''}")
-    it, metrics, last_ckpt = start_iter, None, None
+    it, metrics = start_iter, None
+    # cfg['run_dir'] (set by main): this run's folder under the work dir, whose `latest` follows it too
+    folder, root = (cfg["run_dir"], cfg["work_dir"]) if cfg.get("run_dir") else (cfg["work_dir"], None)
     skipped_total = skipped_run = empty_total = 0
+    guard = BufferGuard(raw)  # a skipped step puts the BN running stats back (common/guard.py)
+    # --max_skipped_steps counts consecutive skips, except the dynamic loss scale's warm-up: until the first clean
+    # step, a skip that halves the scale and leaves it >= 1 is the scale looking for its level (fp16: 65536 -> ~4096)
+    settled = start_iter > 0
     window = dict(loss=0.0, cls=0.0, aux=0.0, n=0, images=0, t=time.time())
     model.train()
 
     def save(tag):
-        nonlocal last_ckpt
         rng = dist.all_gather_object(checkpoint.rng_state())  # every rank's generators (rank r resumes from rng[r])
         if dist.is_main():
             state = dict(model=raw.state_dict(),  # fp32; for apex O2 the masters (Amp's state-dict hooks)
                          optimizer=optimizer.state_dict(), amp=amp.state_dict(), iteration=it, epoch=it // ipe,
-                         rng=rng, config=_jsonable(cfg))
-            last_ckpt = checkpoint.save(os.path.join(cfg["work_dir"], f"checkpoint-{tag}.pth"), state)
-            log(f"saved {last_ckpt}")
-            # ssseg keeps every epoch's file (130 x ~0.4 GB for PSPNet); we keep the newest few
-            for old in checkpoint.older_than_newest(cfg["work_dir"], cfg.get("keep_checkpoints", 0)):
-                os.remove(old)
+                         max_iters=max_iters, rng=rng, config=_jsonable(cfg))
+            path = os.path.join(folder, f"checkpoint-{tag}.pth")
+            try:
+                log(f"saved {checkpoint.save(path, state, root)}")
+            except checkpoint.NonFiniteState as e:  # never written, never pointed to
+                log(f"WARNING: not saving {path}: {e}; latest stays {checkpoint.latest(folder) or 'unset'}")
+            else:
+                # ssseg keeps every epoch's file (130 x ~0.4 GB for PSPNet); we keep the newest few
+                for old in checkpoint.older_than_newest(folder, cfg.get("keep_checkpoints", 0)):
+                    os.remove(old)
         dist.barrier()
 
     while it < stop:
@@ -225,19 +253,27 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = targets.to(device, non_blocking=True)  # (B, H, W) int64, 255 = ignore
             optimizer.zero_grad(set_to_none=True)
+            guard.snapshot()
+            scale = None if settled else amp.loss_scale  # (a host sync: only until the scale settles)
             with amp.autocast():
                 out = model(images)  # {'out': (B, K, H/8, W/8), 'aux': (B, K, H/8, W/8)}
                 loss_cls = layers.seg_cross_entropy(out["out"], targets, data.IGNORE_INDEX)  # upsampled to crop
                 loss_aux = layers.seg_cross_entropy(out["aux"], targets, data.IGNORE_INDEX)
                 loss = loss_cls + cfg["aux_weight"] * loss_aux
             amp.backward(loss, optimizer)
-            skipped = amp.step(optimizer)
+            bad_buffers = not guard.finite()  # BN saw an inf/NaN (or overflowed its variance) in this forward
+            skipped = amp.step(optimizer, skip=bad_buffers)
+            if skipped:
+                guard.restore()
             it += 1
             # bookkeeping
             if not bool((targets != data.IGNORE_INDEX).any()):
                 empty_total += 1  # the reference's mean CE would be NaN here; ours is 0 (spec §6 edge case)
             skipped_total += int(skipped)
-            skipped_run = skipped_run + 1 if skipped else 0
+            if not skipped:
+                settled, skipped_run = True, 0
+            elif settled or not 1.0 <= amp.loss_scale < scale:
+                skipped_run += 1
             window["loss"] += loss.item()
             window["cls"] += loss_cls.item()
             window["aux"] += loss_aux.item()
@@ -247,10 +283,11 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
                 _log_progress(log, window, it, max_iters, epoch, max_epochs, lr, amp, skipped_total, skipped_run,
                               empty_total, device)
             if skipped_run >= cfg["max_skipped_steps"]:
+                last_ckpt = checkpoint.latest(folder)
                 msg = (f"stopping at iteration {it}: the last {skipped_run} steps were all skipped for non-finite "
-                       f"gradients (loss {loss.item():.4g}, loss scale {amp.loss_scale:g}; --max_skipped_steps "
-                       f"{cfg['max_skipped_steps']}). The weights were not touched by them; the last good "
-                       f"checkpoint is {last_ckpt or 'none (none written yet in this run)'}.")
+                       f"gradients or BatchNorm statistics (loss {loss.item():.4g}, loss scale {amp.loss_scale:g}; "
+                       f"--max_skipped_steps {cfg['max_skipped_steps']}). The model was not touched by them; the "
+                       f"last good checkpoint is {last_ckpt or 'none (none written yet in this run)'}.")
                 log(msg)
                 raise TooManySkippedSteps(msg)
             if it >= stop or it % ipe == 0:
@@ -346,14 +383,19 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
     device = _device(cfg["device"])
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
-    log = Logger(cfg["work_dir"])
+    log = Logger()  # files only once training has its run folder (common/runs.py)
     try:
-        return _run(cfg, segmentor_cfg, build_model, device, log)
+        with contextlib.ExitStack() as stack:
+            return _run(cfg, segmentor_cfg, build_model, device, log, stack)
+    except UserError as e:  # a user mistake or a bad file: one line, no traceback
+        msg = f"error: {errors.one_line(e)}"
+        log.to_file(msg)
+        raise SystemExit(msg) from None
     finally:
         dist.shutdown()
 
 
-def _run(cfg, segmentor_cfg, build_model, device, log):
+def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     from .amp import Amp
     # system set-up (spec §7 steps 3-4): TF32 off unless asked, cudnn.benchmark on
     torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
@@ -361,9 +403,6 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
     torch.backends.cudnn.benchmark = True
     seed_everything(cfg["seed"])
     log(f"config: {json.dumps(_jsonable(cfg))}")
-    if dist.is_main():
-        with open(os.path.join(cfg["work_dir"], "config.json"), "w") as f:
-            json.dump(_jsonable(cfg), f, indent=1)
     log(f"kernels: {_kernels(cfg['kernels'], log)} | {dist.describe()} | device {device} | tf32 {cfg['tf32']}")
 
     model = build_model(segmentor_cfg, num_classes=cfg["num_classes"])
@@ -376,7 +415,9 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
     root = data.demo_root() if cfg["data"] == "demo" and not cfg["data_root"] else (cfg["data_root"] or "ADE20k")
 
     if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14)
-        checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"]), log)
+        flag = "--eval" if cfg["eval"] else "--ckpt"
+        checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"], flag),
+                                log)
         model.to(device, memory_format=memory_format).eval()
         if cfg["predict"]:
             predict(model, image_paths(cfg["predict"]), cfg["out"] or os.path.join(cfg["work_dir"], "predict"),
@@ -385,12 +426,13 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
         return evaluate(model, _val_loader(cfg, root), cfg["num_classes"], device, cfg, None, log)
 
     # weights: a checkpoint to resume from, else (optionally) ImageNet weights for the backbone
-    ckpt = None
+    ckpt = path = None
     if cfg["resume"]:
         path = checkpoint.resolve(cfg["resume"], cfg["work_dir"])
-        ckpt = checkpoint.load(path)
-        model.load_state_dict(checkpoint.model_state(ckpt))  # fp32, before amp.initialize (O2 masters copy these)
-        log(f"resume: {path} at iteration {ckpt['iteration']}")
+        ckpt = checkpoint.load_training(path)
+        sd = checkpoint.model_state(ckpt, path)
+        checkpoint.check_matches(model, sd, path)
+        model.load_state_dict(sd)  # fp32, before amp.initialize (O2 masters copy these)
     elif cfg["init"]:
         checkpoint.load_weights(model, cfg["init"], log)  # weights only: the schedule starts at iteration 0
     elif cfg["pretrained"] != "none":
@@ -425,13 +467,63 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
     loader = data.train_loader(train_set, cfg["batch_size"], cfg["num_workers"], cfg["seed"],
                                          cfg["num_train_images"])
     val_loader = _val_loader(cfg, root)
+    if ckpt is not None and _finished(ckpt, path, cfg, loader, log):
+        return None  # nothing to do, nothing written
+    # this run's own folder (common/runs.py): new, or the resumed checkpoint's; locked until the end
+    cfg["run_dir"] = _open_run(cfg, path, log, stack)
+    log.attach(cfg["run_dir"])
+    if ckpt is not None:
+        log(f"resume: {path} at iteration {ckpt['iteration']}")
+    if dist.is_main():
+        name = "config.json" if ckpt is None else f"config-resume-{ckpt['iteration']}.json"
+        with open(os.path.join(cfg["run_dir"], name), "w") as f:
+            json.dump(_jsonable(cfg), f, indent=1)
     log(f"data: {root} | train {loader.sampler.n} images, val {len(val_loader.dataset)} images")
     metrics = fit(cfg, model, optimizer, amp, loader, val_loader, start_iter, device, log)
     if cfg["save_predictions"] and dist.is_main():
         n = min(cfg["save_predictions"], len(val_loader.dataset))
-        predict(model, [val_loader.dataset.paths(i)[0] for i in range(n)], os.path.join(cfg["work_dir"], "pred"),
+        predict(model, [val_loader.dataset.paths(i)[0] for i in range(n)], os.path.join(cfg["run_dir"], "pred"),
                 cfg, device, amp, log)
     return metrics
+
+
+# the schedule keys whose change on --resume changes the lr curve (poly over max_iters) or the data order
+_SCHEDULE = ("max_iters", "max_epochs", "batch_size", "num_train_images", "lr", "power", "min_lr")
+
+
+def _finished(ckpt, path, cfg, loader, log):
+    """--resume of a finished run: say so (True: nothing to do). A changed schedule: warn that the lr curve changes."""
+    it, max_iters = ckpt["iteration"], cfg["max_iters"] or cfg["max_epochs"] * loader.sampler.batches_per_epoch()
+    saved = ckpt.get("max_iters")  # the schedule length it was trained with (older checkpoints lack it)
+    if it >= max_iters:
+        if saved in (None, max_iters):
+            log(f"resume: {path} already finished at iteration {it}; nothing to do")
+        else:
+            log(f"resume: {path} is at iteration {it}, the end of this schedule is {max_iters}; nothing to do "
+                f"(raise --max_iters / --max_epochs to train further)")
+        return True
+    old = ckpt.get("config") or {}
+    changed = [f"--{k} {old[k]} -> {cfg[k]}" for k in _SCHEDULE if k in old and old[k] != cfg[k]]
+    if changed or (saved is not None and saved != max_iters):
+        log(f"WARNING: resuming {path} with another schedule ({', '.join(changed) or 'another iteration count'}; "
+            f"{saved or '?'} -> {max_iters} iterations): the lr curve changes from iteration {it} on, so this run "
+            f"will not match an uninterrupted one")
+    return False
+
+
+def _open_run(cfg, resume_path, log, stack):
+    """Rank 0 creates/locks the run folder; every rank gets its name (or the same one-line error)."""
+    folder = err = None
+    if dist.is_main():
+        try:
+            folder, lock = runs.open_run(cfg["work_dir"], resume_path, log)
+            stack.callback(lock.release)
+        except UserError as e:
+            err = str(e)
+    folder, err = dist.all_gather_object((folder, err))[0]
+    if err:
+        raise UserError(err)
+    return folder
 
 
 def _val_loader(cfg, root):

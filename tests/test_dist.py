@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,6 +388,11 @@ def _assert_same_metrics(a, b):
         torch.testing.assert_close(torch.tensor(a[k]), torch.tensor(b[k]), rtol=0, atol=0, equal_nan=True)
 
 
+def _run_folders(root):
+    from common import runs
+    return runs.runs(root)
+
+
 def _ckpt(path):
     ck = torch.load(path, map_location="cpu", weights_only=False)
     return ck["model"], ck["optimizer"]["state"], ck["iteration"]
@@ -398,10 +404,11 @@ def test_trainer_two_ranks_resume_exactly_and_shard_eval_exactly(tmp_path, demo_
     runs = [_argv(demo_root, straight),  # 4 iterations, then the final evaluation on 5 sharded val images
             _argv(demo_root, split, "--stop_iters", "2"),  # stop after 2 (with a checkpoint) ...
             _argv(demo_root, split, "--resume", "auto"),  # ... and continue to 4
-            _argv(demo_root, straight, "--eval", os.path.join(straight, "checkpoint-final.pth"))]
+            _argv(demo_root, straight, "--eval", straight)]  # a work dir: the checkpoint its latest names
     res = spawn(_worker_trainer, tmp_path, [_free_port() for _ in runs], runs)
 
     # distributed resume continues exactly: bit-identical weights, buffers and momentum to the straight run
+    (straight,), (split,) = _run_folders(straight), _run_folders(split)  # --resume continued in its own folder
     m_a, o_a, it_a = _ckpt(os.path.join(straight, "checkpoint-final.pth"))
     m_b, o_b, it_b = _ckpt(os.path.join(split, "checkpoint-final.pth"))
     assert it_a == it_b == 4
@@ -425,6 +432,7 @@ def test_trainer_two_ranks_resume_exactly_and_shard_eval_exactly(tmp_path, demo_
     one = str(tmp_path / "one")
     train.main({}, build_tiny, _argv(demo_root, one, "--resume", os.path.join(split, "checkpoint-epoch-1.pth")),
                name="tiny")
+    (one,) = _run_folders(one)  # a checkpoint from another work dir starts a new run folder here
     with open(os.path.join(one, "log.txt")) as f:
         log = f.read()
     assert "written by 2 rank(s) and this run has 1" in log and "from 2 to 4 images" in log, log
@@ -470,5 +478,5 @@ def test_torchrun_pspnet_demo_two_ranks(tmp_path):
     assert p.returncode == 0, out[-4000:]
     assert "dist: gloo world 2" in out
     assert "eval: 2 images/rank" in out  # 3 val images sharded exactly: rank 0 gets 2, rank 1 gets 1
-    assert (work / "checkpoint-final.pth").exists()
+    assert (Path(_run_folders(str(work))[0]) / "checkpoint-final.pth").exists()
     assert out.count("eval:") == 1  # rank 0 logs; the other rank stays quiet

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import checkpoint, train
+from common import checkpoint, runs, train
 from common.config import segmentor_cfg
 
 
@@ -51,6 +51,9 @@ def test_resume_is_exact(tmp_path, amp, workers):
     assert part["iteration"] == 4 and os.path.basename(checkpoint.resolve("auto", str(tmp_path / "split"))) == \
         "checkpoint-iter-4.pth"
     resumed = run(tmp_path / "split", *common, "--resume", "auto")
+    # the resumed run continued in its own folder: one run folder, holding both checkpoints
+    (folder,) = runs.runs(str(tmp_path / "split"))
+    assert {"checkpoint-iter-4.pth", "checkpoint-final.pth"} <= set(os.listdir(folder))
     assert straight["iteration"] == resumed["iteration"] == 6
     assert straight["amp"] == resumed["amp"]
     for k, v in straight["model"].items():  # weights and BN running stats

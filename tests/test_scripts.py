@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
+from common import checkpoint, runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("fcn.py", "pspnet.py", "deeplabv3.py", "deeplabv3plus.py")
 TINY = ["--data", "demo", "--device", "cpu", "--crop_size", "(64, 64)", "--scale", "(256, 64)", "--batch_size", "2",
@@ -30,20 +32,24 @@ def run(script, *flags):
 def test_script_trains(tmp_path, script, amp):
     out = run(script, *TINY, "--amp", amp, "--work_dir", str(tmp_path))
     assert f"amp: amp={amp}" in out and "it 2/2" in out
-    with open(tmp_path / "metrics.jsonl") as f:
+    (folder,) = runs.runs(str(tmp_path))  # the run's own folder under the work dir
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     assert [r["iteration"] for r in recs] == [1, 2]
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in recs)
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".pth")]  # --save_interval_epochs 0: none written
+    assert not [f for f in os.listdir(folder) if f.endswith(".pth")]  # --save_interval_epochs 0: none written
+    assert os.listdir(tmp_path) == [os.path.basename(folder)]  # and so no latest pointer either
 
 
 def test_eval_and_predict(tmp_path):
     run("pspnet.py", *TINY, "--amp", "none", "--max_iters", "1", "--save_interval_epochs", "1", "--work_dir",
         str(tmp_path))
-    ckpt = str(tmp_path / "checkpoint-final.pth")
+    ckpt = checkpoint.resolve("auto", str(tmp_path))
+    assert os.path.basename(ckpt) == "checkpoint-final.pth"
     out = run("pspnet.py", "--data", "demo", "--device", "cpu", "--scale", "(256, 64)", "--num_val_images", "2",
               "--num_workers", "0", "--eval", ckpt, "--work_dir", str(tmp_path / "eval"))
     assert "eval: 2 images" in out and "mIoU" in out
+    assert not os.path.exists(tmp_path / "eval")  # --eval writes nothing (no run folder, no log)
     from common.data import PALETTE, demo_root, read_image
     images = os.path.join(demo_root(), "ADEChallengeData2016", "images", "validation")
     first = sorted(os.listdir(images))[0]

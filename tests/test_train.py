@@ -1,14 +1,17 @@
 """The trainer's pieces: poly lr, the CLI, empty batches, the overflow stop, the log files."""
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common import checkpoint, config, data, train
+from common import checkpoint, config, data, runs, train
 from common.amp import Amp
+from common.errors import BadFileError
 
 # ----------------------------------------------------------------------------------------------------------------
 # schedule
@@ -169,7 +172,7 @@ def test_checkpoint_atomic_save_and_reference_formats(tmp_path):
         checkpoint.load_weights(other, str(tmp_path / f'ref{i}.pth'), log=lambda m: None)
         assert all(torch.equal(v, other.state_dict()[k]) for k, v in sd.items())
     torch.save({'model': {'decoder.weight': sd['decoder.weight']}}, tmp_path / 'partial.pth')
-    with pytest.raises(RuntimeError, match='missing'):
+    with pytest.raises(BadFileError, match=r'partial\.pth: does not match this model.*missing 10'):
         checkpoint.load_weights(TinyNet(), str(tmp_path / 'partial.pth'), log=lambda m: None)
     with pytest.raises(FileNotFoundError):
         checkpoint.resolve('auto', str(tmp_path / 'nothing_here'))
@@ -196,6 +199,11 @@ def test_main_writes_config_jsonl_and_eval(tmp_path):
             '--num_train_images', '4', '--num_val_images', '2', '--max_iters', '3', '--log_interval', '2',
             '--save_predictions', '1', '--work_dir', str(tmp_path)]
     metrics = train.main(_seg_cfg(), build, argv, name='tiny')
+    # everything lands in the run's own timestamped folder; the work dir holds only it and the latest pointer
+    (run,) = runs.runs(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(run), 'latest'])
+    assert re.fullmatch(r'\d{8}_\d{6}', os.path.basename(run))
+    root, tmp_path = tmp_path, Path(run)
     with open(tmp_path / 'config.json') as f:
         saved = json.load(f)
     assert saved['amp'] == 'torch' and saved['crop_size'] == [32, 32] and saved['max_iters'] == 3
@@ -208,7 +216,8 @@ def test_main_writes_config_jsonl_and_eval(tmp_path):
     evals = [r for r in recs if r['kind'] == 'eval']
     assert len(evals) == 1 and evals[0]['mIoU'] == pytest.approx(metrics['mIoU'])
     assert os.listdir(tmp_path / 'pred') and 'mIoU' in (tmp_path / 'log.txt').read_text()
-    ck = checkpoint.load(checkpoint.resolve('auto', str(tmp_path)))
+    assert checkpoint.resolve('auto', str(root)) == checkpoint.resolve('auto', str(tmp_path))
+    ck = checkpoint.load(checkpoint.resolve('auto', str(root)))
     assert ck['config']['max_iters'] == 3 and ck['iteration'] == 3
 
 

@@ -1,0 +1,149 @@
+"""Run folders: a run never overwrites another run (mmseg's habit).
+
+    work_dirs/<config>/                    the work dir (--work_dir)
+        latest                             -> <run>/checkpoint-*.pth: the newest checkpoint of any run
+        20261201_103300/                   one training run: config.json, log.txt, metrics.jsonl, checkpoints, pred/
+            latest                         -> its own newest checkpoint
+            .lock                          {"pid", "host", "start"} while a process writes the folder
+
+A new run gets a new timestamped folder (mkdir is atomic, so two runs started in the same second get two folders).
+`--resume auto` follows the work dir's latest and continues in that run's own folder; `--resume PATH` continues in
+PATH's folder when it is a run folder of this work dir, else starts a new one. The work dir's `latest` only moves
+when a checkpoint has been written, so a failed or short run never hides the last good one. The lock stops a second
+process (a second --resume auto) from writing a folder another one is writing; a lock whose process is gone (same
+host, pid dead or reused) is stale and taken over. --eval / --predict / --summary create no run folder.
+"""
+import json
+import os
+import socket
+import time
+
+from . import checkpoint
+from .errors import UserError
+
+LOCK = ".lock"
+
+
+class RunLockedError(UserError):
+    pass
+
+
+def new_run_dir(root):
+    """Create and return root/<YYYYmmdd_HHMMSS>[_N], a folder no other run has."""
+    os.makedirs(root, exist_ok=True)
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    for n in range(1, 1000):
+        path = os.path.join(root, stamp if n == 1 else f"{stamp}_{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"--work_dir {root}: cannot create a run folder for {stamp} (999 exist)")
+
+
+def run_of(ckpt_path, root):
+    """The run folder of root that holds ckpt_path, else None (a checkpoint from elsewhere starts a new run)."""
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    return folder if os.path.dirname(folder) == os.path.abspath(root) else None
+
+
+def runs(root):
+    """root's run folders, oldest first (by name: the timestamps sort)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, d) for d in os.listdir(root)
+                  if os.path.isdir(os.path.join(root, d)) and d[:8].isdigit() and len(d) >= 15)
+
+
+def _start_time(pid):
+    """The process's start time in clock ticks since boot (Linux), to tell a live holder from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid, start):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    now = _start_time(pid)
+    return start is None or now is None or now == start
+
+
+class RunLock:
+    """An exclusive lock on one run folder: a file created with O_EXCL holding the holder's pid, host, start time."""
+
+    def __init__(self, folder):
+        self.path, self.held = os.path.join(folder, LOCK), False
+
+    def acquire(self, log=print):
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._stale(holder):
+                    raise RunLockedError(
+                        f"run folder {os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {holder.get('since')}; lock {self.path}); wait for it to end, "
+                        f"or delete the lock file if that process is gone")
+                log(f"run: removing the stale lock {self.path} ({holder or 'unreadable'}: that process is gone)")
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunLockedError(f"cannot take the lock {self.path}: another process keeps taking it")
+
+    def _holder(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None  # empty or half-written: a process killed between create and write
+
+    @staticmethod
+    def _stale(holder):
+        if holder.get("host") != socket.gethostname():
+            return False  # another machine's process: we cannot tell, so it holds
+        return not _alive(int(holder.get("pid", -1)), holder.get("start"))
+
+    def release(self):
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def open_run(root, resume_path, log=print):
+    """(run folder, lock) for a training run: resume_path's run folder, else a new one. Rank 0 only."""
+    folder = run_of(resume_path, root) if resume_path else None
+    if folder is None:
+        folder = new_run_dir(root)
+        lock = RunLock(folder).acquire(log)
+        log(f"run: {folder} (new)")
+        return folder, lock
+    lock = RunLock(folder).acquire(log)
+    left = checkpoint.temp_files(folder)
+    if left:  # a save that a kill interrupted: its temp files are ours now that we hold the lock
+        size = sum(os.path.getsize(p) for p in left)
+        for p in left:
+            os.remove(p)
+        log(f"run: removed {len(left)} temp file(s) a killed run left ({size / 2**20:.1f} MB): "
+            f"{', '.join(os.path.basename(p) for p in left)}")
+    log(f"run: {folder} (resumed)")
+    return folder, lock
