@@ -188,3 +188,212 @@ def test_a_huge_finite_input_that_overflows_running_var_is_a_skipped_step(tmp_pa
     assert all(np.isfinite(r["loss"]) for r in recs[:2])  # the loss said nothing was wrong
     for k, v in model.state_dict().items():
         assert not v.is_floating_point() or torch.isfinite(v).all(), k
+
+
+def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path):
+    sd = BNNet().state_dict()
+    good = checkpoint.save(str(tmp_path / "checkpoint-epoch-1.pth"), {"model": sd, "iteration": 1})
+    bad = dict(sd, **{"bn2.running_var": torch.full((8,), float("nan"))})
+    with pytest.raises(checkpoint.NonFiniteState, match=r"bn2\.running_var"):
+        checkpoint.save(str(tmp_path / "checkpoint-epoch-2.pth"), {"model": bad, "iteration": 2})
+    momentum = {"state": {0: {"momentum_buffer": torch.tensor([float("inf")])}}}
+    with pytest.raises(checkpoint.NonFiniteState, match=r"optimizer\.state\.0\.momentum_buffer"):
+        checkpoint.save(str(tmp_path / "checkpoint-epoch-3.pth"), {"model": sd, "optimizer": momentum})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-epoch-1.pth", "latest"]  # no file, no temp file
+    assert checkpoint.resolve("auto", str(tmp_path)) == good
+
+
+def build_bnnet(cfg=None, num_classes=150):
+    net = BNNet()
+    net.decoder, net.auxiliary_decoder = nn.Conv2d(8, num_classes, 1), nn.Conv2d(8, num_classes, 1)
+    return net
+
+
+TINY = ["--data", "demo", "--device", "cpu", "--kernels", "torch", "--crop_size", "(32, 32)", "--scale", "(128, 32)",
+        "--batch_size", "2", "--num_workers", "0", "--num_train_images", "4", "--num_val_images", "1",
+        "--eval_interval_epochs", "0", "--save_interval_epochs", "1", "--save_predictions", "0",
+        "--log_interval", "1", "--amp", "none"]
+
+
+def main(work_dir, *flags, build=build_bnnet):
+    """train.main on the tiny BN net; returns (result, stdout lines). A one-line error comes back as SystemExit."""
+    return train.main(config.segmentor_cfg(num_classes=150), build, [*TINY, "--work_dir", str(work_dir), *flags],
+                      name="tiny")
+
+
+def test_overflow_storm_stop_names_a_checkpoint_that_evaluates_normally(tmp_path, capsys):
+    # the issue's reproduction, shrunk: lr 1e6 blows the weights up until every step overflows
+    with pytest.raises(SystemExit) as e:
+        main(tmp_path, "--amp", "apex", "--amp_dtype", "float16", "--max_iters", "40", "--max_skipped_steps", "4",
+             "--keep_checkpoints", "0", "--lr", "1e6")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("error: stopping at iteration"), msg
+    named = re.search(r"last good checkpoint is (\S+\.pth)", msg).group(1)
+    # every checkpoint written, the one named and the one latest names, holds finite tensors only
+    (folder,) = runs.runs(str(tmp_path))
+    written = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pth")]
+    assert named in written and checkpoint.resolve("auto", str(tmp_path)) == named
+    for path in written:
+        for k, v in checkpoint.load(path)["model"].items():
+            assert not v.is_floating_point() or torch.isfinite(v).all(), (path, k)
+    capsys.readouterr()
+    res = main(tmp_path / "eval", "--eval", named, "--num_val_images", "2")
+    assert np.isfinite(res["aAcc"]) and np.isfinite(res["mIoU"])
+    assert not os.path.exists(tmp_path / "eval")
+
+
+class ScriptedAmp:
+    """An Amp stand-in whose steps follow a script of (skipped, loss scale after the step): the counting rule alone."""
+
+    def __init__(self, script):
+        self.script, self.i, self.loss_scale = script, 0, script[0][1] * 2 if script[0][0] else script[0][1]
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+    def backward(self, loss, optimizer):
+        loss.backward()
+
+    def step(self, optimizer, skip=False):
+        skipped, self.loss_scale = self.script[self.i]
+        self.i += 1
+        if not skipped:
+            optimizer.step()
+        return skipped
+
+
+def _scripted(tmp_path, script, max_skipped, start=0.0):
+    model = BNNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    amp = ScriptedAmp(script)
+    amp.loss_scale = start or amp.loss_scale
+    cfg = dict(config.DEFAULTS, num_classes=2, max_iters=len(script), batch_size=2, num_workers=0, log_interval=1,
+               eval_interval_epochs=0, save_interval_epochs=0, work_dir=str(tmp_path), max_skipped_steps=max_skipped)
+    loader = data.train_loader(Toy(), 2, 0, seed=0, num_items=4)
+    try:
+        train.fit(cfg, model, opt, amp, loader, None, 0, "cpu", train.Logger(str(tmp_path)))
+    except train.TooManySkippedSteps as e:
+        return amp.i, str(e)
+    return amp.i, None
+
+
+def test_max_skipped_steps_ignores_the_loss_scale_warm_up(tmp_path):
+    # fp16 warm-up: 65536 -> 32768 -> 16384 -> 8192 -> 4096 (4 skips), then clean steps: not a reason to stop
+    warm = [(True, 32768.), (True, 16384.), (True, 8192.), (True, 4096.)] + [(False, 4096.)] * 2
+    assert _scripted(tmp_path / "a", warm, max_skipped=2, start=65536.) == (6, None)
+    # after the first clean step every skip counts: 3 in a row stop a --max_skipped_steps 3 run at once
+    storm = [(True, 32768.), (False, 32768.), (True, 16384.), (True, 8192.), (True, 4096.), (False, 4096.)]
+    n, msg = _scripted(tmp_path / "b", storm, max_skipped=3, start=65536.)
+    assert n == 5 and "last 3 steps were all skipped" in msg
+    # a scale that never settles: once it falls below 1 the skips count (no endless warm-up)
+    never = [(True, 2.0 ** (15 - i)) for i in range(24)]
+    n, msg = _scripted(tmp_path / "c", never, max_skipped=3, start=65536.)
+    assert n == 16 + 3 and "last 3 steps" in msg  # 16 halvings reach 1.0, then 0.5, 0.25, 0.125 count
+    # no dynamic scale (fp32, bf16, O3): the scale does not move, so every skip counts from the first
+    static = [(True, 1.0)] * 4
+    assert _scripted(tmp_path / "d", static, max_skipped=2, start=1.0)[0] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. a run never overwrites another run
+
+
+def _tree(folder):
+    """{relative path: (size, mtime_ns)} of everything under folder: 'wrote nothing' means this does not change."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(d, f)
+            st = os.stat(p)
+            out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_runs_get_their_own_folders_and_latest_moves_only_on_a_checkpoint(tmp_path, capsys):
+    main(tmp_path, "--max_iters", "4")
+    (first,) = runs.runs(str(tmp_path))
+    kept = _tree(first)
+    main(tmp_path, "--max_iters", "2")  # a second run: a new folder; the first one is untouched
+    main(tmp_path, "--max_iters", "1", "--save_interval_epochs", "0")  # writes no checkpoint: latest stays
+    folders = runs.runs(str(tmp_path))
+    assert len(folders) == 3 and folders[0] == first and _tree(first) == kept
+    assert checkpoint.resolve("auto", str(tmp_path)) == os.path.join(folders[1], "checkpoint-final.pth")
+    assert checkpoint.load(checkpoint.resolve("auto", str(tmp_path)))["iteration"] == 2
+    for f in folders:  # each run's log is its own
+        assert open(os.path.join(f, "log.txt")).read().count("config: ") == 1
+    # --eval / --predict / --summary write nothing anywhere under the work dir
+    before = _tree(tmp_path)
+    main(tmp_path, "--eval", "auto")
+    main(tmp_path, "--summary")
+    image = os.path.join(data.demo_root(), "ADEChallengeData2016", "images", "validation")
+    image = os.path.join(image, sorted(os.listdir(image))[0])
+    main(tmp_path, "--predict", image, "--out", str(tmp_path.parent / (tmp_path.name + "-pred")))
+    assert _tree(tmp_path) == before
+
+
+def test_two_runs_started_together_never_share_a_folder(tmp_path):
+    a, b = runs.new_run_dir(str(tmp_path)), runs.new_run_dir(str(tmp_path))  # same second
+    assert a != b and os.path.basename(b).startswith(os.path.basename(a))
+
+
+def _sleeper():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_the_lock_names_its_holder_and_stale_locks_are_taken_over(tmp_path):
+    main(tmp_path, "--max_iters", "4", "--stop_iters", "2")
+    (folder,) = runs.runs(str(tmp_path))
+    assert not os.path.exists(os.path.join(folder, runs.LOCK))  # released at the end of the run
+    holder = _sleeper()
+    try:
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "start": runs._start_time(holder.pid),
+                "since": "2026-12-01 10:00:00"}
+        with open(os.path.join(folder, runs.LOCK), "w") as f:
+            json.dump(lock, f)
+        before = _tree(folder)
+        with pytest.raises(SystemExit) as e:
+            main(tmp_path, "--max_iters", "4", "--resume", "auto")
+        msg = str(e.value)
+        assert re.fullmatch(rf"error: run folder {re.escape(folder)} is in use by pid {holder.pid} on "
+                            rf"{re.escape(socket.gethostname())} .*lock {re.escape(folder)}/\.lock.*", msg), msg
+        assert _tree(folder) == before  # the second process wrote nothing there
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone now (and a pid that came back as another process is told apart by its start time)
+    main(tmp_path, "--max_iters", "4", "--resume", "auto")
+    log = open(os.path.join(folder, "log.txt")).read()
+    assert "removing the stale lock" in log and checkpoint.load(checkpoint.latest(folder))["iteration"] == 4
+    lock["pid"], lock["start"] = os.getpid(), -1  # our own live pid, but another start time: a reused pid
+    assert runs.RunLock._stale(lock)
+    lock["start"] = runs._start_time(os.getpid())
+    assert not runs.RunLock._stale(lock)
+
+
+def test_resume_auto_cleans_temp_files_finished_runs_and_changed_schedules(tmp_path, capsys):
+    main(tmp_path, "--max_iters", "4", "--stop_iters", "3")
+    (folder,) = runs.runs(str(tmp_path))
+    for name in (".checkpoint-final.pth.tmp-k1ll3d", ".latest.tmp-x9"):  # what a kill -9 mid-save leaves
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(b"\0" * 4096)
+    capsys.readouterr()
+    main(tmp_path, "--max_iters", "4", "--resume", "auto")
+    out = capsys.readouterr().out
+    assert "removed 2 temp file(s) a killed run left" in out and not checkpoint.temp_files(folder)
+    assert runs.runs(str(tmp_path)) == [folder]  # continued in its own folder
+    log = open(os.path.join(folder, "log.txt")).read()
+    assert log.count("config: ") == 2 and "resume: " in log  # both runs' lines, the second marked as a resume
+    # a finished run: says so and writes nothing
+    before = _tree(tmp_path)
+    main(tmp_path, "--max_iters", "4", "--resume", "auto")
+    out = capsys.readouterr().out
+    assert re.search(r"resume: \S+checkpoint-final\.pth already finished at iteration 4; nothing to do", out), out
+    assert _tree(tmp_path) == before
+    # another schedule: the lr curve changes, and the warning says so
+    main(tmp_path, "--max_iters", "6", "--resume", "auto")
+    out = capsys.readouterr().out
+    assert re.search(r"WARNING: resuming .* with another schedule \(--max_iters 4 -> 6; 4 -> 6 iterations\): the lr "
+                     r"curve changes from iteration 4 on", out), out
+    main(tmp_path, "--max_iters", "8", "--batch_size", "4", "--resume", "auto")
+    out = capsys.readouterr().out
+    assert "--batch_size 2 -> 4" in out and "the lr curve changes from iteration 6 on" in out, out
