@@ -102,6 +102,10 @@ def _nbytes(tree):
     return 0
 
 
+def _size(n):
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{max(n, 1) / 2**10:.0f} KB"
+
+
 def _replace_atomically(write, path, size_hint=0):
     """write(file) into a temp file next to `path`, fsync it, then rename over `path`: readers see old or new."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -122,7 +126,7 @@ def _replace_atomically(write, path, size_hint=0):
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             prev = latest(folder)
             raise DiskFullError(
-                f"no space left on device writing {path} (about {max(size_hint, 1) / 2**20:.0f} MB needed); "
+                f"no space left on device writing {path} (about {_size(size_hint)} needed); "
                 + (f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint in this folder")
                 + "; free some space (or --keep_checkpoints N) and --resume auto") from e
         raise
@@ -137,7 +141,8 @@ def _replace_atomically(write, path, size_hint=0):
 
 
 def _write_pointer(folder, target):
-    _replace_atomically(lambda f: f.write(target.encode() + b"\n"), os.path.join(folder, LATEST))
+    line = target.encode() + b"\n"
+    _replace_atomically(lambda f: f.write(line), os.path.join(folder, LATEST), size_hint=len(line))
 
 
 def save(path, state, root=None):
@@ -224,20 +229,23 @@ def load(path, map_location="cpu"):
                            f"use an earlier checkpoint")
     with open(path, "rb") as f:
         head = f.read(4)
+    is_zip, is_pickle = head == b"PK\x03\x04", head[:1] == b"\x80"  # torch.save's zip format; a (legacy) pickle
+    if not (is_zip or is_pickle):
+        raise BadFileError(f"{path}: not a PyTorch checkpoint ({size} bytes, neither torch.save's zip format nor a "
+                           f"pickle)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):  # a pickle that would run code on load
+        if "weights only" in str(e).lower():  # a pickle that would build arbitrary objects (run code) on load
             raise BadFileError(f"{path}: holds Python objects other than tensors and containers, which are not loaded "
                                f"(they could run code); re-save it as a dict of tensors "
                                f"(torch.save({{'model': model.state_dict()}}, path))") from e
-        raise BadFileError(f"{path}: not a PyTorch checkpoint ({size} bytes that do not unpickle)") from e
+        raise BadFileError(f"{path}: damaged checkpoint ({size} bytes that do not unpickle); use an earlier "
+                           f"checkpoint") from e
     except Exception as e:
-        if head == b"PK\x03\x04":  # torch.save's zip format, cut short or damaged
-            raise BadFileError(f"{path}: truncated or corrupt checkpoint ({size} bytes; the zip archive is "
-                               f"incomplete, e.g. a copy or save that was cut short); use an earlier checkpoint") from e
-        raise BadFileError(f"{path}: not a PyTorch checkpoint ({size} bytes, neither torch.save's zip format nor a "
-                           f"pickle)") from e
+        raise BadFileError(f"{path}: truncated or corrupt checkpoint ({size} bytes; the "
+                           f"{'zip archive' if is_zip else 'pickle'} is incomplete, e.g. a copy or save that was cut "
+                           f"short); use an earlier checkpoint") from e
 
 
 def load_training(path):

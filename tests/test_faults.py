@@ -397,3 +397,197 @@ def test_resume_auto_cleans_temp_files_finished_runs_and_changed_schedules(tmp_p
     main(tmp_path, "--max_iters", "8", "--batch_size", "4", "--resume", "auto")
     out = capsys.readouterr().out
     assert "--batch_size 2 -> 4" in out and "the lr curve changes from iteration 6 on" in out, out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. the corpus: every bad file gets one line naming the file and the cause (generated here, none committed)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """A real training checkpoint of the tiny net (iteration 2 of 4), and one of the same net with 3 classes."""
+    d = tmp_path_factory.mktemp("good")
+    main(d / "a", "--max_iters", "4", "--stop_iters", "2")
+    path = checkpoint.resolve("auto", str(d / "a"))
+    other = dict(checkpoint.load(path), model=build_bnnet(num_classes=3).state_dict())
+    return path, _torch_save(d / "three-classes.pth", other)
+
+
+class Code:  # pickled as a class instance: weights_only=True refuses to build it (it could run code)
+    pass
+
+
+def _write(path, content):
+    with open(path, "wb") as f:
+        f.write(content)
+    return str(path)
+
+
+def _torch_save(path, obj):
+    torch.save(obj, path)
+    return str(path)
+
+
+def _cut(fraction):
+    def make(path, good):
+        raw = open(good[0], "rb").read()
+        return _write(path, raw[:int(len(raw) * fraction)])
+    return make
+
+
+SD = {"model": None}
+NOT_TRAINING = r"not a training checkpoint \(no optimizer/iteration state.*use --init .* to start"
+FILE_CASES = {  # name: (make(path, good) -> path, {flag: expected cause}); flags --resume, --eval, --init
+    "zero-byte": (lambda p, g: _write(p, b""), dict.fromkeys(("--resume", "--eval", "--init"),
+                                                             r"empty file \(0 bytes\), not a checkpoint")),
+    "random-bytes": (lambda p, g: _write(p, np.random.default_rng(0).bytes(5000)),
+                     dict.fromkeys(("--resume", "--eval", "--init"), r"not a PyTorch checkpoint \(5000 bytes")),
+    "text": (lambda p, g: _write(p, b"model weights: see README\n"),
+             dict.fromkeys(("--resume", "--eval"), r"not a PyTorch checkpoint")),
+    "truncated-half": (_cut(0.5), dict.fromkeys(("--resume", "--eval", "--init"),
+                                                r"truncated or corrupt checkpoint .*use an earlier checkpoint")),
+    "truncated-tail": (_cut(0.995), dict.fromkeys(("--resume", "--eval"), r"truncated or corrupt checkpoint")),
+    "zip-header-only": (_cut(0.0005), {"--resume": r"truncated or corrupt checkpoint"}),
+    "pickled-code": (lambda p, g: _torch_save(p, {"model": Code()}),
+                     dict.fromkeys(("--resume", "--eval"), r"holds Python objects other than tensors.*re-save it")),
+    "ssseg-weights-only": (lambda p, g: _torch_save(p, {"model": checkpoint.load(g[0])["model"], "cur_epoch": 130}),
+                           {"--resume": NOT_TRAINING}),
+    "bare-state-dict": (lambda p, g: _torch_save(p, checkpoint.load(g[0])["model"]), {"--resume": NOT_TRAINING}),
+    "no-state-dict": (lambda p, g: _torch_save(p, {"epoch": 3, "note": "hello"}),
+                      {"--eval": r"holds no state dict", "--init": r"holds no state dict",
+                       "--resume": NOT_TRAINING}),
+    "another-model": (lambda p, g: _torch_save(p, {"model": nn.Linear(3, 2).state_dict()}),
+                      dict.fromkeys(("--eval", "--init"),
+                                    r"does not match this model .*missing \d+ \(backbone_net.*unexpected 2 \(weight, "
+                                    r"bias\)")),
+    "wrong-shapes": (lambda p, g: g[1], dict.fromkeys(
+        ("--resume", "--eval", "--init"),
+        r"does not match this model .*mismatched shapes \(file vs model\) 4 \(decoder\.weight \(3, 8, 1, 1\) vs "
+        r"\(150, 8, 1, 1\)")),
+}
+CASES = [(name, flag) for name, (_, flags) in FILE_CASES.items() for flag in flags]
+
+
+def _one_line_error(e, path, cause):
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    assert path in msg, (path, msg)
+    assert re.search(cause, msg), (cause, msg)
+    assert "weights_only=False" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("name,flag", CASES, ids=[f"{n}{f}" for n, f in CASES])
+def test_corpus_bad_checkpoint_files(tmp_path, good, name, flag):
+    make, flags = FILE_CASES[name]
+    path = make(tmp_path / f"{name}.pth", good)
+    with pytest.raises(SystemExit) as e:
+        main(tmp_path / "work", "--max_iters", "4", flag, path)
+    _one_line_error(e, path, flags[flag])
+    if flag != "--resume":  # --init and --eval fail before any folder exists; --resume from elsewhere too
+        assert not os.path.exists(tmp_path / "work")
+
+
+POINTERS = {"empty": (b"", r"the latest-checkpoint pointer is empty"),
+            "whitespace": (b"\n \n", r"the latest-checkpoint pointer is empty"),
+            "garbage": (bytes(range(128, 256)), r"the latest-checkpoint pointer is not a file name"),
+            "dangling": (b"20261201_000000/checkpoint-final.pth\n", r"names '20261201_000000/checkpoint-final\.pth', "
+                                                                    r"which does not exist")}
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval"])
+@pytest.mark.parametrize("kind", sorted(POINTERS))
+def test_corpus_bad_latest_pointers(tmp_path, kind, flag):
+    content, cause = POINTERS[kind]
+    os.makedirs(tmp_path / "work")
+    pointer = _write(tmp_path / "work" / "latest", content)
+    with pytest.raises(SystemExit) as e:
+        main(tmp_path / "work", "--max_iters", "4", flag, "auto" if flag == "--resume" else str(tmp_path / "work"))
+    _one_line_error(e, pointer, cause)
+    assert os.listdir(tmp_path / "work") == ["latest"]  # nothing written
+
+
+@pytest.fixture(scope="module")
+def ade(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ade"))
+    data.make_demo_ade20k(root, num_train=4, num_val=2, seed=0)
+    return root
+
+
+DATA_CASES = [  # (split folder, images|annotations, file index, mode, workers)
+    ("training", "images", 1, "train", 0), ("training", "annotations", 2, "train", 0),
+    ("training", "images", 0, "train", 1), ("validation", "images", 0, "eval", 0),
+    ("validation", "annotations", 1, "eval", 0),
+]
+
+
+@pytest.mark.parametrize("split,kind,index,mode,workers", DATA_CASES)
+def test_corpus_zero_byte_images_and_annotations(tmp_path, ade, good, split, kind, index, mode, workers):
+    import shutil
+    root = str(tmp_path / "ade")
+    shutil.copytree(ade, root)
+    folder = os.path.join(root, "ADEChallengeData2016", kind, split)
+    path = _write(os.path.join(folder, sorted(os.listdir(folder))[index]), b"")
+    flags = ["--data", "ade20k", "--data_root", root, "--num_workers", str(workers), "--num_val_images", "2",
+             "--pretrained", "none"]
+    with pytest.raises(SystemExit) as e:
+        if mode == "train":
+            main(tmp_path / "work", "--max_iters", "2", *flags)
+        else:
+            main(tmp_path / "work", "--eval", good[0], *flags)
+    what = "image" if kind == "images" else "annotation"
+    _one_line_error(e, path, rf"^error: {what} \S+ is an empty file \(0 bytes\): replace it")
+
+
+class _FillsUp:
+    """A file that takes `room` bytes and then fails as a full disk does (errno 28)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        n = len(memoryview(b).cast("B"))
+        if n > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= n
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "latest"])
+def test_corpus_disk_full_while_saving(tmp_path, monkeypatch, target):
+    real = checkpoint._open
+
+    def opener(fd, mode):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        full = name.startswith(".checkpoint-final.pth.tmp-" if target == "checkpoint" else ".latest.tmp-") and \
+            (target == "checkpoint" or os.path.exists(os.path.join(os.path.dirname(
+                os.readlink(f"/proc/self/fd/{fd}")), "checkpoint-final.pth")))
+        return _FillsUp(real(fd, mode), (1000 if target == "checkpoint" else 0) if full else 1 << 40)
+    monkeypatch.setattr(checkpoint, "_open", opener)
+    with pytest.raises(SystemExit) as e:
+        main(tmp_path, "--max_iters", "4")  # epoch 1 saves fine; the final save hits the full disk
+    (folder,) = runs.runs(str(tmp_path))
+    first = os.path.join(folder, "checkpoint-epoch-1.pth")
+    written = os.path.join(folder, "checkpoint-final.pth" if target == "checkpoint" else "latest")
+    msg = _one_line_error(e, written, rf"no space left on device writing \S+ \(about \d+ MB needed\); the previous "
+                                      rf"checkpoint {re.escape(first)} is intact")
+    assert checkpoint.latest(folder) == first and checkpoint.load(first)["iteration"] == 2
+    assert not checkpoint.temp_files(folder) and "enforce fail" not in msg
+
+
+def test_corpus_a_script_prints_one_line_and_no_traceback(tmp_path):
+    bad = _write(tmp_path / "empty.pth", b"")
+    p = subprocess.run([sys.executable, "pspnet.py", "--data", "demo", "--device", "cpu", "--resume", bad,
+                        "--work_dir", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines() == [f"error: {bad}: empty file (0 bytes), not a checkpoint (a copy or save "
+                                             f"that never finished?); use an earlier checkpoint"]
