@@ -578,7 +578,7 @@ def test_corpus_disk_full_while_saving(tmp_path, monkeypatch, target):
     (folder,) = runs.runs(str(tmp_path))
     first = os.path.join(folder, "checkpoint-epoch-1.pth")
     written = os.path.join(folder, "checkpoint-final.pth" if target == "checkpoint" else "latest")
-    msg = _one_line_error(e, written, rf"no space left on device writing \S+ \(about \d+ MB needed\); the previous "
+    msg = _one_line_error(e, written, rf"no space left on device writing \S+ \(about \d+ [KM]B needed\); the previous "
                                       rf"checkpoint {re.escape(first)} is intact")
     assert checkpoint.latest(folder) == first and checkpoint.load(first)["iteration"] == 2
     assert not checkpoint.temp_files(folder) and "enforce fail" not in msg
