@@ -591,3 +591,74 @@ def test_corpus_a_script_prints_one_line_and_no_traceback(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip().splitlines() == [f"error: {bad}: empty file (0 bytes), not a checkpoint (a copy or save "
                                              f"that never finished?); use an earlier checkpoint"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. kill -9 while a checkpoint is being written, then a bit-exact resume
+
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+import torch, torch.nn as nn
+from common import config, train
+from test_faults import BNNet, TINY
+
+class Ballast(BNNet):
+    # 16M extra weights (64 MB, and as much momentum): the checkpoint write lasts long enough to be killed in
+    def __init__(self, num_classes):
+        super().__init__()
+        self.decoder, self.auxiliary_decoder = nn.Conv2d(8, num_classes, 1), nn.Conv2d(8, num_classes, 1)
+        self.ballast = nn.Parameter(torch.zeros(16 * 2**20))
+
+    def forward(self, x):
+        out = super().forward(x)
+        out["out"] = out["out"] + 0 * self.ballast[:1].sum()  # in the graph, so it has a grad and momentum
+        return out
+
+train.main(config.segmentor_cfg(num_classes=150), lambda cfg=None, num_classes=150: Ballast(num_classes),
+           [*TINY, *sys.argv[1:]], name="tiny")
+"""
+
+
+def _driver(tmp_path, work, *flags):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+    return subprocess.Popen([sys.executable, str(script), "--max_iters", "4", "--work_dir", str(work), *flags],
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.slow  # ~60 s on the 2-core box: three training processes
+def test_kill_9_during_a_checkpoint_write_then_resume_bit_exactly(tmp_path):
+    straight = _driver(tmp_path, tmp_path / "straight")
+    victim = _driver(tmp_path, tmp_path / "victim")
+    folder, tmp, t0 = None, None, time.time()
+    while tmp is None and victim.poll() is None and time.time() - t0 < 240:  # wait for the final save's temp file
+        folder = folder or (runs.runs(str(tmp_path / "victim")) or [None])[0]
+        if folder:
+            tmp = next((os.path.join(folder, f) for f in os.listdir(folder)
+                        if f.startswith(".checkpoint-final.pth.tmp-")), None)
+        time.sleep(0.001)
+    assert tmp is not None, f"never saw the final checkpoint being written:\n{victim.communicate()[0][-3000:]}"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert os.path.exists(tmp) and not os.path.exists(os.path.join(folder, "checkpoint-final.pth"))
+    assert os.path.exists(os.path.join(folder, runs.LOCK))  # the dead process's lock: stale
+    assert checkpoint.load(checkpoint.resolve("auto", str(tmp_path / "victim")))["iteration"] == 2  # intact
+    out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out[-3000:]
+    resumed = _driver(tmp_path, tmp_path / "victim", "--resume", "auto")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "removing the stale lock" in out and "removed 1 temp file(s) a killed run left" in out, out
+    assert not checkpoint.temp_files(folder) and not os.path.exists(os.path.join(folder, runs.LOCK))
+    a = checkpoint.load(checkpoint.resolve("auto", str(tmp_path / "straight")))
+    b = checkpoint.load(checkpoint.resolve("auto", str(tmp_path / "victim")))
+    assert a["iteration"] == b["iteration"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]), i
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
