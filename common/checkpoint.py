@@ -5,10 +5,12 @@ torch.load(weights_only=True) (no pickled code runs at load):
     model      the unwrapped module's state_dict (fp32; for apex O2 the fp32 master weights)
     optimizer  optimizer.state_dict()      amp  amp.state_dict() (apex's {'loss_scaler0': ...} format for apex)
     iteration  finished optimizer steps    epoch  the epoch the next iteration belongs to
+    max_iters  the schedule's length (so --resume can tell a finished run and a changed schedule)
     rng        python / numpy / torch CPU / CUDA generator states
     config     the resolved run config (common.config.parse)
 ssseg's own checkpoints ({'model': sd, 'optimizer': ..., 'cur_epoch': ...}) and bare state dicts load for
---eval / --predict through model_state().
+--eval / --predict / --init through model_state(). A state holding an inf/NaN tensor is never written. A file that
+cannot be used raises BadFileError with one line naming it, the cause and what to do (never "weights_only=False").
 
 Exact resume needs every random draw to be a pure function of (seed, epoch, position in the epoch). The model's
 draws (dropout) come from torch's global generator, which we save. The data's come from common.data.train_loader,
@@ -223,6 +225,9 @@ def resolve(path, work_dir, flag="--resume"):
 
 def load(path, map_location="cpu"):
     """torch.load(weights_only=True), with one line naming the file and the cause when it cannot be used."""
+    if not os.path.isfile(path):
+        raise NoCheckpointError(f"checkpoint {path} does not exist" + (" (a folder: pass a .pth inside it)"
+                                                                        if os.path.isdir(path) else ""))
     size = os.path.getsize(path)
     if size == 0:
         raise BadFileError(f"{path}: empty file (0 bytes), not a checkpoint (a copy or save that never finished?); "

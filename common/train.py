@@ -6,8 +6,9 @@ batch of 16, loss = CE(out) + 0.4 CE(aux). Where the upsampling happens is decid
   train: the model returns low-resolution logits; seg_cross_entropy upsamples both to the crop size before the CE;
   eval:  low-resolution logits are resized straight to the ORIGINAL image size, then argmax (no intermediate size).
 One step code path for every AMP mode (`with amp.autocast()`, `amp.backward`, `amp.step`): the loop never asks
-which kind it has. A non-finite gradient never reaches the weights (amp.step skips), and a run that keeps
-overflowing stops with a message instead of silently training nothing.
+which kind it has. A non-finite gradient never reaches the weights (amp.step skips), a skipped step puts the BN
+running stats back (common/guard.py), and a run that keeps overflowing stops with a message instead of silently
+training nothing. Each training run writes into its own locked folder under the work dir (common/runs.py).
 """
 import contextlib
 import json
@@ -51,6 +52,9 @@ class Logger:
         self.work_dir = folder
         if self.main:
             os.makedirs(folder, exist_ok=True)
+            if os.path.exists(os.path.join(folder, "log.txt")):  # a resumed run: mark where its lines begin
+                self.to_file(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: a new process in "
+                             f"this run folder ====")
             held, self._held = self._held, []
             for name, line in held:
                 self.to_file(line, name)
