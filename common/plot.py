@@ -45,6 +45,7 @@ def plot(metrics_path, out_path):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     train, evals = read_records(metrics_path)
     if not train and not evals:
@@ -65,9 +66,10 @@ def plot(metrics_path, out_path):
     if any(r.get("loss_scale", 1) > 0 for r in train):
         scale_ax.set_yscale("log", base=2)
     skip_ax = scale_ax.twinx()
-    skip_ax.step(it, [r.get("skipped", 0) for r in train], where="post", color="C5", label="skipped steps (total)")
-    skip_ax.set_ylim(bottom=0)
-    skip_ax.yaxis.get_major_locator().set_params(integer=True)
+    skipped = [r.get("skipped", 0) for r in train]
+    skip_ax.step(it, skipped, where="post", color="C5", label="skipped steps (total)")
+    skip_ax.set_ylim(-0.05 * max(skipped + [1]), 1.1 * max(skipped + [1]))  # 0 sits just above the bottom axis
+    skip_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     scale_ax.set_title("loss scale (1 = no scaling) and skipped steps")
     handles = scale_ax.get_legend_handles_labels()[0] + skip_ax.get_legend_handles_labels()[0]
     scale_ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
@@ -78,6 +80,7 @@ def plot(metrics_path, out_path):
             eval_ax.plot(ev_it, v, "o-", color=colour, label=f"{key} (last {v[-1]:.2f})")
     eval_ax.set_title(f"evaluation ({len(evals)} so far)" if evals else "evaluation (none yet)")
     eval_ax.set_ylabel("%")
+    eval_ax.set_ylim(0, 100)
     for a in (loss_ax, lr_ax, scale_ax, eval_ax):
         a.set_xlabel("iteration")
         a.grid(alpha=0.3)

@@ -170,8 +170,8 @@ def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, l
     return out
 
 
-DEMO_NOTE = (f"note: this model was trained on the demo dataset, so it knows only its {len(data.DEMO_CLASSES)} "
-             f"classes ({', '.join(data.DEMO_CLASSES)}) of ADE20k's 150; every pixel gets one of those")
+DEMO_NOTE = (f"note: a model trained on the demo dataset has seen only {len(data.DEMO_CLASSES)} of ADE20k's 150 "
+             f"classes ({', '.join(data.DEMO_CLASSES)}); any other class in its pictures is noise")
 
 
 @torch.no_grad()

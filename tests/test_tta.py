@@ -83,6 +83,9 @@ def test_eval_line_names_precision_and_tta():
     lines.clear()
     res = train.evaluate(net, _loader(), 3, amp=amp, log=lines.append, classes=['a', 'b', 'c'])
     assert '| bf16 autocast | whole | tta off |' in lines[0] and res['precision'] == 'bf16 autocast'
+    res = train.evaluate(net, _loader(), 3, log=lines.append, classes=['a', 'b', 'c'], pictures=1)
+    pic = res['pictures'][0]  # image | truth | prediction at the label's size (47 x 61), titled, with a legend
+    assert len(res['pictures']) == 1 and pic.shape[0] >= 26 + 47 and pic.shape[1] > 3 * 61 and pic.dtype == np.uint8
     assert train.precision(Amp('none', device='cpu')) == 'fp32'
     assert train.precision(Amp('apex', opt_level='O0', dtype=torch.float16, device='cpu')) == 'fp32'
 
@@ -117,7 +120,7 @@ def test_predict_skips_unreadable_image_and_exits_nonzero(tmp_path, capsys):
     assert e.value.code == 1
     log = (tmp_path / 'w' / 'log.txt').read_text()
     assert 'WARNING: predict: skipping' in log and 'bad.jpg' in log and 'wrote 2, skipped 1' in log
-    assert 'knows only its 8 classes' in log  # a demo model says so
+    assert 'has seen only 8 of ADE20k' in log  # a demo model says so
     assert sorted(os.listdir(tmp_path / 'w' / 'pred')) == ['good0.png', 'good0_overlay.png', 'good1.png',
                                                            'good1_overlay.png']
     assert 'Traceback' not in capsys.readouterr().err

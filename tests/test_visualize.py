@@ -132,8 +132,10 @@ def test_tensorboard_missing_package_message(tmp_path, monkeypatch):
 def test_tensorboard_scalars_and_pictures(tmp_path):
     pytest.importorskip("tensorboard")  # optional: not in requirements.txt
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    w = tboard.Writer(str(tmp_path))
-    w.record(dict(kind="train", iteration=10, epoch=1, loss=2.5, lr=0.01, skipped=0))
+    from common.train import Logger
+    log = Logger(str(tmp_path))
+    w = log.tb = tboard.Writer(str(tmp_path))
+    log.record(kind="train", iteration=10, epoch=1, loss=2.5, lr=0.01, skipped=0)  # the trainer's records go there
     w.record(dict(kind="eval", iteration=20, mIoU=0.5, IoU=[0.5, 0.4], precision="fp32"))
     w.pictures(20, [np.zeros((8, 12, 3), np.uint8)])
     w.close()
