@@ -149,20 +149,22 @@ DEFAULTS = dict(
     save_interval_epochs=1,  # checkpoint every N epochs and always at the end (spec §1); 0 = never
     keep_checkpoints=3,  # delete older checkpoint files beyond the newest N (0 = keep all, as ssseg)
     log_interval=50,  # iterations between progress lines (spec §7)
+    tensorboard=False,  # also write the logged scalars and a few val pictures per evaluation to RUN_DIR/tensorboard
     max_skipped_steps=100,  # stop when this many consecutive steps are skipped for non-finite gradients
     ddp_fp16_compress='auto',  # auto | true | false: all-reduce grads in fp16 (auto = reference: on for amp torch fp16)
-    save_predictions=0,  # after the final evaluation, write colour masks of the first N val images to work_dir/pred
+    save_predictions=0,  # pictures of the first N val images (after training in RUN_DIR/pred; with --eval in --out)
     # modes
     resume='',  # '' | checkpoint path | 'auto' (work_dir/latest); continues exactly where it stopped
     eval='',  # checkpoint path: evaluate it on the val split and exit
     predict='',  # image file or folder: write colour masks of --ckpt's predictions to --out and exit
     ckpt='',  # checkpoint for --predict
-    out='',  # output folder for --predict ('' = work_dir/predict)
+    out='',  # output folder for --predict / --eval pictures ('' = work_dir/pred, beside the run folders)
     summary=False,  # print the parameter / multiply-accumulate table and exit
     # inference
     inference_mode='whole',  # whole | slide (the reference evaluates whole images, spec §8)
     slide_crop=(512, 512),  # (h, w) window for inference_mode=slide
     slide_stride=(341, 341),  # (h, w) window step for inference_mode=slide (mmseg's 2/3 overlap)
+    tta=False,  # --eval/--predict: horizontal flip x scales 0.5-1.75 of the test scale, logits averaged (common/tta.py)
     # system
     device='auto',  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     seed=0,  # data order, augmentation and init are a pure function of this (the reference does not seed, spec §7)

@@ -3,7 +3,8 @@
 torchvision's ConfusionMatrix design (bincount on the data's device, int64, one all-reduce across ranks), with the
 mIoU the reference reports: IoU_c = I_c / (P_c + L_c - I_c) summed over the whole dataset, then the nan-mean over
 classes, where a class absent from both prediction and label (zero union) is NaN and left out. torchvision's plain
-mean would turn every ADE20k run on a val subset into a NaN mIoU (STYLE.md §2, weakness 3).
+mean would turn every ADE20k run on a val subset into a NaN mIoU (STYLE.md §2, weakness 3). Beside it, mmseg's
+table: Acc_c = I_c / L_c (NaN for a class never labelled), mAcc = its nan-mean, aAcc = sum I / sum L.
 """
 import math
 
@@ -61,19 +62,25 @@ class ConfusionMatrix:
             "Acc": acc.tolist(),
         }
 
-    def format(self, classes=None):
-        """A per-class table for the log: one line per class present (in prediction or label), then the means."""
-        res = self.compute()
+    def format(self, classes=None, columns=3, res=None):
+        """mmseg's per-class table (IoU and Acc for each class present in prediction or label), `columns` classes per
+        line to keep a 150-class table short, then the means. res: a compute() result to reuse."""
+        res = res or self.compute()
         classes = classes or [str(c) for c in range(self.num_classes)]
-        lines = [f"{'class':<24s} {'IoU':>6s} {'Acc':>6s}"]
-        for name, iou, acc in zip(classes, res["IoU"], res["Acc"]):
-            if not math.isnan(iou):
-                acc_s = "   nan" if math.isnan(acc) else f"{100 * acc:6.2f}"
-                lines.append(f"{name.split(',')[0][:24]:<24s} {100 * iou:6.2f} {acc_s}")
+        cells = [f"{name.split(',')[0][:16]:<16s} {100 * iou:6.2f} {_pct(acc)}"
+                 for name, iou, acc in zip(classes, res["IoU"], res["Acc"]) if not math.isnan(iou)]
+        head = " | ".join([f"{'class':<16s} {'IoU':>6s} {'Acc':>6s}"] * min(columns, max(len(cells), 1)))
+        lines = [head] + [" | ".join(cells[k:k + columns]) for k in range(0, len(cells), columns)]
         absent = sum(math.isnan(v) for v in res["IoU"])
-        lines.append(f"mIoU {100 * res['mIoU']:.2f} | mAcc {100 * res['mAcc']:.2f} | aAcc {100 * res['aAcc']:.2f} "
-                     f"| {self.num_classes - absent} classes present, {absent} absent (not counted)")
+        lines.append(f"mIoU {_pct(res['mIoU'], 0)} | mAcc {_pct(res['mAcc'], 0)} | aAcc {_pct(res['aAcc'], 0)} "
+                     f"| {self.num_classes - absent} classes present, {absent} absent from prediction and label "
+                     "(not counted)")
         return "\n".join(lines)
+
+
+def _pct(v, width=6):
+    """A fraction as a percentage; 'nan' where undefined (the Acc of a class that is only predicted)."""
+    return f"{'nan':>{width}s}" if math.isnan(v) else f"{100 * v:{width}.2f}"
 
 
 def _nanmean(v):

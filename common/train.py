@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, config, data, dist, errors, layers, runs
+from . import checkpoint, config, data, dist, errors, layers, runs, visualize
 from .errors import UserError
 from .guard import BufferGuard
+from .tta import augmented_logits
 
 # ----------------------------------------------------------------------------------------------------------------
 # schedule
@@ -45,6 +46,7 @@ class Logger:
 
     def __init__(self, work_dir=None):
         self.work_dir, self.main, self._held = None, dist.is_main(), []
+        self.tb = None  # a common.tboard.Writer with --tensorboard
         if work_dir:
             self.attach(work_dir)
 
@@ -75,6 +77,8 @@ class Logger:
 
     def record(self, **kv):
         self.to_file(json.dumps(kv), "metrics.jsonl")
+        if self.main and self.tb is not None:
+            self.tb.record(kv)
 
 
 def peak_memory_gb(device):
@@ -119,20 +123,38 @@ def slide_logits(model, image, crop, stride):
 
 
 @torch.no_grad()
-def predict_logits(model, image, size, cfg, amp=None):
-    """(1, 3, h, w) resized input -> (1, K, H, W) fp32 logits at the original size `size` (spec §8)."""
-    with amp.autocast() if amp is not None else torch.autocast("cpu", enabled=False):
-        if cfg.get("inference_mode", "whole") == "slide":
-            logits = slide_logits(model, image, cfg["slide_crop"], cfg["slide_stride"])
-        else:
-            logits = model(image)["out"]  # (1, K, h/8, w/8)
+def predict_logits(model, image, size, cfg, amp=None, tta=False):
+    """(1, 3, h, w) resized input -> (1, K, H, W) fp32 logits at the original size `size` (spec §8).
+
+    tta: common/tta.py's flip + multi-scale views, averaged at the original size (the reference's test.py with
+    `inference.tta` set); otherwise the one view the reference's evaluations use."""
+    def forward(x):
+        with amp.autocast() if amp is not None else torch.autocast("cpu", enabled=False):
+            if cfg.get("inference_mode", "whole") == "slide":
+                return slide_logits(model, x, cfg["slide_crop"], cfg["slide_stride"])
+            return model(x)["out"]  # (1, K, h/8, w/8)
+
+    if tta:
+        return augmented_logits(forward, image, size)
     # straight from the low-resolution logits to the original H x W, no stop at the resized-input size (spec §10.6)
-    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return F.interpolate(forward(image).float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def precision(amp):
+    """What evaluation arithmetic ran in, for the eval line: 'fp32', 'bf16 autocast', ..."""
+    if amp is None or amp.kind == "none":
+        return "fp32"
+    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}[amp.dtype]
+    if amp.use_autocast or amp.nvidia is not None:
+        return f"{half} autocast"
+    return f"{half} weights (apex {amp.opt_level})" if amp.cast_model is not None else "fp32"
 
 
 @torch.no_grad()
-def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, log=print, classes=None):
-    """Whole-split confusion matrix (all ranks) -> {'aAcc', 'mIoU', 'IoU'}; prints the per-class IoU table."""
+def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, log=print, classes=None, tta=False,
+             pictures=0):
+    """Whole-split confusion matrix (all ranks) -> {'aAcc', 'mIoU', 'mAcc', 'IoU', 'Acc'}; logs mmseg's per-class
+    table. pictures=N adds 'pictures': image | ground truth | prediction of this rank's first N images."""
     from .metrics import ConfusionMatrix
     cfg = cfg or {}
     model = dist.unwrap(model)  # DDP's forward would broadcast buffers: ranks run different image counts here
@@ -140,48 +162,67 @@ def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, l
     model.eval()
     device = torch.device(device)
     cm = ConfusionMatrix(num_classes, ignore_index=data.IGNORE_INDEX)
+    classes = classes or data.CLASSES
+    shown = []
     t0 = time.time()
     for image, label in loader:  # batch 1 (spec §2.3): images keep their own sizes
         image = image.to(device, non_blocking=True)
         if cfg.get("channels_last"):
             image = image.contiguous(memory_format=torch.channels_last)
         label = label.to(device, non_blocking=True)  # (1, H, W) original resolution, 255 = ignore
-        logits = predict_logits(model, image, label.shape[-2:], cfg, amp)
-        cm.update(logits.argmax(1), label)
+        pred = predict_logits(model, image, label.shape[-2:], cfg, amp, tta).argmax(1)
+        cm.update(pred, label)
+        if len(shown) < pictures:  # the input at the original size (the loader only holds the resized one)
+            y = label[0].cpu().numpy()
+            rgb = cv2.resize(visualize.denormalize(image), y.shape[::-1], interpolation=cv2.INTER_LINEAR)
+            shown.append(visualize.compare_picture(rgb, y, pred[0].cpu().numpy(), classes))
     cm.reduce()
     res = cm.compute()
     model.train(was_training)
-    iou = [float(v) for v in res["IoU"]]
-    classes = classes or data.CLASSES
-    present = [(c, v) for c, v in zip(classes, iou) if not math.isnan(v)]
-    log(f"eval: {len(loader)} images/rank in {time.time() - t0:.1f} s | mIoU {100 * float(res['mIoU']):.2f} | "
-        f"aAcc {100 * float(res['aAcc']):.2f} | {len(present)} of {num_classes} classes present "
-        f"(the others are absent from prediction and label: not counted)")
-    for k in range(0, len(present), 4):  # four columns of "class IoU"
-        log("  " + "  ".join(f"{c.split(',')[0][:16]:>16s} {100 * v:6.2f}" for c, v in present[k:k + 4]))
-    return {"aAcc": float(res["aAcc"]), "mIoU": float(res["mIoU"]), "IoU": iou}
+    mode = cfg.get("inference_mode", "whole")
+    log(f"eval: {len(loader)} images/rank in {time.time() - t0:.1f} s | {precision(amp)} | {mode} | "
+        f"tta {'flip + 6 scales' if tta else 'off'} | mIoU {100 * res['mIoU']:.2f} | mAcc {100 * res['mAcc']:.2f} | "
+        f"aAcc {100 * res['aAcc']:.2f} | {sum(not math.isnan(v) for v in res['IoU'])} of {num_classes} classes "
+        "present (the others are absent from prediction and label: not counted)")
+    for line in cm.format(classes, res=res).splitlines()[:-1]:  # the last line would repeat the numbers above
+        log("  " + line)
+    out = {k: res[k] for k in ("aAcc", "mIoU", "mAcc", "IoU", "Acc")}
+    out["precision"] = precision(amp)
+    if pictures:
+        out["pictures"] = shown
+    return out
 
 
-def colorize(pred):
-    """(H, W) class ids -> (H, W, 3) uint8 RGB with the ADE palette."""
-    palette = np.asarray(data.PALETTE, dtype=np.uint8)
-    return palette[np.asarray(pred, dtype=np.int64)]
+DEMO_NOTE = (f"note: a model trained on the demo dataset has seen only {len(data.DEMO_CLASSES)} of ADE20k's 150 "
+             f"classes ({', '.join(data.DEMO_CLASSES)}); any other class in its pictures is noise")
 
 
 @torch.no_grad()
-def predict(model, paths, out_dir, cfg, device, amp=None, log=print):
-    """Write <out_dir>/<stem>.png, the colour mask of each image in paths, at the image's own size."""
+def predict(model, items, out_dir, cfg, device, amp=None, log=print, tta=False):
+    """For each image path (or (image, annotation) pair) in items: common/visualize.py's pictures in out_dir.
+
+    An image that cannot be read is reported and skipped; returns (written, skipped)."""
     model = dist.unwrap(model).eval()
     transform = data.test_transform(scale=tuple(cfg["scale"]))
-    os.makedirs(out_dir, exist_ok=True)
-    for path in paths:
-        image = data.read_image(path)  # (H, W, 3) RGB uint8
+    if cfg.get("data") == "demo":
+        log(DEMO_NOTE)
+    written = skipped = 0
+    for item in items:
+        path, ann = item if isinstance(item, tuple) else (item, None)
+        try:
+            image = data.read_image(path)  # (H, W, 3) RGB uint8
+            label = cv2.LUT(data.read_label(ann), data.REDUCE_ZERO_LABEL) if ann else None
+        except (OSError, ValueError) as e:  # read_image/read_label name the file and the problem
+            log(f"WARNING: predict: skipping {path}: {e}")
+            skipped += 1
+            continue
         x, _ = transform(image, np.zeros(image.shape[:2], np.uint8))  # the label slot is unused here
-        logits = predict_logits(model, x[None].to(device), image.shape[:2], cfg, amp)
-        mask = colorize(logits.argmax(1)[0].cpu().numpy())
-        out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
-        cv2.imwrite(out, cv2.cvtColor(mask, cv2.COLOR_RGB2BGR))
-    log(f"predict: wrote {len(paths)} colour masks to {out_dir}")
+        pred = predict_logits(model, x[None].to(device), image.shape[:2], cfg, amp, tta).argmax(1)[0].cpu().numpy()
+        visualize.write(out_dir, os.path.splitext(os.path.basename(path))[0], image, pred, label)
+        written += 1
+    kinds = "mask, _overlay" + (", _compare" if any(isinstance(i, tuple) for i in items) else "")
+    log(f"predict: wrote {written}, skipped {skipped} ({kinds} PNGs in {out_dir})")
+    return written, skipped
 
 
 def image_paths(path):
@@ -306,10 +347,15 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             save(f"iter-{it}")  # a planned stop mid-schedule: checkpoint so that --resume continues from here
         every = cfg["eval_interval_epochs"]  # 0 = never (smoke tests)
         if val_loader is not None and every and (last or (end_of_epoch and ep % every == 0)):
-            metrics = evaluate(model, val_loader, cfg["num_classes"], device, cfg, amp, log)
+            tb = getattr(log, "tb", None)
+            from .tboard import NUM_PICTURES
+            metrics = evaluate(model, val_loader, cfg["num_classes"], device, cfg, amp, log,
+                               pictures=NUM_PICTURES if tb is not None else 0)
             if hasattr(log, "record"):
-                log.record(kind="eval", iteration=it, epoch=ep, mIoU=metrics["mIoU"], aAcc=metrics["aAcc"],
-                           IoU=metrics["IoU"])
+                log.record(kind="eval", iteration=it, epoch=ep, **{k: metrics[k] for k in (
+                    "mIoU", "mAcc", "aAcc", "precision", "IoU", "Acc")})
+            if tb is not None:
+                tb.pictures(it, metrics.pop("pictures"))
             model.train()
     return metrics
 
@@ -396,6 +442,8 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
         log.to_file(msg)
         raise SystemExit(msg) from None
     finally:
+        if log.tb is not None:
+            log.tb.close()
         dist.shutdown()
 
 
@@ -418,16 +466,30 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     root = data.demo_root() if cfg["data"] == "demo" and not cfg["data_root"] else (cfg["data_root"] or "ADE20k")
 
+    if cfg["tensorboard"]:
+        from .tboard import require
+        require()  # a missing package stops here, before any work
+    pred_dir = cfg["out"] or os.path.join(cfg["work_dir"], "pred")  # --eval / --predict: beside the run folders
     if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14)
         flag = "--eval" if cfg["eval"] else "--ckpt"
         checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"], flag),
                                 log)
         model.to(device, memory_format=memory_format).eval()
         if cfg["predict"]:
-            predict(model, image_paths(cfg["predict"]), cfg["out"] or os.path.join(cfg["work_dir"], "predict"),
-                    cfg, device, log=log)
+            _, skipped = predict(model, image_paths(cfg["predict"]), pred_dir, cfg, device, log=log,
+                                 tta=cfg["tta"])
+            if skipped:
+                raise SystemExit(1)  # the warnings above name each file; the rest were written
             return None
-        return evaluate(model, _val_loader(cfg, root), cfg["num_classes"], device, cfg, None, log)
+        val_loader = _val_loader(cfg, root)
+        metrics = evaluate(model, val_loader, cfg["num_classes"], device, cfg, None, log, tta=cfg["tta"])
+        log.record(kind="test", iteration=0, checkpoint=cfg["eval"], tta=cfg["tta"],  # "test": not a curve point
+                   **{k: metrics[k] for k in ("mIoU", "mAcc", "aAcc", "precision", "IoU", "Acc")})
+        _save_predictions(model, cfg, val_loader, pred_dir, device, None, log, cfg["tta"])
+        return metrics
+    if cfg["tta"]:
+        log("tta: --tta applies to --eval and --predict (the reference's test.py); evaluations during training run "
+            "one view, as the reference's")
 
     # weights: a checkpoint to resume from, else (optionally) ImageNet weights for the backbone
     ckpt = path = None
@@ -482,13 +544,26 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
         name = "config.json" if ckpt is None else f"config-resume-{ckpt['iteration']}.json"
         with open(os.path.join(cfg["run_dir"], name), "w") as f:
             json.dump(_jsonable(cfg), f, indent=1)
+    if cfg["tensorboard"] and dist.is_main():
+        from .tboard import Writer
+        log.tb = Writer(cfg["run_dir"])  # a missing package is a UserError: one line, nothing trained
+        log(f"tensorboard: {log.tb.logdir}")
     log(f"data: {root} | train {loader.sampler.n} images, val {len(val_loader.dataset)} images")
-    metrics = fit(cfg, model, optimizer, amp, loader, val_loader, start_iter, device, log)
+    try:
+        metrics = fit(cfg, model, optimizer, amp, loader, val_loader, start_iter, device, log)
+    finally:  # also after a stop for skipped steps: the loss-scale curve is then the thing to look at
+        if dist.is_main():
+            from .plot import write_curves
+            write_curves(cfg["run_dir"], log)
+    _save_predictions(model, cfg, val_loader, os.path.join(cfg["run_dir"], "pred"), device, amp, log)
+    return metrics
+
+
+def _save_predictions(model, cfg, val_loader, out_dir, device, amp, log, tta=False):
+    """Pictures of the first --save_predictions val images, with their ground truth beside the prediction."""
     if cfg["save_predictions"] and dist.is_main():
         n = min(cfg["save_predictions"], len(val_loader.dataset))
-        predict(model, [val_loader.dataset.paths(i)[0] for i in range(n)], os.path.join(cfg["run_dir"], "pred"),
-                cfg, device, amp, log)
-    return metrics
+        predict(model, [val_loader.dataset.paths(i) for i in range(n)], out_dir, cfg, device, amp, log, tta)
 
 
 # the schedule keys whose change on --resume changes the lr curve (poly over max_iters) or the data order

@@ -21,8 +21,12 @@ def brute_force(pairs, k, ignore=255):
             area_l[c] += np.sum(label == c)
     union = area_p + area_l - inter
     iou = [inter[c] / union[c] if union[c] > 0 else math.nan for c in range(k)]
-    present = [v for v in iou if not math.isnan(v)]
-    return {"aAcc": inter.sum() / area_l.sum(), "mIoU": sum(present) / len(present), "IoU": iou}
+    acc = [inter[c] / area_l[c] if area_l[c] > 0 else math.nan for c in range(k)]  # mmseg's per-class accuracy
+
+    def nanmean(v):
+        v = [x for x in v if not math.isnan(x)]
+        return sum(v) / len(v)
+    return {"aAcc": inter.sum() / area_l.sum(), "mIoU": nanmean(iou), "IoU": iou, "mAcc": nanmean(acc), "Acc": acc}
 
 
 def random_pairs(k, n, seed, absent=(), ignore_frac=0.2):
@@ -53,8 +57,10 @@ def test_against_brute_force_with_ignore_and_absent_classes(dtypes):
     assert cm.mat.dtype == torch.int64 and cm.mat.shape == (k, k)
     assert math.isclose(res["aAcc"], ref["aAcc"], rel_tol=1e-12)
     assert math.isclose(res["mIoU"], ref["mIoU"], rel_tol=1e-12)  # not NaN although classes 3 and 5 are absent
-    for a, b in zip(res["IoU"], ref["IoU"]):
-        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12)
+    assert math.isclose(res["mAcc"], ref["mAcc"], rel_tol=1e-12)
+    for key in ("IoU", "Acc"):
+        for a, b in zip(res[key], ref[key]):
+            assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12)
     assert math.isnan(res["IoU"][3]) and math.isnan(res["IoU"][5])
     # rows are targets: row sums are label areas over valid pixels
     areas = np.bincount(np.concatenate([l[l != 255] for _, l in pairs]), minlength=k)
@@ -68,6 +74,8 @@ def test_class_only_in_prediction_counts_with_zero_iou():
     assert res["IoU"][2] == 0.0 and math.isnan(res["IoU"][3])
     assert math.isclose(res["mIoU"], (1 + 0.5 + 0) / 3)
     assert math.isclose(res["aAcc"], 2 / 3)
+    # Acc = I / L: class 2 is never labelled (NaN, left out of mAcc); class 1 has 1 of its 2 pixels right
+    assert res["Acc"][:2] == [1.0, 0.5] and math.isnan(res["Acc"][2]) and math.isclose(res["mAcc"], 0.75)
 
 
 def test_ignore_only_and_errors():
@@ -89,9 +97,14 @@ def test_reduce_is_noop_single_process_and_format():
     cm.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2]))
     before = cm.mat.clone()
     assert torch.equal(cm.reduce().mat, before)
-    table = cm.format(["wall", "building, edifice", "sky"])
-    assert "building" in table and "edifice" not in table and "mIoU" in table
-    assert table.count("\n") == 4  # header, 3 present classes, summary
+    table = cm.format(["wall", "building, edifice", "sky"], columns=2).splitlines()
+    assert "building" in table[1] and "edifice" not in "".join(table) and table[-1].startswith("mIoU 50.00 | mAcc")
+    assert len(table) == 4  # header, 3 present classes two per line, summary
+    assert table[2].split() == ["sky", "0.00", "0.00"]  # labelled once, never predicted
+    cm = ConfusionMatrix(4)
+    cm.update(torch.tensor([0, 3]), torch.tensor([0, 0]))  # class 3 only predicted: IoU 0, Acc undefined
+    cells = [c.split() for c in cm.format(columns=4).splitlines()[1].split(" | ")]
+    assert cells == [["0", "50.00", "50.00"], ["3", "0.00", "nan"]]  # absent classes 1 and 2 get no cell
 
 
 def _reduce_worker(rank, world, init_file, k, pairs, out):

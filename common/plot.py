@@ -1,0 +1,130 @@
+"""curves.png from a run's metrics.jsonl: losses, lr, loss scale and skipped steps, and the evaluations.
+
+Written at the end of training; on demand (also while a run is going) with
+
+    python -m common.plot RUN_DIR        # -> RUN_DIR/curves.png (or --out PATH)
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+SMOOTHING = 0.6  # TensorBoard's default exponential smoothing of the loss curves
+
+
+def read_records(path):
+    """metrics.jsonl -> (train records, eval records), each sorted by iteration. A resumed run appends records for
+    iterations it repeats; the later record of an iteration wins, as the resumed run is the one that continued."""
+    by_kind = {"train": {}, "eval": {}}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line: skip it, say so
+                print(f"common/plot.py: {path} line {n} is not JSON; skipped", file=sys.stderr)
+                continue
+            if rec.get("kind") in by_kind and "iteration" in rec:
+                by_kind[rec["kind"]][rec["iteration"]] = rec
+    return tuple([r[i] for i in sorted(r)] for r in (by_kind["train"], by_kind["eval"]))
+
+
+def smooth(values, weight=SMOOTHING):
+    """TensorBoard's debiased exponential moving average."""
+    out, avg = [], 0.0
+    for k, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** k))
+    return out
+
+
+def plot(metrics_path, out_path):
+    """Draw curves.png; returns out_path. Needs matplotlib (a dependency, requirements.txt)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    train, evals = read_records(metrics_path)
+    if not train and not evals:
+        raise ValueError(f"{metrics_path} has no train or eval records yet")
+    it = [r["iteration"] for r in train]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7), dpi=90)
+    (loss_ax, lr_ax), (scale_ax, eval_ax) = ax
+    for key, label, colour in (("loss", "total", "C0"), ("loss_cls", "cls", "C1"), ("loss_aux", "aux", "C2")):
+        v = [r[key] for r in train if key in r]
+        if v and len(v) == len(it):
+            loss_ax.plot(it, v, color=colour, alpha=0.25, lw=1)
+            loss_ax.plot(it, smooth(v), color=colour, lw=1.8, label=f"{label} (smoothed)")
+    loss_ax.set_title("loss (raw: faint)")
+    lr_ax.plot(it, [r.get("lr", math.nan) for r in train], color="C3")
+    lr_ax.set_title("learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    scale_ax.plot(it, [r.get("loss_scale", math.nan) for r in train], color="C4", label="loss scale")
+    if any(r.get("loss_scale", 1) > 0 for r in train):
+        scale_ax.set_yscale("log", base=2)
+    skip_ax = scale_ax.twinx()
+    skipped = [r.get("skipped", 0) for r in train]
+    skip_ax.step(it, skipped, where="post", color="C5", label="skipped steps (total)")
+    skip_ax.set_ylim(-0.05 * max(skipped + [1]), 1.1 * max(skipped + [1]))  # 0 sits just above the bottom axis
+    skip_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    scale_ax.set_title("loss scale (1 = no scaling) and skipped steps")
+    handles = scale_ax.get_legend_handles_labels()[0] + skip_ax.get_legend_handles_labels()[0]
+    scale_ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
+    ev_it = [r["iteration"] for r in evals]
+    for key, colour in (("mIoU", "C0"), ("mAcc", "C2"), ("aAcc", "C1")):
+        v = [100 * r[key] if r.get(key) is not None else math.nan for r in evals]
+        if any(not math.isnan(x) for x in v):
+            eval_ax.plot(ev_it, v, "o-", color=colour, label=f"{key} (last {v[-1]:.2f})")
+    eval_ax.set_title(f"evaluation ({len(evals)} so far)" if evals else "evaluation (none yet)")
+    eval_ax.set_ylabel("%")
+    eval_ax.set_ylim(0, 100)
+    for a in (loss_ax, lr_ax, scale_ax, eval_ax):
+        a.set_xlabel("iteration")
+        a.grid(alpha=0.3)
+    if evals:
+        eval_ax.set_xlim(0, max(it + ev_it) * 1.05)
+        eval_ax.legend(loc="best", fontsize=8)
+    loss_ax.legend(loc="best", fontsize=8)
+    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def write_curves(work_dir, log=print):
+    """The end-of-training hook: curves.png beside metrics.jsonl, or one line saying why not (never raises)."""
+    path = os.path.join(work_dir, "metrics.jsonl")
+    try:
+        log(f"curves: {plot(path, os.path.join(work_dir, 'curves.png'))}")
+    except ImportError:
+        log("curves: not written, matplotlib is not installed (pip install -r requirements.txt; then "
+            f"`python -m common.plot {work_dir}`)")
+    except (OSError, ValueError) as e:
+        log(f"curves: not written ({e})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m common.plot", description=__doc__.split("\n")[0])
+    p.add_argument("work_dir", help="a run's folder (holding metrics.jsonl), or the metrics.jsonl file itself")
+    p.add_argument("--out", default="", help="output PNG (default RUN_DIR/curves.png)")
+    args = p.parse_args(argv)
+    path = args.work_dir
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(path):
+        p.error(f"{path}: no such file (give a run's work_dir, e.g. work_dirs/pspnet_resnet50os8_apexfp16_ade20k_demo)")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "curves.png")
+    try:
+        print(f"wrote {plot(path, out)}")
+    except ImportError:
+        p.exit(1, "python -m common.plot: matplotlib is not installed (pip install -r requirements.txt)\n")
+    except (OSError, ValueError) as e:
+        p.exit(1, f"python -m common.plot: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
