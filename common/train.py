@@ -14,14 +14,16 @@ import math
 import os
 import random
 import resource
+import sys
 import time
+import traceback
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, config, data, dist, layers
+from . import checkpoint, config, data, dist, errors, layers, report
 
 # ----------------------------------------------------------------------------------------------------------------
 # schedule
@@ -33,7 +35,8 @@ def poly_lr(iteration, max_iters, base_lr=0.01, power=0.9, min_lr=1e-4):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# logging: rank 0 prints, appends to work_dir/log.txt, and writes one JSON object per record to metrics.jsonl
+# logging: rank 0 prints, appends to work_dir/log.txt (every line time-stamped), and writes one JSON object per
+# record to metrics.jsonl
 
 
 class Logger:
@@ -42,9 +45,12 @@ class Logger:
         if self.main:
             os.makedirs(work_dir, exist_ok=True)
 
-    def __call__(self, msg):
+    def __call__(self, msg, echo=True):
         if self.main:
-            print(msg, flush=True)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            msg = "\n".join(f"{stamp} {line}" for line in str(msg).split("\n"))
+            if echo:
+                print(msg, flush=True)
             with open(os.path.join(self.work_dir, "log.txt"), "a") as f:
                 f.write(msg + "\n")
 
@@ -63,13 +69,6 @@ def peak_memory_gb(device):
 def _progress(it, total, width=20):
     done = int(width * it / total)
     return "[" + "#" * done + "." * (width - done) + "]"
-
-
-def _hms(seconds):
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +167,7 @@ def image_paths(path):
     else:
         paths = [path]
     if not paths or not all(os.path.isfile(p) for p in paths):
-        raise FileNotFoundError(f"--predict {path!r}: no image file (or folder of {'/'.join(exts)} files) there")
+        raise errors.MissingFile(f"--predict {path!r}: no image file (or folder of {'/'.join(exts)} files) there")
     return paths
 
 
@@ -284,7 +283,7 @@ def _log_progress(log, w, it, max_iters, epoch, max_epochs, lr, amp, skipped, sk
     mem = peak_memory_gb(device)
     log(f"{_progress(it, max_iters)} it {it}/{max_iters} ep {epoch + 1}/{max_epochs} | loss {loss / n:.4f} "
         f"(cls {cls / n:.4f} aux {aux / n:.4f}) | lr {lr:.3e} | scale {amp.loss_scale:g} | skipped {skipped} "
-        f"(run {skipped_run}) | empty batches {empty} | {ips:.1f} img/s | mem {mem:.2f} GB | eta {_hms(eta)}")
+        f"(run {skipped_run}) | empty batches {empty} | {ips:.1f} img/s | mem {mem:.2f} GB | eta {report.hms(eta)}")
     if hasattr(log, "record"):
         log.record(kind="train", iteration=it, epoch=epoch + 1, loss=loss / n, loss_cls=cls / n, loss_aux=aux / n,
                    lr=lr, loss_scale=float(amp.loss_scale), skipped=skipped, empty_batches=empty, img_s=ips,
@@ -300,13 +299,10 @@ def _jsonable(cfg):
 # main: set-up once, then one of --summary / --eval / --predict / train
 
 
-def _device(name):
+def _device(name):  # checked by config.parse (common.cli.check_device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: no CUDA GPU is visible (use --device cpu)")
-    return device
+    return torch.device(name)
 
 
 def _kernels(kind, log):
@@ -339,16 +335,37 @@ def seed_everything(seed):
 
 
 def main(segmentor_cfg, build_model, argv=None, name=None):
+    """A user's mistake (common.errors.UserError) ends as one line `<name>: error: ...` and exit status 2, also in
+    log.txt once the run has one; any other exception is a bug and keeps its traceback (also written to log.txt)."""
     import __main__
+    t0 = time.time()
     name = name or os.path.splitext(os.path.basename(getattr(__main__, "__file__", "run")))[0]
-    cfg = config.parse(segmentor_cfg, argv, name)
+    notes = []
+    cfg = config.parse(segmentor_cfg, argv, name, notes)  # flag mistakes exit here, before any folder is made
     rank, world, local_rank = dist.init(None if cfg["device"] == "auto" else torch.device(cfg["device"]).type)
-    device = _device(cfg["device"])
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-    log = Logger(cfg["work_dir"])
+    log = None
     try:
-        return _run(cfg, segmentor_cfg, build_model, device, log)
+        device = _device(cfg["device"])
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", local_rank)
+        log = Logger(cfg["work_dir"])
+        for note in notes:
+            log(note)
+        metrics = _run(cfg, segmentor_cfg, build_model, device, log)
+        if not (cfg["eval"] or cfg["predict"] or cfg["summary"]):
+            log(report.final_summary(cfg["work_dir"], time.time() - t0,
+                                     os.path.join(cfg["work_dir"], "pred") if cfg["save_predictions"] else None))
+        return metrics
+    except errors.UserError as e:
+        msg = f"{name}: error: {e}" + (f" (rank {dist.rank()})" if world > 1 else "")
+        if log is not None:
+            log(msg, echo=False)
+        print(msg, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except Exception:
+        if log is not None:
+            log(traceback.format_exc().rstrip(), echo=False)  # the traceback itself still goes to stderr
+        raise
     finally:
         dist.shutdown()
 
@@ -360,12 +377,14 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
     torch.backends.cudnn.allow_tf32 = cfg["tf32"]
     torch.backends.cudnn.benchmark = True
     seed_everything(cfg["seed"])
-    log(f"config: {json.dumps(_jsonable(cfg))}")
+    log("config:\n" + "\n".join(config.format_config(cfg)))
     if dist.is_main():
         with open(os.path.join(cfg["work_dir"], "config.json"), "w") as f:
             json.dump(_jsonable(cfg), f, indent=1)
     log(f"kernels: {_kernels(cfg['kernels'], log)} | {dist.describe()} | device {device} | tf32 {cfg['tf32']}")
 
+    # the data first: a wrong --data_root fails before the model is built (--predict and --summary need none)
+    root = None if cfg["predict"] or cfg["summary"] else data.dataset_root(cfg["data"], cfg["data_root"], log)
     model = build_model(segmentor_cfg, num_classes=cfg["num_classes"])
     torch.manual_seed(cfg["seed"] + dist.rank())  # dropout streams differ per rank; the init above did not
     if cfg["summary"]:
@@ -373,7 +392,6 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
         log(summarize(model, (1, 3, *cfg["crop_size"])))
         return None
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    root = data.demo_root() if cfg["data"] == "demo" and not cfg["data_root"] else (cfg["data_root"] or "ADE20k")
 
     if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14)
         checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"]), log)
