@@ -99,7 +99,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
 
 
-def _show(v):
+def show(v):
     return f"{v[0]},{v[1]}" if isinstance(v, tuple) and len(v) == 2 else repr(v) if isinstance(v, str) else str(v)
 
 
@@ -113,8 +113,8 @@ def build_parser(prog, defaults, choices, docs, shown, preset=None, description=
         title, _, blurb = group.partition(': ')
         if title not in groups:
             groups[title] = p.add_argument_group(title, blurb or None)
-        help_ = f"{text} (default {_show(shown[key])}" + (
-            f"; --data demo: {_show(preset[key])})" if preset and key in preset else ")")
+        help_ = f"{text} (default {show(shown[key])}" + (
+            f"; --data demo: {show(preset[key])})" if preset and key in preset else ")")
         help_ = help_.replace('%', '%%')
         kw = dict(help=help_, choices=choices.get(key))
         if isinstance(default, bool):
@@ -146,7 +146,7 @@ def validate(cfg, num_palette=150):
     """Raise UserError for the first value a run cannot use, naming the flag and what to do."""
     def need(ok, key, msg):
         if not ok:
-            raise UserError(f"--{key} {_show(cfg[key])}: {msg}")
+            raise UserError(f"--{key} {show(cfg[key])}: {msg}")
 
     need(cfg['batch_size'] >= 1, 'batch_size', "must be at least 1")
     world = world_size()
@@ -169,11 +169,11 @@ def validate(cfg, num_palette=150):
     (ch, cw), (long_, short) = cfg['crop_size'], sorted(cfg['scale'], reverse=True)
     training = not (cfg['eval'] or cfg['predict'] or cfg['summary'])
     need(not training or (min(ch, cw) <= short and max(ch, cw) <= long_), 'crop_size',
-         f"is larger than --scale {_show(cfg['scale'])}: the scale is (long, short), so resized images are at most "
+         f"is larger than --scale {show(cfg['scale'])}: the scale is (long, short), so resized images are at most "
          f"{short} pixels on their short side (x the 0.5-2.0 ratio) and the (h, w) crop's shorter side must be <= "
          f"{short} and its longer side <= {long_}; lower --crop_size or raise --scale")
     need(all(s <= c for s, c in zip(cfg['slide_stride'], cfg['slide_crop'])), 'slide_stride',
-         f"is larger than --slide_crop {_show(cfg['slide_crop'])}: pixels between windows would get no prediction")
+         f"is larger than --slide_crop {show(cfg['slide_crop'])}: pixels between windows would get no prediction")
     check_device(cfg['device'])
     for key, what in (('eval', 'checkpoint'), ('ckpt', 'checkpoint'), ('init', 'checkpoint'),
                       ('predict', 'image file or folder')):
@@ -207,7 +207,7 @@ def format_config(cfg, docs, width=100):
     """A few lines: one per --help group, `key=value` pairs wrapped at width."""
     by_group = {}
     for key, value in cfg.items():
-        by_group.setdefault(docs.get(key, ('other',))[0].partition(': ')[0], []).append(f"{key}={_show(value)}")
+        by_group.setdefault(docs.get(key, ('other',))[0].partition(': ')[0], []).append(f"{key}={show(value)}")
     lines = []
     for title, items in by_group.items():
         line = f"  {title}:"

@@ -265,13 +265,13 @@ def parse(seg_cfg=None, argv=None, name='run', notes=None):
         cfg = _resolve(seg_cfg, rec, given, name, {})
         cli.validate(cfg)  # first: a mistyped path is reported before it is read
         saved = _checkpoint_config(cfg) if cfg['eval'] or cfg['predict'] else {}
-        taken = {k: saved[k] for k in INFERENCE_KEYS if k in saved and k not in given and saved[k] != cfg[k]}
+        taken = {k: saved[k] for k in INFERENCE_KEYS if k in saved and k not in given}
         if taken:
-            cfg = _resolve(seg_cfg, rec, given, name, taken)
-            if notes is not None:
-                notes.append("from the checkpoint's config: " + ", ".join(f"{k} {cli._show(v)}" for k, v in
-                                                                          taken.items()) + " (flags override)")
-        cli.validate(cfg)
+            before, cfg = cfg, _resolve(seg_cfg, rec, given, name, taken)
+            changed = [f"{k} {cli.show(cfg[k])}" for k in taken if cfg[k] != before[k]]
+            if changed and notes is not None:
+                notes.append(f"from the checkpoint's config: {', '.join(changed)} (flags override)")
+            cli.validate(cfg)
     except UserError as e:
         p.exit(2, f"{name}: error: {e}\n")
     return cfg

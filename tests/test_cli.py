@@ -154,6 +154,9 @@ def test_eval_takes_data_and_scale_from_the_checkpoint(tmp_path):
     image.write_bytes(b'')
     cfg = config.parse(_seg(), ['--predict', str(image), '--ckpt', ck], 'pspnet')
     assert (cfg['data'], cfg['scale']) == ('demo', (128, 32))
+    # a demo run trained at the ADE scale: the saved scale wins over the demo preset's, though it equals the default
+    ck = _ckpt(tmp_path, data='demo', scale=[2048, 512])
+    assert config.parse(_seg(), ['--eval', ck], 'pspnet')['scale'] == (2048, 512)
 
 
 def test_checkpoint_without_config_keeps_the_defaults(tmp_path, capsys):
