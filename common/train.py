@@ -316,7 +316,10 @@ def _kernels(kind, log):
                 log(f"kernels: fused unavailable ({e})")
         layers.set_kernels("torch")
         return "torch (auto: common._C not built; `pip install --no-build-isolation -e .` for fused)"
-    layers.set_kernels(kind)
+    try:
+        layers.set_kernels(kind)
+    except RuntimeError as e:  # --kernels fused without a built extension: ops.require names the build command
+        raise errors.UserError(str(e)) from None
     return f"fused ({common.build_info()})" if kind == "fused" else kind
 
 

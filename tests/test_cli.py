@@ -250,3 +250,19 @@ def test_final_summary(tmp_path):
     assert text.splitlines()[0] == ('done in 1h02m | best mIoU 50.00 (iteration 2) | last mIoU 25.00 '
                                     '(iteration 4, aAcc 70.00)')
     assert 'checkpoint: none written' in text and f"pictures: {tmp_path / 'pred'}{os.sep}" in text
+
+
+def test_fused_kernels_without_the_extension_is_a_user_error(tmp_path, capsys, monkeypatch):
+    from common import layers, ops
+
+    def missing(*names):
+        raise RuntimeError("--kernels fused needs the compiled extension common._C, which lacks ['build_info']")
+
+    monkeypatch.setattr(ops, 'require', missing)
+    argv = [a if a != 'torch' else 'fused' for a in _argv(tmp_path, '--data', 'demo')]  # --kernels fused
+    monkeypatch.setattr(layers, 'KERNELS', layers.KERNELS)  # restored after the test
+    with pytest.raises(SystemExit) as e:
+        train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes), argv, name='tiny')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "tiny: error: --kernels fused needs the compiled extension common._C, " \
+                                        "which lacks ['build_info']\n"

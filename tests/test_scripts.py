@@ -41,8 +41,10 @@ def test_eval_and_predict(tmp_path):
     run("pspnet.py", *TINY, "--amp", "none", "--max_iters", "1", "--save_interval_epochs", "1", "--work_dir",
         str(tmp_path))
     ckpt = str(tmp_path / "checkpoint-final.pth")
-    out = run("pspnet.py", "--data", "demo", "--device", "cpu", "--scale", "(256, 64)", "--num_val_images", "2",
-              "--num_workers", "0", "--eval", ckpt, "--work_dir", str(tmp_path / "eval"))
+    # no --data demo / --scale: --eval takes them from the checkpoint's config
+    out = run("pspnet.py", "--device", "cpu", "--num_val_images", "2", "--num_workers", "0", "--eval", ckpt,
+              "--work_dir", str(tmp_path / "eval"))
+    assert "from the checkpoint's config: data 'demo', scale 256,64" in out
     assert "eval: 2 images" in out and "mIoU" in out
     from common.data import PALETTE, demo_root, read_image
     images = os.path.join(demo_root(), "ADEChallengeData2016", "images", "validation")
