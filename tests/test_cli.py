@@ -113,7 +113,8 @@ def test_help_text_is_read_from_the_comments(tmp_path):
     src = tmp_path / 'cfg.py'
     src.write_text("X = 1\nDEFAULTS = dict(\n    # --- first: what it is for\n    a=1,  # one\n"
                    "    # two, above the key\n    # and its second line\n    b='x#y',\n"
-                   "    # --- second\n    c=(1, 2),  # (h, w) three\n    d=dict(e=5),  # nested\n)\nZ = dict(q=1)  # no\n")
+                   "    # --- second\n    c=(1, 2),  # (h, w) three\n    d=dict(e=5),  # nested\n)\n"
+                   "Z = dict(q=1)  # no\n")
     assert cli.flag_docs(str(src)) == {'a': ('first: what it is for', 'one'),
                                        'b': ('first: what it is for', 'two, above the key and its second line'),
                                        'c': ('second', '(h, w) three'), 'd': ('second', 'nested')}
