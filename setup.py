@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -75,12 +77,25 @@ else:
 print(f"[setup.py] building common._C: {'CPU + CUDA (archs ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ', CUDA_HOME ' + cuda_home + ')' if with_cuda else 'CPU only'}"
       f"{' (debug)' if debug else ''}; torch {torch.__version__}", flush=True)
 
+
+class PersistentBuildExt(BuildExtension):
+    """torch's BuildExtension with a fixed object directory, build/temp.<platform>-<python>, so that ninja's
+    incremental build applies across installs. `pip install -e .` otherwise compiles in a fresh temp folder each
+    time (setuptools' editable_wheel sets one), i.e. everything from scratch; ninja still recompiles what changed
+    (sources, included headers via the depfiles, and any changed compile command)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        plat = sysconfig.get_platform()
+        self.build_temp = os.path.join(here, "build", f"temp.{plat}-{sys.implementation.cache_tag}")
+
+
 setup(
     name="segfp16",
     version="0.1.0",
     packages=["common"],
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": PersistentBuildExt},
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "opencv-python-headless", "pillow"],
 )

@@ -8,6 +8,7 @@ import os
 import torch
 import torch.nn as nn
 
+from .errors import MissingFile, UserError
 from .layers import BatchNormAct2d, conv_bn_relu
 
 # output stride 8 (spec §4): layer3/4 trade their stride for dilation, so the maps stay at 1/8.
@@ -86,13 +87,13 @@ def load_pretrained(backbone, path_or_url, log=print, ignore=PRETRAINED_IGNORE):
         try:
             sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", progress=False)
         except OSError as e:  # URLError is an OSError: no internet, proxy, 404 ...
-            raise RuntimeError(f"common/backbone.py: could not download the pretrained weights {src} ({e}). Download "
+            raise UserError(f"--pretrained: could not download the pretrained weights {src} ({e}). Download "
                                f"them elsewhere and pass the file with --pretrained PATH, or train from scratch with "
                                f"--pretrained none") from e
     elif os.path.isfile(src):
         sd = torch.load(src, map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"common/backbone.py: pretrained weights {path_or_url!r} is neither a file nor a URL "
+        raise MissingFile(f"--pretrained {path_or_url!r}: neither a file, a URL nor a key of PRETRAINED_URLS "
                                 f"(download {PRETRAINED_URLS['resnet50conv3x3stem']} and pass its path)")
     for k in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(k), dict):

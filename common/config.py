@@ -4,12 +4,13 @@ Top: ssseg's base FP16 segmentor config (spec §1), its ADE20k 512x512 dataset (
 (§2.3) as nested dicts with the reference's keys. Each script builds its SEGMENTOR_CFG from them with
 `segmentor_cfg(...)`, the way an ssseg config file deep-copies the base and overwrites a few entries.
 """
-import argparse
-import ast
 import copy
 import os
 
 import torch
+
+from . import cli
+from .errors import UserError
 
 # ---- reference base config (MODELS): ssseg/configs/_base_/segmentors/fp16.py and friends, spec §1-§2
 
@@ -112,38 +113,39 @@ def segmentor_cfg(**overrides):
 # Every knob of a run, flat, one line each; the CLI flag is the key (`--batch_size 8`, `--amp=torch`). The recipe
 # numbers (lr, epochs, batch, amp, ...) shown here are only fallbacks: parse() takes them from the script's
 # SEGMENTOR_CFG, so the reference dicts above stay the one source of truth. Precedence, lowest first:
-# DEFAULTS < SEGMENTOR_CFG < the `--data demo` preset < explicit flags.
+# DEFAULTS < SEGMENTOR_CFG < the `--data demo` preset < explicit flags. `--help` is read from this block: a
+# `# --- title` line opens a group, a key's trailing comment (else the comment lines right above it) is its help.
 DEFAULTS = dict(
-    # amp
+    # --- AMP (mixed precision)
     amp='apex',  # none | torch | apex (the reference trains with apex O1, spec §1; ours implements its semantics)
     opt_level='O1',  # apex opt level O0 | O1 | O2 | O3 (ignored unless amp=apex)
     amp_dtype='auto',  # auto | float16 | bfloat16; auto = float16 on CUDA (the reference), common.amp's CPU pick on CPU
-    # data
+    # --- data
     data='ade20k',  # ade20k | demo (a synthetic ADE-layout dataset generated on first use, no download)
-    data_root='',  # folder holding ADEChallengeData2016; '' = ./ADE20k (ssseg's default) or the demo cache
-    num_classes=150,  # ADE20k (spec §0)
+    data_root='',  # folder holding ADEChallengeData2016 ('' = ./ADE20k, ssseg's default); with demo: its cache folder
+    num_classes=150,  # classes the model predicts: ADE20k's 150 (spec §0)
     crop_size=(512, 512),  # (h, w) train crop (spec §2.1)
     scale=(2048, 512),  # (long, short) resize target of train (x ratio 0.5-2.0) and test images (spec §2.1, §2.2)
     batch_size=16,  # total over all ranks; per rank = batch_size // world_size (spec §2.3)
     num_workers=2,  # data loader workers per rank (spec §2.3)
     num_train_images=0,  # use only the first N training images (0 = all; for smoke runs)
     num_val_images=0,  # evaluate on the first N validation images only (0 = all 2000)
-    # optim and schedule
+    # --- optimiser and schedule
     max_epochs=130,  # iterations = max_epochs x len(train loader) (spec §2.3: 164,190 at batch 16)
     max_iters=0,  # > 0 overrides the epoch-derived count (short runs); epochs become ceil(max_iters / per epoch)
     stop_iters=0,  # > 0: stop (with a checkpoint) after this many iterations, schedule unchanged; --resume continues
     lr=0.01,  # SGD base lr (spec §1)
-    momentum=0.9,
+    momentum=0.9,  # SGD momentum (spec §1)
     weight_decay=5e-4,  # on every parameter, BN and bias included (spec §10.7)
-    power=0.9,  # poly exponent
+    power=0.9,  # poly lr exponent (spec §7)
     min_lr=1e-4,  # poly floor: 1% of the base lr (spec §7, §10.7)
     aux_weight=0.4,  # loss = CE(out) + aux_weight * CE(aux) (spec §6)
-    # init
+    # --- initial weights
     # ImageNet backbone (spec §4): a .pth path, a URL or a key of common.backbone.PRETRAINED_URLS (downloaded once into
     # the torch hub cache; needs internet), or 'none' (from scratch). The default is the reference's v1c checkpoint.
     pretrained='resnet50conv3x3stem',
     init='',  # a whole-segmentor checkpoint (ours, ssseg's {'model': sd}, or a bare sd) to start training from
-    # run
+    # --- run: work folder, checkpoints, logging
     work_dir='',  # '' = work_dirs/<SEGMENTOR_CFG's work_dir, else the script name>[_demo]
     eval_interval_epochs=10,  # evaluate every N epochs and always at the end (spec §1); 0 = never
     save_interval_epochs=1,  # checkpoint every N epochs and always at the end (spec §1); 0 = never
@@ -151,26 +153,27 @@ DEFAULTS = dict(
     log_interval=50,  # iterations between progress lines (spec §7)
     tensorboard=False,  # also write the logged scalars and a few val pictures per evaluation to RUN_DIR/tensorboard
     max_skipped_steps=100,  # stop when this many consecutive steps are skipped for non-finite gradients
-    ddp_fp16_compress='auto',  # auto | true | false: all-reduce grads in fp16 (auto = reference: on for amp torch fp16)
     save_predictions=0,  # pictures of the first N val images (after training in RUN_DIR/pred; with --eval in --out)
-    # modes
+    # --- modes: evaluate, predict or summarise instead of training
     resume='',  # '' | checkpoint path | 'auto' (work_dir/latest); continues exactly where it stopped
     eval='',  # checkpoint path: evaluate it on the val split and exit
     predict='',  # image file or folder: write colour masks of --ckpt's predictions to --out and exit
     ckpt='',  # checkpoint for --predict
     out='',  # output folder for --predict / --eval pictures ('' = work_dir/pred, beside the run folders)
     summary=False,  # print the parameter / multiply-accumulate table and exit
-    # inference
+    # --- evaluation and inference
     inference_mode='whole',  # whole | slide (the reference evaluates whole images, spec §8)
     slide_crop=(512, 512),  # (h, w) window for inference_mode=slide
     slide_stride=(341, 341),  # (h, w) window step for inference_mode=slide (mmseg's 2/3 overlap)
     tta=False,  # --eval/--predict: horizontal flip x scales 0.5-1.75 of the test scale, logits averaged (common/tta.py)
-    # system
+    # --- device and kernels
     device='auto',  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     seed=0,  # data order, augmentation and init are a pure function of this (the reference does not seed, spec §7)
     kernels='auto',  # auto (fused when common._C is built, else torch; logged) | fused | torch
     channels_last=False,  # NHWC memory format for model and inputs
     tf32=False,  # the reference disables TF32 (spec §7.3); true allows it for matmul and cuDNN
+    # --- distributed: torchrun --nproc_per_node N script.py ...; --batch_size stays the total over the N ranks
+    ddp_fp16_compress='auto',  # auto | true | false: all-reduce grads in fp16 (auto = reference: on for amp torch fp16)
 )
 
 CHOICES = dict(amp=('none', 'torch', 'apex'), opt_level=('O0', 'O1', 'O2', 'O3'),
@@ -237,39 +240,51 @@ def recipe(seg_cfg):
     return out
 
 
-def _parse_bool(s):
-    if s.lower() in ('true', '1', 'yes'):
-        return True
-    if s.lower() in ('false', '0', 'no'):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+# what --eval / --predict take from the checkpoint's saved config unless a flag says otherwise: what the model was
+# trained on (data kind and root, classes) and how it was meant to be run (test scale, window)
+INFERENCE_KEYS = ('data', 'data_root', 'num_classes', 'scale', 'inference_mode', 'slide_crop', 'slide_stride')
 
 
-def _parse_tuple(s):
-    v = ast.literal_eval(s)  # "(512, 512)" or "512,512"
-    if not isinstance(v, tuple):
-        raise argparse.ArgumentTypeError(f"expected a tuple like (512, 512), got {s!r}")
-    return v
+def flag_docs():
+    return cli.flag_docs(__file__)
 
 
-def _parse_float(s):
-    return float(ast.literal_eval(s))  # so that "5e-4" and "2**-4" both work
+def format_config(cfg):
+    """The resolved config in a few lines for the log, grouped as --help groups it."""
+    return cli.format_config(cfg, flag_docs())
 
 
-def parse(seg_cfg=None, argv=None, name='run'):
-    """Resolve the run config: DEFAULTS < recipe(seg_cfg) < DEMO_PRESET (with --data demo) < explicit flags."""
-    types = {bool: _parse_bool, tuple: _parse_tuple, int: int, float: _parse_float, str: str}
-    p = argparse.ArgumentParser(prog=name, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-                                description="Train / evaluate / predict; each flag is a key of common.config.DEFAULTS.")
-    for key, default in DEFAULTS.items():
-        extra = dict(nargs='?', const=True) if isinstance(default, bool) else {}  # `--tf32` alone means true
-        p.add_argument(f'--{key}', type=types[type(default)], choices=CHOICES.get(key), help=f"default {default!r}",
-                       **extra)
+def parse(seg_cfg=None, argv=None, name='run', notes=None):
+    """Resolve the run config: DEFAULTS < recipe(seg_cfg) < DEMO_PRESET (with --data demo) < for --eval/--predict
+    the checkpoint's INFERENCE_KEYS < explicit flags. Any mistake: one line on stderr, exit 2. `notes` (a list)
+    receives lines for the log (what came from the checkpoint)."""
+    docs, rec = flag_docs(), recipe(seg_cfg or {})
+    p = cli.build_parser(name, DEFAULTS, CHOICES, docs, {**DEFAULTS, **rec}, DEMO_PRESET, description=(
+        "Train, evaluate (--eval) or predict (--predict); each flag is a key of common.config.DEFAULTS. Values "
+        "come from the script's SEGMENTOR_CFG unless a flag gives them; tuples: 512, 512,512, 512x512 or '512 512'."))
     given = vars(p.parse_args(argv))  # only the flags on the command line (SUPPRESS keeps the rest out)
+    try:
+        cfg = _resolve(seg_cfg, rec, given, name, {})
+        cli.validate(cfg)  # first: a mistyped path is reported before it is read
+        saved = _checkpoint_config(cfg) if cfg['eval'] or cfg['predict'] else {}
+        taken = {k: saved[k] for k in INFERENCE_KEYS if k in saved and k not in given}
+        if taken:
+            before, cfg = cfg, _resolve(seg_cfg, rec, given, name, taken)
+            changed = [f"{k} {cli.show(cfg[k])}" for k in taken if cfg[k] != before[k]]
+            if changed and notes is not None:
+                notes.append(f"from the checkpoint's config: {', '.join(changed)} (flags override)")
+            cli.validate(cfg)
+    except UserError as e:
+        p.exit(2, f"{name}: error: {e}\n")
+    return cfg
+
+
+def _resolve(seg_cfg, rec, given, name, saved):
     cfg = dict(DEFAULTS)
-    cfg.update(recipe(seg_cfg or {}))
-    if given.get('data', cfg['data']) == 'demo':
+    cfg.update(rec)
+    if given.get('data', saved.get('data', cfg['data'])) == 'demo':
         cfg.update(DEMO_PRESET)
+    cfg.update(saved)
     cfg.update(given)
     if 'min_lr' not in given and 'min_lr' not in (seg_cfg or {}).get('scheduler', {}):
         cfg['min_lr'] = cfg['lr'] * 0.01  # PolyScheduler's floor follows the base lr (spec §7), also for --lr X
@@ -277,3 +292,19 @@ def parse(seg_cfg=None, argv=None, name='run'):
         run = (seg_cfg or {}).get('work_dir') or name
         cfg['work_dir'] = os.path.join('work_dirs', run + ('_demo' if cfg['data'] == 'demo' else ''))
     return cfg
+
+
+def _checkpoint_config(cfg):
+    """The INFERENCE_KEYS of the run config saved in the --eval / --ckpt checkpoint; {} for one without (ssseg's,
+    a bare state dict) or one that does not load (the weights' load says why, later)."""
+    from . import checkpoint
+    flag, spec = ('eval', cfg['eval']) if cfg['eval'] else ('ckpt', cfg['ckpt'] or 'auto')
+    try:  # mmap: only the small config is read here, not the weights
+        path = checkpoint.resolve(spec, cfg['work_dir'], f'--{flag}')
+        ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # missing or broken: common.checkpoint names the file and the cause when the weights load
+        return {}
+    saved = ck.get('config') if isinstance(ck, dict) else None
+    if not isinstance(saved, dict):
+        return {}
+    return {k: tuple(saved[k]) if isinstance(DEFAULTS[k], tuple) else saved[k] for k in INFERENCE_KEYS if k in saved}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import BadFileError
+from .errors import BadFileError, MissingFile
 
 IGNORE_INDEX = 255
 MEAN = (123.675, 116.28, 103.53)  # ImageNet mean/std, RGB order, 0-255 scale (spec §2.1 step 5)
@@ -199,7 +199,7 @@ def _find_base(root):
     for base in (os.path.join(root, 'ADEChallengeData2016'), root):  # root may also be the folder itself
         if os.path.isdir(os.path.join(base, 'images')) and os.path.isdir(os.path.join(base, 'annotations')):
             return base
-    raise FileNotFoundError(
+    raise MissingFile(
         f"ADE20k not found under {root!r}: expected {os.path.join(root, 'ADEChallengeData2016')}/images/"
         "{training,validation}/*.jpg and .../annotations/{training,validation}/*.png (unzip ADEChallengeData2016.zip "
         "from the MIT SceneParsing release into that folder; train.txt/val.txt lists are optional). "
@@ -212,24 +212,24 @@ def _ids_from_list(list_file, image_dir, ann_dir):
     for i in ids:
         for path in (os.path.join(image_dir, i + '.jpg'), os.path.join(ann_dir, i + '.png')):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{list_file} lists {i!r} but {path} does not exist")
+                raise MissingFile(f"{list_file} lists {i!r} but {path} does not exist")
     return ids
 
 
 def _ids_from_folders(image_dir, ann_dir):
     for d in (image_dir, ann_dir):
         if not os.path.isdir(d):
-            raise FileNotFoundError(f"missing folder {d} (expected ADEChallengeData2016/{{images,annotations}}/"
-                                    "{training,validation}); or run with `--data demo`")
+            raise MissingFile(f"missing folder {d} (expected ADEChallengeData2016/{{images,annotations}}/"
+                              "{training,validation}): an incomplete extraction of ADEChallengeData2016.zip?")
     images, anns = _stems(image_dir, '.jpg'), _stems(ann_dir, '.png')
     for i in sorted(images):
         if i not in anns:
-            raise FileNotFoundError(f"image {os.path.join(image_dir, i + '.jpg')} has no annotation "
-                                    f"{os.path.join(ann_dir, i + '.png')}")
+            raise MissingFile(f"image {os.path.join(image_dir, i + '.jpg')} has no annotation "
+                              f"{os.path.join(ann_dir, i + '.png')}")
     for i in sorted(anns):
         if i not in images:
-            raise FileNotFoundError(f"annotation {os.path.join(ann_dir, i + '.png')} has no image "
-                                    f"{os.path.join(image_dir, i + '.jpg')}")
+            raise MissingFile(f"annotation {os.path.join(ann_dir, i + '.png')} has no image "
+                              f"{os.path.join(image_dir, i + '.jpg')}")
     return sorted(images)
 
 
@@ -629,15 +629,29 @@ def make_demo_ade20k(root, num_train, num_val, seed=0):
     return root
 
 
-def demo_root(cache_dir=None, num_train=64, num_val=16, seed=0):
-    """The folder holding the demo ADEChallengeData2016, generated on first use in $SEG_DATA_CACHE or
-    ~/.cache/segfp16. Pass it as root to ADE20k."""
+def dataset_root(kind, data_root='', log=print):
+    """The root to pass to ADE20k for `--data kind --data_root data_root`. With demo, data_root is the demo's cache
+    folder, or an already generated demo root itself (the `data:` folder a demo run logs)."""
+    if kind != 'demo':
+        _find_base(data_root or 'ADE20k')  # a wrong root fails here, before a model is built
+        return data_root or 'ADE20k'  # ssseg's default: ./ADE20k
+    base = os.path.join(data_root, 'ADEChallengeData2016')
+    if data_root and all(os.path.isdir(os.path.join(base, d)) for d in ('images', 'annotations')):
+        return data_root
+    return demo_root(data_root or None, log=log)
+
+
+def demo_root(cache_dir=None, num_train=64, num_val=16, seed=0, log=None):
+    """The folder holding the demo ADEChallengeData2016, generated on first use in cache_dir, else $SEG_DATA_CACHE
+    or ~/.cache/segfp16. Pass it as root to ADE20k."""
     cache_dir = cache_dir or os.environ.get('SEG_DATA_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
                                                                                 'segfp16')
     root = os.path.join(cache_dir, f'ade20k_demo_v{DEMO_VERSION}_{num_train}x{num_val}_s{seed}')
     if os.path.isdir(root):  # it only ever appears by a rename of a finished generation
         return root
     os.makedirs(cache_dir, exist_ok=True)
+    if log is not None:
+        log(f"generating the demo dataset (first use) in {root}: {num_train} train + {num_val} val images")
     # generate next to the target, then rename: a killed run leaves a *.tmp-* folder, never a half-written root,
     # and two processes racing (e.g. torchrun ranks) both end up with one complete copy
     tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + '.tmp-', dir=cache_dir)

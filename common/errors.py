@@ -1,16 +1,31 @@
-"""User mistakes and bad files: one line naming the flag or file, the cause and what to do; main() prints it alone.
-
-Raise UserError (or BadFileError for a file that cannot be used) with that line; common.train.main turns it into
-`error: <line>` on stderr and exit status 1, without a traceback. Anything else is a bug and keeps its traceback.
+"""User mistakes and bad files as exceptions: common.train.main() prints a UserError as one line
+`<script>: error: <message>` (also into log.txt once the run has one) and exits with status 2, argparse's code;
+anything else is a bug and keeps its traceback. Raise these wherever the fix is the user's (a flag, a missing or
+bad file), with a message naming the flag or file, the cause and what to do.
 """
 
 
 class UserError(Exception):
-    pass
+    """A mistake the user can fix: a flag value, a file that is missing or unusable."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder the user named, or the run needs, is not there (still a FileNotFoundError to callers)."""
 
 
 class BadFileError(UserError, ValueError):
     """A file (checkpoint, image, annotation, pointer) that cannot be used; a ValueError for older callers."""
+
+
+class Exit(SystemExit):
+    """What main() raises for a UserError once it has printed the line: exit status 2; str() is the line."""
+
+    def __init__(self, line):
+        super().__init__(2)
+        self.line = line
+
+    def __str__(self):
+        return self.line
 
 
 def one_line(e):

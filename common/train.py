@@ -16,14 +16,16 @@ import math
 import os
 import random
 import resource
+import sys
 import time
+import traceback
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, config, data, dist, errors, layers, runs, visualize
+from . import checkpoint, config, data, dist, errors, layers, report, runs, visualize
 from .errors import UserError
 from .guard import BufferGuard
 from .tta import augmented_logits
@@ -38,7 +40,8 @@ def poly_lr(iteration, max_iters, base_lr=0.01, power=0.9, min_lr=1e-4):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# logging: rank 0 prints, appends to work_dir/log.txt, and writes one JSON object per record to metrics.jsonl
+# logging: rank 0 prints, appends to work_dir/log.txt (every line time-stamped), and writes one JSON object per
+# record to metrics.jsonl
 
 
 class Logger:
@@ -61,9 +64,12 @@ class Logger:
             for name, line in held:
                 self.to_file(line, name)
 
-    def __call__(self, msg):
+    def __call__(self, msg, echo=True):
         if self.main:
-            print(msg, flush=True)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            msg = "\n".join(f"{stamp} {line}" for line in str(msg).split("\n"))
+            if echo:
+                print(msg, flush=True)
             self.to_file(msg)
 
     def to_file(self, line, name="log.txt"):
@@ -90,13 +96,6 @@ def peak_memory_gb(device):
 def _progress(it, total, width=20):
     done = int(width * it / total)
     return "[" + "#" * done + "." * (width - done) + "]"
-
-
-def _hms(seconds):
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,7 +231,7 @@ def image_paths(path):
     else:
         paths = [path]
     if not paths or not all(os.path.isfile(p) for p in paths):
-        raise FileNotFoundError(f"--predict {path!r}: no image file (or folder of {'/'.join(exts)} files) there")
+        raise errors.MissingFile(f"--predict {path!r}: no image file (or folder of {'/'.join(exts)} files) there")
     return paths
 
 
@@ -371,7 +370,7 @@ def _log_progress(log, w, it, max_iters, epoch, max_epochs, lr, amp, skipped, sk
     mem = peak_memory_gb(device)
     log(f"{_progress(it, max_iters)} it {it}/{max_iters} ep {epoch + 1}/{max_epochs} | loss {loss / n:.4f} "
         f"(cls {cls / n:.4f} aux {aux / n:.4f}) | lr {lr:.3e} | scale {amp.loss_scale:g} | skipped {skipped} "
-        f"(run {skipped_run}) | empty batches {empty} | {ips:.1f} img/s | mem {mem:.2f} GB | eta {_hms(eta)}")
+        f"(run {skipped_run}) | empty batches {empty} | {ips:.1f} img/s | mem {mem:.2f} GB | eta {report.hms(eta)}")
     if hasattr(log, "record"):
         log.record(kind="train", iteration=it, epoch=epoch + 1, loss=loss / n, loss_cls=cls / n, loss_aux=aux / n,
                    lr=lr, loss_scale=float(amp.loss_scale), skipped=skipped, empty_batches=empty, img_s=ips,
@@ -387,13 +386,10 @@ def _jsonable(cfg):
 # main: set-up once, then one of --summary / --eval / --predict / train
 
 
-def _device(name):
+def _device(name):  # checked by config.parse (common.cli.check_device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: no CUDA GPU is visible (use --device cpu)")
-    return device
+    return torch.device(name)
 
 
 def _kernels(kind, log):
@@ -407,7 +403,10 @@ def _kernels(kind, log):
                 log(f"kernels: fused unavailable ({e})")
         layers.set_kernels("torch")
         return "torch (auto: common._C not built; `pip install --no-build-isolation -e .` for fused)"
-    layers.set_kernels(kind)
+    try:
+        layers.set_kernels(kind)
+    except RuntimeError as e:  # --kernels fused without a built extension: ops.require names the build command
+        raise errors.UserError(str(e)) from None
     return f"fused ({common.build_info()})" if kind == "fused" else kind
 
 
@@ -426,21 +425,35 @@ def seed_everything(seed):
 
 
 def main(segmentor_cfg, build_model, argv=None, name=None):
+    """A user's mistake (common.errors.UserError) ends as one line `<name>: error: ...` and exit status 2, also in
+    log.txt once the run has one; any other exception is a bug and keeps its traceback (also written to log.txt)."""
     import __main__
+    t0 = time.time()
     name = name or os.path.splitext(os.path.basename(getattr(__main__, "__file__", "run")))[0]
-    cfg = config.parse(segmentor_cfg, argv, name)
+    notes = []
+    cfg = config.parse(segmentor_cfg, argv, name, notes)  # flag mistakes exit here, before any folder is made
     rank, world, local_rank = dist.init(None if cfg["device"] == "auto" else torch.device(cfg["device"]).type)
-    device = _device(cfg["device"])
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
     log = Logger()  # files only once training has its run folder (common/runs.py)
     try:
+        device = _device(cfg["device"])
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", local_rank)
+        for note in notes:
+            log(note)
         with contextlib.ExitStack() as stack:
-            return _run(cfg, segmentor_cfg, build_model, device, log, stack)
+            metrics = _run(cfg, segmentor_cfg, build_model, device, log, stack)
+            if cfg.get("run_dir") and not (cfg["eval"] or cfg["predict"] or cfg["summary"]):
+                log(report.final_summary(cfg["run_dir"], time.time() - t0,
+                                         os.path.join(cfg["run_dir"], "pred") if cfg["save_predictions"] else None))
+        return metrics
     except UserError as e:  # a user mistake or a bad file: one line, no traceback
-        msg = f"error: {errors.one_line(e)}"
-        log.to_file(msg)
-        raise SystemExit(msg) from None
+        msg = f"{name}: error: {errors.one_line(e)}" + (f" (rank {dist.rank()})" if world > 1 else "")
+        log(msg, echo=False)
+        print(msg, file=sys.stderr, flush=True)
+        raise errors.Exit(msg) from None
+    except Exception:
+        log(traceback.format_exc().rstrip(), echo=False)  # the traceback itself still goes to stderr
+        raise
     finally:
         if log.tb is not None:
             log.tb.close()
@@ -454,9 +467,11 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     torch.backends.cudnn.allow_tf32 = cfg["tf32"]
     torch.backends.cudnn.benchmark = True
     seed_everything(cfg["seed"])
-    log(f"config: {json.dumps(_jsonable(cfg))}")
+    log("config:\n" + "\n".join(config.format_config(cfg)))
     log(f"kernels: {_kernels(cfg['kernels'], log)} | {dist.describe()} | device {device} | tf32 {cfg['tf32']}")
 
+    # the data first: a wrong --data_root fails before the model is built (--predict and --summary need none)
+    root = None if cfg["predict"] or cfg["summary"] else data.dataset_root(cfg["data"], cfg["data_root"], log)
     model = build_model(segmentor_cfg, num_classes=cfg["num_classes"])
     torch.manual_seed(cfg["seed"] + dist.rank())  # dropout streams differ per rank; the init above did not
     if cfg["summary"]:
@@ -464,7 +479,6 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
         log(summarize(model, (1, 3, *cfg["crop_size"])))
         return None
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    root = data.demo_root() if cfg["data"] == "demo" and not cfg["data_root"] else (cfg["data_root"] or "ADE20k")
 
     if cfg["tensorboard"]:
         from .tboard import require

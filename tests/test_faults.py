@@ -225,7 +225,7 @@ def test_overflow_storm_stop_names_a_checkpoint_that_evaluates_normally(tmp_path
         main(tmp_path, "--amp", "apex", "--amp_dtype", "float16", "--max_iters", "40", "--max_skipped_steps", "4",
              "--keep_checkpoints", "0", "--lr", "1e6")
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("error: stopping at iteration"), msg
+    assert "\n" not in msg and msg.startswith("tiny: error: stopping at iteration"), msg
     named = re.search(r"last good checkpoint is (\S+\.pth)", msg).group(1)
     # every checkpoint written, the one named and the one latest names, holds finite tensors only
     (folder,) = runs.runs(str(tmp_path))
@@ -318,7 +318,7 @@ def test_runs_get_their_own_folders_and_latest_moves_only_on_a_checkpoint(tmp_pa
     assert checkpoint.resolve("auto", str(tmp_path)) == os.path.join(folders[1], "checkpoint-final.pth")
     assert checkpoint.load(checkpoint.resolve("auto", str(tmp_path)))["iteration"] == 2
     for f in folders:  # each run's log is its own
-        assert open(os.path.join(f, "log.txt")).read().count("config: ") == 1
+        assert open(os.path.join(f, "log.txt")).read().count(" config:\n") == 1
     # --eval / --predict / --summary write nothing anywhere under the work dir
     before = _tree(tmp_path)
     main(tmp_path, "--eval", "auto")
@@ -352,7 +352,7 @@ def test_the_lock_names_its_holder_and_stale_locks_are_taken_over(tmp_path):
         with pytest.raises(SystemExit) as e:
             main(tmp_path, "--max_iters", "4", "--resume", "auto")
         msg = str(e.value)
-        assert re.fullmatch(rf"error: run folder {re.escape(folder)} is in use by pid {holder.pid} on "
+        assert re.fullmatch(rf"tiny: error: run folder {re.escape(folder)} is in use by pid {holder.pid} on "
                             rf"{re.escape(socket.gethostname())} .*lock {re.escape(folder)}/\.lock.*", msg), msg
         assert _tree(folder) == before  # the second process wrote nothing there
     finally:
@@ -380,7 +380,7 @@ def test_resume_auto_cleans_temp_files_finished_runs_and_changed_schedules(tmp_p
     assert "removed 2 temp file(s) a killed run left" in out and not checkpoint.temp_files(folder)
     assert runs.runs(str(tmp_path)) == [folder]  # continued in its own folder
     log = open(os.path.join(folder, "log.txt")).read()
-    assert log.count("config: ") == 2 and "resume: " in log  # both runs' lines, the second marked as a resume
+    assert log.count(" config:\n") == 2 and "resume: " in log  # both runs' lines, the second marked as a resume
     # a finished run: says so and writes nothing
     before = _tree(tmp_path)
     main(tmp_path, "--max_iters", "4", "--resume", "auto")
@@ -468,7 +468,7 @@ CASES = [(name, flag) for name, (_, flags) in FILE_CASES.items() for flag in fla
 
 def _one_line_error(e, path, cause):
     msg = str(e.value)
-    assert msg.startswith("error: ") and "\n" not in msg, msg
+    assert msg.startswith("tiny: error: ") and "\n" not in msg, msg
     assert path in msg, (path, msg)
     assert re.search(cause, msg), (cause, msg)
     assert "weights_only=False" not in msg and "Traceback" not in msg, msg
@@ -591,8 +591,8 @@ def test_corpus_a_script_prints_one_line_and_no_traceback(tmp_path):
     bad = _write(tmp_path / "empty.pth", b"")
     p = subprocess.run([sys.executable, "pspnet.py", "--data", "demo", "--device", "cpu", "--resume", bad,
                         "--work_dir", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-    assert p.stderr.strip().splitlines() == [f"error: {bad}: empty file (0 bytes), not a checkpoint (a copy or save "
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines() == [f"pspnet: error: {bad}: empty file (0 bytes), not a checkpoint (a copy or save "
                                              f"that never finished?); use an earlier checkpoint"]
 
 

@@ -46,8 +46,10 @@ def test_eval_and_predict(tmp_path):
         str(tmp_path))
     ckpt = checkpoint.resolve("auto", str(tmp_path))
     assert os.path.basename(ckpt) == "checkpoint-final.pth"
-    out = run("pspnet.py", "--data", "demo", "--device", "cpu", "--scale", "(256, 64)", "--num_val_images", "2",
-              "--num_workers", "0", "--eval", ckpt, "--work_dir", str(tmp_path / "eval"))
+    # no --data demo / --scale: --eval takes them from the checkpoint's config
+    out = run("pspnet.py", "--device", "cpu", "--num_val_images", "2", "--num_workers", "0", "--eval", ckpt,
+              "--work_dir", str(tmp_path / "eval"))
+    assert "from the checkpoint's config: data 'demo', scale 256,64" in out
     assert "eval: 2 images" in out and "mIoU" in out
     assert not os.path.exists(tmp_path / "eval")  # --eval writes nothing (no run folder, no log)
     from common.data import PALETTE, demo_root, read_image

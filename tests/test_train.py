@@ -49,8 +49,8 @@ def test_parse_recipe_and_flags():
     assert (cfg['amp'], cfg['batch_size'], cfg['crop_size'], cfg['tf32'], cfg['channels_last']) == \
         ('torch', 8, (64, 96), True, False)
     assert cfg['min_lr'] == pytest.approx(2e-4)  # PolyScheduler's floor follows the base lr
-    for bad in (['--no_such_key', '1'], ['--amp', 'fp16'], ['--batch_size', 'x'], ['--crop_size', '64'],
-                ['--batc', '8']):  # unknown key, bad choice, bad int, not a tuple, no abbreviations
+    for bad in (['--no_such_key', '1'], ['--amp', 'fp16'], ['--batch_size', 'x'], ['--crop_size', '64,64,3'],
+                ['--batc', '8']):  # unknown key, bad choice, bad int, not a pair, no abbreviations (tests/test_cli.py)
         with pytest.raises(SystemExit):
             config.parse(_seg_cfg(), bad, 'x')
 
@@ -226,6 +226,14 @@ def test_main_writes_config_jsonl_and_eval(tmp_path):
         assert 'curves: not written, matplotlib is not installed' in (tmp_path / 'log.txt').read_text()
     assert checkpoint.resolve('auto', str(root)) == checkpoint.resolve('auto', str(tmp_path))
     ck = checkpoint.load(checkpoint.resolve('auto', str(root)))
+    log = (tmp_path / 'log.txt').read_text().splitlines()
+    assert all(re.match(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ', line) for line in log)  # every line time-stamped
+    config_lines = log[log.index(next(line for line in log if line.endswith(' config:'))) + 1:]
+    config_lines = config_lines[:next(i for i, line in enumerate(config_lines) if ' kernels: ' in line)]
+    assert 5 <= len(config_lines) <= 20 and max(map(len, config_lines)) <= 120  # a few lines, not one JSON line
+    summary = '\n'.join(log[-4:])
+    assert re.search(r' done in \dm\d\ds \| best mIoU [\d.]+ \(iteration 3\) \| last mIoU', summary)
+    assert f"checkpoint: {tmp_path / 'checkpoint-final.pth'}" in summary and f"pictures: {tmp_path / 'pred'}" in summary
     assert ck['config']['max_iters'] == 3 and ck['iteration'] == 3
 
 

@@ -1,0 +1,38 @@
+"""The last lines of a training run's log: what it took, what it reached, where its files are."""
+import json
+import os
+
+from . import checkpoint
+
+
+def hms(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def final_summary(work_dir, seconds, pred_dir=None):
+    """Total time, best and last mIoU (from metrics.jsonl: a resumed run counts the evaluations before its resume
+    too), the newest checkpoint and the prediction pictures' folder, as a few lines."""
+    evals = []
+    path = os.path.join(work_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            evals = [r for r in map(json.loads, f) if r.get("kind") == "eval"]
+    if evals:
+        best = max(evals, key=lambda r: r["mIoU"])
+        last = evals[-1]
+        miou = (f"best mIoU {100 * best['mIoU']:.2f} (iteration {best['iteration']}) | last mIoU "
+                f"{100 * last['mIoU']:.2f} (iteration {last['iteration']}, aAcc {100 * last['aAcc']:.2f})")
+    else:
+        miou = "no evaluation ran (--eval_interval_epochs 0)"
+    try:
+        ckpt = checkpoint.resolve("auto", work_dir)
+    except FileNotFoundError:
+        ckpt = "none written (--save_interval_epochs 0)"
+    lines = [f"done in {hms(seconds)} | {miou}", f"  checkpoint: {ckpt}"]
+    if pred_dir is not None and os.path.isdir(pred_dir):
+        lines.append(f"  pictures: {pred_dir}{os.sep}")
+    lines.append(f"  log: {os.path.join(work_dir, 'log.txt')} | metrics: {path}")
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""The command line: tuple spellings, up-front checks as one-line errors (exit 2), --help from DEFAULTS's comments,
+--eval / --predict taking the checkpoint's config, user errors vs crashes in main(), the log's shape."""
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common import cli, config, data, report, runs, train
+from common.errors import MissingFile, UserError
+
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+
+
+def _seg():
+    return config.segmentor_cfg(num_classes=150)
+
+
+def _error(capsys, argv, monkeypatch=None):
+    """parse(argv) must exit 2 with exactly one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        config.parse(_seg(), argv, 'pspnet')
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.count('\n') == 1 and err.startswith('pspnet: error: ') and 'Traceback' not in err, err
+    return err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tuples
+
+
+@pytest.mark.parametrize('words', [['512'], ['512,512'], ['512x512'], ['512 512'], ['512', '512'], ['(512, 512)'],
+                                   ['[512,512]'], ['512,', '512']])
+def test_tuple_spellings(words):
+    assert config.parse(_seg(), ['--crop_size', *words])['crop_size'] == (512, 512)
+    assert config.parse(_seg(), [f'--slide_crop={" ".join(words)}'])['slide_crop'] == (512, 512)
+
+
+def test_tuple_order_and_errors(capsys):
+    cfg = config.parse(_seg(), ['--crop_size', '64x96', '--scale', '(256, 64)'])
+    assert cfg['crop_size'] == (64, 96) and cfg['scale'] == (256, 64)
+    for bad, what in (('64,64,3', 'got 3'), ('a,b', "'a,b'"), ('0', 'positive'), ('64.5', '64.5')):
+        assert '--crop_size' in _error(capsys, ['--crop_size', bad]) and what in _error(capsys, ['--crop_size', bad])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks before anything runs
+
+
+@pytest.mark.parametrize('argv,expect', [
+    (['--batch_size', '0'], '--batch_size 0: must be at least 1'),
+    (['--lr', '-1'], '--lr -1.0: must be > 0'),
+    (['--lr', '0.01', '--min_lr', '0.1'], '--min_lr 0.1: must be between 0 and --lr'),
+    (['--eval_interval_epochs', '-1'], '--eval_interval_epochs -1: must be >= 0'),
+    (['--save_interval_epochs', '-2'], '--save_interval_epochs -2'),
+    (['--log_interval', '0'], '--log_interval 0: must be at least 1'),
+    (['--num_workers', '-1'], '--num_workers -1'),
+    (['--num_classes', '151'], '--num_classes 151'),
+    (['--crop_size', '513'], '--crop_size 513,513: is larger than --scale 2048,512'),
+    (['--crop_size', '64,3000'], 'longer side <= 2048'),
+    (['--inference_mode', 'slide', '--slide_stride', '600'], '--slide_stride 600,600'),
+    (['--device', 'gpu'], "--device 'gpu': unknown device"),
+    (['--device', 'mps'], "--device 'mps': unknown device"),
+    (['--predict', '/no/such/dir'], "--predict '/no/such/dir': no such image file or folder"),
+    (['--tf32', 'maybe'], 'argument --tf32'),
+])
+def test_bad_values_are_one_line_errors(capsys, argv, expect):
+    assert expect in _error(capsys, argv)
+
+
+def test_crop_against_scale_either_orientation(capsys):
+    # (long, short) scale vs (h, w) crop: a portrait crop fits a landscape-written scale and vice versa
+    assert config.parse(_seg(), ['--crop_size', '1024,512'])['crop_size'] == (1024, 512)
+    assert config.parse(_seg(), ['--crop_size', '512,1024', '--scale', '512,2048'])['crop_size'] == (512, 1024)
+    assert 'shorter side must be <= 512' in _error(capsys, ['--crop_size', '600,700'])
+    # inference only: no training crop, so no check (the scale may come from a checkpoint)
+    assert config.parse(_seg(), ['--crop_size', '600', '--summary'])['crop_size'] == (600, 600)
+
+
+def test_batch_must_split_over_torchrun_ranks(capsys, monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '3')
+    assert 'WORLD_SIZE=3' in _error(capsys, ['--batch_size', '16'])
+    assert config.parse(_seg(), ['--batch_size', '12'])['batch_size'] == 12
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_gpu(capsys):
+    assert 'no CUDA GPU is visible' in _error(capsys, ['--device', 'cuda'])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --help
+
+
+def test_every_flag_has_a_group_and_a_description():
+    docs = config.flag_docs()
+    assert set(docs) == set(config.DEFAULTS)
+    for key, (group, text) in docs.items():
+        assert group != 'other' and len(text) > 10, key
+    groups = {g.partition(':')[0] for g, _ in docs.values()}
+    for want in ('data', 'AMP', 'schedule', 'evaluation', 'kernels', 'distributed'):
+        assert any(want in g for g in groups), (want, groups)
+    assert docs['lr'][1].startswith('SGD base lr') and docs['pretrained'][1].startswith('ImageNet backbone')
+
+
+def test_help_text_is_read_from_the_comments(tmp_path):
+    src = tmp_path / 'cfg.py'
+    src.write_text("X = 1\nDEFAULTS = dict(\n    # --- first: what it is for\n    a=1,  # one\n"
+                   "    # two, above the key\n    # and its second line\n    b='x#y',\n"
+                   "    # --- second\n    c=(1, 2),  # (h, w) three\n    d=dict(e=5),  # nested\n)\n"
+                   "Z = dict(q=1)  # no\n")
+    assert cli.flag_docs(str(src)) == {'a': ('first: what it is for', 'one'),
+                                       'b': ('first: what it is for', 'two, above the key and its second line'),
+                                       'c': ('second', '(h, w) three'), 'd': ('second', 'nested')}
+
+
+def test_help_output_grouped(capsys):
+    with pytest.raises(SystemExit) as e:
+        config.parse(_seg(), ['--help'], 'pspnet')
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert re.search(r"\ndata:\n", out) and re.search(r"\nAMP \(mixed precision\):\n", out)
+    assert out.index('\ndata:\n') < out.index('--crop_size H,W') < out.index('\noptimiser and schedule:')
+    assert 'SGD base lr (spec §1) (default 0.01; --data demo: 0.02)' in ' '.join(out.split())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --eval / --predict take the checkpoint's config
+
+
+def _ckpt(tmp_path, **cfg):
+    path = str(tmp_path / 'ck.pth')
+    torch.save({'model': {'w': torch.zeros(1)}, 'config': cfg}, path)
+    return path
+
+
+def test_eval_takes_data_and_scale_from_the_checkpoint(tmp_path):
+    ck = _ckpt(tmp_path, data='demo', scale=[128, 32], num_classes=150, inference_mode='slide',
+               slide_crop=[32, 32], slide_stride=[16, 16], lr=0.5, crop_size=[64, 64])
+    notes = []
+    cfg = config.parse(_seg(), ['--eval', ck], 'pspnet', notes)
+    assert (cfg['data'], cfg['scale'], cfg['inference_mode'], cfg['slide_crop']) == ('demo', (128, 32), 'slide',
+                                                                                     (32, 32))
+    assert cfg['lr'] != 0.5 and cfg['work_dir'].endswith('_demo')  # only inference keys; demo's work dir
+    assert len(notes) == 1 and "data 'demo'" in notes[0] and 'scale 128,32' in notes[0]
+    cfg = config.parse(_seg(), ['--eval', ck, '--scale', '256,64', '--data', 'ade20k'], 'pspnet')
+    assert (cfg['data'], cfg['scale'], cfg['slide_crop']) == ('ade20k', (256, 64), (32, 32))  # flags win
+    image = tmp_path / 'x.jpg'
+    image.write_bytes(b'')
+    cfg = config.parse(_seg(), ['--predict', str(image), '--ckpt', ck], 'pspnet')
+    assert (cfg['data'], cfg['scale']) == ('demo', (128, 32))
+    # a demo run trained at the ADE scale: the saved scale wins over the demo preset's, though it equals the default
+    ck = _ckpt(tmp_path, data='demo', scale=[2048, 512])
+    assert config.parse(_seg(), ['--eval', ck], 'pspnet')['scale'] == (2048, 512)
+
+
+def test_checkpoint_without_config_keeps_the_defaults(tmp_path, capsys):
+    path = str(tmp_path / 'ssseg.pth')
+    torch.save({'model': {'w': torch.zeros(1)}, 'cur_epoch': 130}, path)  # ssseg's format: no config
+    cfg = config.parse(_seg(), ['--eval', path], 'pspnet')
+    assert (cfg['data'], cfg['scale']) == ('ade20k', (2048, 512))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main(): a user's mistake is one line (stderr and log.txt), exit 2; a bug keeps its traceback
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes=150):
+        super().__init__()
+        self.backbone_net = nn.Conv2d(3, 4, 3, stride=8, padding=1)
+        self.decoder, self.auxiliary_decoder = nn.Conv2d(4, num_classes, 1), nn.Conv2d(4, num_classes, 1)
+
+    def forward(self, x):
+        f = self.backbone_net(x)
+        return {'out': self.decoder(f), 'aux': self.auxiliary_decoder(f)} if self.training else \
+            {'out': self.decoder(f)}
+
+
+def _argv(work_dir, *flags):
+    return ['--device', 'cpu', '--kernels', 'torch', '--pretrained', 'none', '--amp', 'none', '--amp_dtype', 'bfloat16',
+            '--crop_size', '32',
+            '--scale', '128,32', '--batch_size', '2', '--num_workers', '0', '--work_dir', str(work_dir), *flags]
+
+
+def test_missing_dataset_is_one_line_in_stderr_and_log(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes),
+                   _argv(tmp_path, '--data_root', str(tmp_path / 'nowhere')), name='tiny')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err
+    assert err.startswith(f"tiny: error: ADE20k not found under '{tmp_path / 'nowhere'}'")
+    assert not os.listdir(tmp_path)  # no run folder yet, so no log.txt: a failed start writes nothing
+
+
+def test_a_crash_keeps_its_traceback_and_logs_it(tmp_path):
+    class Buggy(Tiny):
+        def forward(self, x):
+            raise ZeroDivisionError("a bug, not the user's")
+
+    with pytest.raises(ZeroDivisionError):  # in the first step, when the run folder (and its log.txt) exists
+        train.main(_seg(), lambda cfg, num_classes: Buggy(num_classes), _argv(tmp_path, '--data', 'demo'), name='tiny')
+    (run,) = runs.runs(str(tmp_path))
+    text = (Path(run) / 'log.txt').read_text()
+    assert 'Traceback (most recent call last)' in text and "ZeroDivisionError: a bug, not the user's" in text
+
+
+def test_demo_with_data_root_generates_there(tmp_path, monkeypatch):
+    real = data.make_demo_ade20k
+    monkeypatch.setattr(data, 'make_demo_ade20k', lambda root, n, m, seed=0: real(root, 2, 1, seed))  # small, fast
+    lines = []
+    root = data.dataset_root('demo', str(tmp_path / 'cache'), lines.append)
+    assert root.startswith(str(tmp_path / 'cache')) and len(data.ADE20k(root, 'val')) == 1
+    assert lines == [f"generating the demo dataset (first use) in {root}: 64 train + 16 val images"]
+    assert data.dataset_root('demo', str(tmp_path / 'cache'), lines.append) == root and len(lines) == 1  # cached
+    assert data.dataset_root('demo', root) == root  # the generated root itself (what a demo run logs as data:)
+    with pytest.raises(MissingFile, match="ADE20k not found under 'ADE20k'"):
+        data.dataset_root('ade20k', '')
+    with pytest.raises(MissingFile) as e:  # still a FileNotFoundError for callers, and a UserError for main()
+        data.ADE20k(str(tmp_path / 'nowhere'), 'val')
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, UserError)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the log's shape
+
+
+def test_config_in_a_few_short_lines():
+    cfg = config.parse(_seg(), ['--data', 'demo'])
+    lines = config.format_config(cfg)
+    assert len(lines) <= 2 * len({g for g, _ in config.flag_docs().values()}) and max(map(len, lines)) <= 100
+    text = ' '.join(lines)
+    assert all(f' {k}=' in text for k in cfg) and 'crop_size=64,64' in text
+
+
+def test_final_summary(tmp_path):
+    recs = [dict(kind='train', iteration=1), dict(kind='eval', iteration=2, mIoU=0.5, aAcc=0.8),
+            dict(kind='eval', iteration=4, mIoU=0.25, aAcc=0.7)]
+    (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    (tmp_path / 'pred').mkdir()
+    text = report.final_summary(str(tmp_path), 3725, str(tmp_path / 'pred'))
+    assert text.splitlines()[0] == ('done in 1h02m | best mIoU 50.00 (iteration 2) | last mIoU 25.00 '
+                                    '(iteration 4, aAcc 70.00)')
+    assert 'checkpoint: none written' in text and f"pictures: {tmp_path / 'pred'}{os.sep}" in text
+
+
+def test_fused_kernels_without_the_extension_is_a_user_error(tmp_path, capsys, monkeypatch):
+    from common import layers, ops
+
+    def missing(*names):
+        raise RuntimeError("--kernels fused needs the compiled extension common._C, which lacks ['build_info']")
+
+    monkeypatch.setattr(ops, 'require', missing)
+    argv = [a if a != 'torch' else 'fused' for a in _argv(tmp_path, '--data', 'demo')]  # --kernels fused
+    monkeypatch.setattr(layers, 'KERNELS', layers.KERNELS)  # restored after the test
+    with pytest.raises(SystemExit) as e:
+        train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes), argv, name='tiny')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "tiny: error: --kernels fused needs the compiled extension common._C, " \
+                                        "which lacks ['build_info']\n"
