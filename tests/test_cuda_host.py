@@ -323,7 +323,7 @@ def schedule_workload(ns):
         y = ns.bn_apply(x, mean, inv, w, b, r, True)
         s = ns.bn_backward_reduce(dy, y, x, mean, inv, True)
         out += [mean, m2, y, *s, *ns.bn_backward_apply(dy, y, x, mean, inv, w, s[0] / 162, s[1] / 162, True, True)]
-    xn = rnd((2, 2, 64, 72), torch.float32, 4)  # NCHW with grid.y = 2 (4608 packs per channel)
+    xn = rnd((1, 1, 128, 132), torch.float32, 4)  # NCHW with grid.y = 2 (4224 packs)
     out += list(ns.bn_stats(xn))
     xs = concat_inputs([(3, 3, 3), (2, 6, 6)], 2, torch.float32, "cl")
     o = ns.upsample_concat(xs, [11, 11], False)
@@ -335,8 +335,7 @@ def schedule_workload(ns):
 
 
 SCHEDULES = [dict(blocks="reversed"), dict(blocks="shuffled", permute=True, seed=1),
-             dict(blocks="in_order", serial=True), dict(blocks="reversed", serial=True, permute=True, seed=2),
-             dict(blocks="shuffled", serial=True, permute=True, seed=3)]
+             dict(blocks="in_order", serial=True), dict(blocks="shuffled", serial=True, permute=True, seed=3)]
 
 
 def test_bit_identical_across_schedules(H):
