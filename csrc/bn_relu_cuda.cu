@@ -24,9 +24,6 @@
 //     16-byte aligned and C (channels_last) or S (NCHW) is a multiple of V; else V = 1).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one needs the cuSPARSE/cuBLAS headers
 #include <torch/library.h>
 
 #include <algorithm>
@@ -36,6 +33,7 @@
 #include <utility>
 
 #include "bn_relu.h"
+#include "cuda_launch.h"  // launches, stream, guard (CUDA, or the host runner of the tests)
 
 namespace segfp16 {
 namespace {
@@ -84,8 +82,7 @@ template <int MODE, typename T, typename acc_t, int V>
 __global__ void bn_reduce_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
                                       const acc_t* __restrict__ mean, bool relu, int64_t R, int64_t C,
                                       acc_t* __restrict__ partial /* [2, gridDim.y, C] */) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);  // [2, blockDim.y, blockDim.x * V]
+  SEGFP16_DYNAMIC_SMEM(acc_t, smem);  // [2, blockDim.y, blockDim.x * V]
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const bool active = c0 < C;  // C % V == 0, so a pack is wholly in range or wholly out
   acc_t s0[V], s1[V], m[V];
@@ -257,9 +254,7 @@ bool use_packs(const Layout& l, std::initializer_list<const void*> ptrs) {
 }
 
 int64_t elementwise_blocks(int64_t packs, const at::Tensor& x) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-  return std::max<int64_t>(1, std::min<int64_t>((packs + kThreads - 1) / kThreads, sms * 32));
+  return std::max<int64_t>(1, std::min<int64_t>((packs + kThreads - 1) / kThreads, launch::sm_count(x) * 32));
 }
 
 template <bool CL, typename T, int V>
@@ -267,10 +262,9 @@ void launch_apply(const Layout& l, const at::Tensor& x, const T* xp, const T* rp
                   const at::opmath_type<T>* mp, const at::opmath_type<T>* sp, const at::opmath_type<T>* bp,
                   bool relu) {
   const int64_t packs = x.numel() / V;
-  bn_apply_kernel<CL, T, at::opmath_type<T>, V>
-      <<<static_cast<unsigned>(elementwise_blocks(packs, x)), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          xp, rp, yp, mp, sp, bp, relu, packs, l.C, l.S);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch::launch<bn_apply_kernel<CL, T, at::opmath_type<T>, V>>(static_cast<unsigned>(elementwise_blocks(packs, x)),
+                                                                 kThreads, 0, xp, rp, yp, mp, sp, bp, relu, packs, l.C,
+                                                                 l.S);
 }
 
 template <bool CL, typename T, int V>
@@ -278,10 +272,9 @@ void launch_backward_apply(const Layout& l, const at::Tensor& x, const T* gp, co
                            T* drp, const at::opmath_type<T>* mp, const at::opmath_type<T>* kp,
                            const at::opmath_type<T>* ap, const at::opmath_type<T>* qp, bool relu) {
   const int64_t packs = x.numel() / V;
-  bn_backward_apply_kernel<CL, T, at::opmath_type<T>, V>
-      <<<static_cast<unsigned>(elementwise_blocks(packs, x)), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          gp, yp, xp, dxp, drp, mp, kp, ap, qp, relu, packs, l.C, l.S);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch::launch<bn_backward_apply_kernel<CL, T, at::opmath_type<T>, V>>(
+      static_cast<unsigned>(elementwise_blocks(packs, x)), kThreads, 0, gp, yp, xp, dxp, drp, mp, kp, ap, qp, relu,
+      packs, l.C, l.S);
 }
 
 // out0[c], out1[c] from the per-channel sums of mode MODE (see bn_finalize_kernel); l.count() > 0.
@@ -289,7 +282,6 @@ template <int MODE, typename T, int V>
 void channel_sums_cuda(const Layout& l, const T* x, const T* dy, const T* y, const at::Tensor& mean,
                        const at::Tensor& invstd, bool relu, at::Tensor& out0, at::Tensor& out1) {
   using acc_t = at::opmath_type<T>;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const acc_t* mp = mean.defined() ? mean.const_data_ptr<acc_t>() : nullptr;
   at::Tensor partial;
   int64_t P;
@@ -302,23 +294,21 @@ void channel_sums_cuda(const Layout& l, const T* x, const T* dy, const T* y, con
     partial = at::empty({2, P, l.C}, out0.options());
     const dim3 grid(static_cast<unsigned>((groups + bx - 1) / bx), static_cast<unsigned>(P));
     const size_t smem = 2 * static_cast<size_t>(kThreads) * V * sizeof(acc_t);
-    bn_reduce_nhwc_kernel<MODE, T, acc_t, V><<<grid, dim3(bx, by), smem, stream>>>(
-        x, dy, y, mp, relu, R, l.C, partial.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch::launch<bn_reduce_nhwc_kernel<MODE, T, acc_t, V>>(grid, dim3(bx, by), smem, x, dy, y, mp, relu, R, l.C,
+                                                             partial.mutable_data_ptr<acc_t>());
   } else {
     const int64_t packs = l.N * l.S / V;
     P = std::min<int64_t>(std::max<int64_t>(1, (packs + kThreads * 16 - 1) / (kThreads * 16)), 512);
     partial = at::empty({2, P, l.C}, out0.options());
     const dim3 grid(static_cast<unsigned>(l.C), static_cast<unsigned>(P));
-    bn_reduce_nchw_kernel<MODE, T, acc_t, V><<<grid, kThreads, 0, stream>>>(x, dy, y, mp, relu, l.N, l.C, l.S,
-                                                                            partial.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch::launch<bn_reduce_nchw_kernel<MODE, T, acc_t, V>>(grid, kThreads, 0, x, dy, y, mp, relu, l.N, l.C, l.S,
+                                                             partial.mutable_data_ptr<acc_t>());
   }
   const acc_t* ip = invstd.defined() ? invstd.const_data_ptr<acc_t>() : nullptr;
-  bn_finalize_kernel<MODE, acc_t><<<static_cast<unsigned>((l.C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      partial.const_data_ptr<acc_t>(), P, l.C, static_cast<double>(l.count()), ip, out0.mutable_data_ptr<acc_t>(),
-      out1.mutable_data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch::launch<bn_finalize_kernel<MODE, acc_t>>(static_cast<unsigned>((l.C + kThreads - 1) / kThreads), kThreads, 0,
+                                                  partial.const_data_ptr<acc_t>(), P, l.C,
+                                                  static_cast<double>(l.count()), ip, out0.mutable_data_ptr<acc_t>(),
+                                                  out1.mutable_data_ptr<acc_t>());
 }
 
 template <int MODE, typename T>
@@ -339,7 +329,7 @@ void check_cuda(const at::Tensor& x, std::initializer_list<std::pair<const at::T
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x_in) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const launch::DeviceGuard guard(x_in.device());
   const at::ScalarType acc = acc_type_of(x_in);
   const Layout l = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(format_of(x_in));
@@ -358,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x_in) {
 at::Tensor bn_apply_cuda(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
                          const at::Tensor& weight_in, const at::Tensor& bias_in,
                          const std::optional<at::Tensor>& residual_in, bool relu) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const launch::DeviceGuard guard(x_in.device());
   const at::ScalarType acc = acc_type_of(x_in);
   const Layout l = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(format_of(x_in));
@@ -394,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cuda(const at::Tens
                                                                   const at::Tensor& bias,
                                                                   const std::optional<at::Tensor>& residual,
                                                                   double eps, bool relu) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const launch::DeviceGuard guard(x.device());
   const Layout l = layout_of(x);
   TORCH_CHECK(l.count() > 0, "segfp16 bn_relu_train: x has no values per channel, shape ", x.sizes());
   auto [mean, m2] = bn_stats_cuda(x);
@@ -406,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cuda(const at::Tens
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda(const at::Tensor& dy_in, const at::Tensor& y_in,
                                                            const at::Tensor& x_in, const at::Tensor& mean_in,
                                                            const at::Tensor& invstd_in, bool relu) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const launch::DeviceGuard guard(x_in.device());
   const at::ScalarType acc = acc_type_of(x_in);
   const Layout l = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(format_of(x_in));
@@ -432,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cuda(const at::Tensor& dy_i
                                                           const at::Tensor& mean_dz_in,
                                                           const at::Tensor& mean_dz_xhat_in, bool relu,
                                                           bool residual_grad) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const launch::DeviceGuard guard(x_in.device());
   const at::ScalarType acc = acc_type_of(x_in);
   const Layout l = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(format_of(x_in));
@@ -470,10 +460,14 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cuda(const at::Tensor& dy_i
 }  // namespace
 }  // namespace segfp16
 
-TORCH_LIBRARY_IMPL(segfp16, CUDA, m) {
+namespace {
+void register_bn_cuda(torch::Library& m) {
   m.impl("bn_stats", &segfp16::bn_stats_cuda);
   m.impl("bn_apply", &segfp16::bn_apply_cuda);
   m.impl("bn_relu_train", &segfp16::bn_relu_train_cuda);
   m.impl("bn_backward_reduce", &segfp16::bn_backward_reduce_cuda);
   m.impl("bn_backward_apply", &segfp16::bn_backward_apply_cuda);
 }
+}  // namespace
+
+SEGFP16_REGISTER_CUDA(register_bn_cuda)

@@ -403,7 +403,8 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
   const at::Tensor lg = logits.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor tg = target.contiguous();
   const at::Tensor ls = lse.contiguous();
-  at::Tensor grad = at::zeros(logits.sizes(), logits.options().memory_format(layout_of(logits)));
+  // at::zeros ignores the options' memory format (a channels_last grad came back NCHW): allocate in it, then zero
+  at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(layout_of(logits))).zero_();
   const int64_t count = tg.ne(ignore_index).sum().item<int64_t>();
   if (count == 0) return grad;  // no valid pixel: the loss is the constant 0
   const double scale = grad_loss.item<double>() / static_cast<double>(count);

@@ -17,20 +17,18 @@
 //   pixels of its footprint, the softmax rebuilt from the saved lse. ATen materialises ~5 full-res tensors per head.
 // Speed-ups: not measured yet (no GPU in development); bench/kernels.py --only upsample prints them on a GPU.
 //
-// Simple by design: scalar loads, 256-thread blocks, grid-stride loops, 64-bit indexing. Launches use the current
+// Simple by design: scalar loads, 256-thread blocks, grid-stride loops, 64-bit indexing. Launches (csrc/cuda_launch.h) use the current
 // stream, a CUDAGuard on the inputs' device and C10_CUDA_KERNEL_LAUNCH_CHECK.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "upsample.h"
+#include "cuda_launch.h"  // launches, stream, guard (CUDA, or the host runner of the tests)
 
 namespace segfp16 {
 namespace {
@@ -42,7 +40,7 @@ inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 16)));
 }
 
-#define SEGFP16_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), "segfp16 upsample (CUDA): ", #x, " must be a CUDA tensor")
+#define SEGFP16_CHECK_CUDA(x) TORCH_CHECK(launch::on_device(x), "segfp16 upsample (CUDA): ", #x, " must be a CUDA tensor")
 
 __device__ __forceinline__ float dev_exp(float x) { return expf(x); }
 __device__ __forceinline__ double dev_exp(double x) { return exp(x); }
@@ -205,14 +203,13 @@ __global__ void upsample_ce_bwd_kernel(const scalar_t* __restrict__ lg, const in
 at::Tensor upsample_concat_cuda(at::TensorList inputs, at::IntArrayRef size, bool align_corners) {
   for (const auto& t : inputs) SEGFP16_CHECK_CUDA(t);
   check_concat_inputs(inputs, size);
-  const c10::cuda::CUDAGuard guard(inputs[0].device());
+  const launch::DeviceGuard guard(inputs[0].device());
   const auto fmt = layout_of(inputs[0]);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t N = inputs[0].size(0), H = size[0], W = size[1];
   int64_t Ct = 0;
   for (const auto& t : inputs) Ct += t.size(1);
   at::Tensor out = at::empty({N, Ct, H, W}, inputs[0].options().memory_format(fmt));
-  auto stream = at::cuda::getCurrentCUDAStream();
   int64_t off = 0;
   for (const auto& t : inputs) {
     const int64_t C = t.size(1), h = t.size(2), w = t.size(3);
@@ -227,11 +224,10 @@ at::Tensor upsample_concat_cuda(at::TensorList inputs, at::IntArrayRef size, boo
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "upsample_concat_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           const int64_t n = N * C * H * W;
-          upsample_concat_fwd_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
-              src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, C, h, w, Ct, H, W, off,
+          launch::launch<upsample_concat_fwd_kernel<scalar_t, acc_t>>(
+              blocks_for(n), kThreads, 0, src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, C, h, w, Ct, H, W, off,
               up_scale<acc_t>(h, H, align_corners), up_scale<acc_t>(w, W, align_corners), align_corners, cl);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+              });
       }
     }
     off += C;
@@ -243,12 +239,11 @@ std::vector<at::Tensor> upsample_concat_backward_cuda(const at::Tensor& grad_out
                                                       at::IntArrayRef heights, at::IntArrayRef widths, bool align_corners) {
   SEGFP16_CHECK_CUDA(grad_output);
   const int64_t Ct = check_concat_backward(grad_output, channels, heights, widths);
-  const c10::cuda::CUDAGuard guard(grad_output.device());
+  const launch::DeviceGuard guard(grad_output.device());
   const auto fmt = layout_of(grad_output);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor g = grad_output.contiguous(fmt);
   const int64_t N = g.size(0), H = g.size(2), W = g.size(3);
-  auto stream = at::cuda::getCurrentCUDAStream();
   std::vector<at::Tensor> grads;
   int64_t off = 0;
   for (size_t i = 0; i < channels.size(); ++i) {
@@ -264,11 +259,10 @@ std::vector<at::Tensor> upsample_concat_backward_cuda(const at::Tensor& grad_out
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "upsample_concat_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           const int64_t n = N * C * h * w;
-          upsample_concat_bwd_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
-              g.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), N, C, h, w, Ct, H, W, off,
+          launch::launch<upsample_concat_bwd_kernel<scalar_t, acc_t>>(
+              blocks_for(n), kThreads, 0, g.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), N, C, h, w, Ct, H, W, off,
               up_scale<acc_t>(h, H, align_corners), up_scale<acc_t>(w, W, align_corners), align_corners, cl);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+              });
       }
     }
     grads.push_back(gi);
@@ -282,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> upsample_cross_entropy_cuda(const at::Tensor&
   SEGFP16_CHECK_CUDA(logits);
   SEGFP16_CHECK_CUDA(target);
   check_ce_inputs(logits, target);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const launch::DeviceGuard guard(logits.device());
   const auto acc = at::toOpMathType(logits.scalar_type());
   const at::Tensor lg = logits.contiguous(at::MemoryFormat::ChannelsLast);  // classes contiguous per pixel
   const at::Tensor tg = target.contiguous();
@@ -290,14 +284,12 @@ std::tuple<at::Tensor, at::Tensor> upsample_cross_entropy_cuda(const at::Tensor&
   at::Tensor lse = at::empty({N, H, W}, logits.options().dtype(acc));
   if (tg.numel() == 0) return {at::zeros({}, logits.options().dtype(acc)), lse};
   at::Tensor pix = at::empty({N, H, W}, logits.options().dtype(acc));
-  auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsample_cross_entropy_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t n = N * H * W;
-    upsample_ce_fwd_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        lg.data_ptr<scalar_t>(), tg.data_ptr<int64_t>(), lse.data_ptr<acc_t>(), pix.data_ptr<acc_t>(), N, C, h, w, H, W,
+    launch::launch<upsample_ce_fwd_kernel<scalar_t, acc_t>>(
+        blocks_for(n), kThreads, 0, lg.data_ptr<scalar_t>(), tg.data_ptr<int64_t>(), lse.data_ptr<acc_t>(), pix.data_ptr<acc_t>(), N, C, h, w, H, W,
         up_scale<acc_t>(h, H, false), up_scale<acc_t>(w, W, false), ignore_index);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // mean over valid pixels with ATen's fixed-order reductions (no host sync); 0 when there is none (sum is 0 then)
   const at::Tensor count = tg.ne(ignore_index).sum().clamp_min(1).to(acc);
@@ -312,7 +304,7 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
   SEGFP16_CHECK_CUDA(target);
   SEGFP16_CHECK_CUDA(lse);
   check_ce_backward(grad_loss, logits, target, lse);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const launch::DeviceGuard guard(logits.device());
   const auto acc = at::toOpMathType(logits.scalar_type());
   const at::Tensor lg = logits.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor tg = target.contiguous();
@@ -321,15 +313,13 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
   // grad_loss / num_valid on the device (no sync); with no valid pixel every term is skipped and the grad is 0
   const at::Tensor scale = (grad_loss.reshape({}).to(acc) / tg.ne(ignore_index).sum().clamp_min(1).to(acc)).contiguous();
   at::Tensor grad = at::empty({N, C, h, w}, logits.options().memory_format(at::MemoryFormat::ChannelsLast));
-  auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsample_cross_entropy_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t n = N * h * w * C;
-    upsample_ce_bwd_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        lg.data_ptr<scalar_t>(), tg.data_ptr<int64_t>(), ls.data_ptr<acc_t>(), scale.data_ptr<acc_t>(),
+    launch::launch<upsample_ce_bwd_kernel<scalar_t, acc_t>>(
+        blocks_for(n), kThreads, 0, lg.data_ptr<scalar_t>(), tg.data_ptr<int64_t>(), ls.data_ptr<acc_t>(), scale.data_ptr<acc_t>(),
         grad.data_ptr<scalar_t>(), N, C, h, w, H, W, up_scale<acc_t>(h, H, false), up_scale<acc_t>(w, W, false),
         ignore_index);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const auto fmt = layout_of(logits);
   if (fmt == at::MemoryFormat::ChannelsLast) return grad;
@@ -342,9 +332,13 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
 
 // --- registration
 
-TORCH_LIBRARY_IMPL(segfp16, CUDA, m) {
+namespace {
+void register_upsample_cuda(torch::Library& m) {
   m.impl("upsample_concat", &segfp16::upsample_concat_cuda);
   m.impl("upsample_concat_backward", &segfp16::upsample_concat_backward_cuda);
   m.impl("upsample_cross_entropy", &segfp16::upsample_cross_entropy_cuda);
   m.impl("upsample_cross_entropy_backward", &segfp16::upsample_cross_entropy_backward_cuda);
 }
+}  // namespace
+
+SEGFP16_REGISTER_CUDA(register_upsample_cuda)
