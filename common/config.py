@@ -163,18 +163,21 @@ DEFAULTS = dict(
     inference_mode='whole',  # whole | slide (the reference evaluates whole images, spec §8)
     slide_crop=(512, 512),  # (h, w) window for inference_mode=slide
     slide_stride=(341, 341),  # (h, w) window step for inference_mode=slide (mmseg's 2/3 overlap)
+    fold=True,  # eval/predict: each conv-BN(-add)-ReLU unit as one conv with bias (common/fold.py); false = unfolded
+    eval_amp=False,  # --eval/--predict in --amp's half type (fp16 CUDA, bf16 CPU); default fp32 as the reference
     # system
     device='auto',  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     seed=0,  # data order, augmentation and init are a pure function of this (the reference does not seed, spec §7)
     kernels='auto',  # auto (fused when common._C is built, else torch; logged) | fused | torch
     channels_last=False,  # NHWC memory format for model and inputs
+    compile='none',  # none | default | max-autotune: torch.compile the model's forward for training and evaluation
     tf32=False,  # the reference disables TF32 (spec §7.3); true allows it for matmul and cuDNN
 )
 
 CHOICES = dict(amp=('none', 'torch', 'apex'), opt_level=('O0', 'O1', 'O2', 'O3'),
                amp_dtype=('auto', 'float16', 'bfloat16'), data=('ade20k', 'demo'),
                kernels=('auto', 'fused', 'torch'), inference_mode=('whole', 'slide'),
-               ddp_fp16_compress=('auto', 'true', 'false'))
+               ddp_fp16_compress=('auto', 'true', 'false'), compile=('none', 'default', 'max-autotune'))
 
 # `--data demo`: a CPU-sized run of the full recipe (a ResNet-50-D8 from scratch) on the synthetic dataset: small
 # crops, a short schedule, eval only at the end, a few prediction PNGs. Measured on our 2-core CPU box (Xeon with

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, config, data, dist, layers
+from . import checkpoint, config, data, dist, fold, layers
 
 # ----------------------------------------------------------------------------------------------------------------
 # schedule
@@ -265,7 +265,8 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             save(f"iter-{it}")  # a planned stop mid-schedule: checkpoint so that --resume continues from here
         every = cfg["eval_interval_epochs"]  # 0 = never (smoke tests)
         if val_loader is not None and every and (last or (end_of_epoch and ep % every == 0)):
-            metrics = evaluate(model, val_loader, cfg["num_classes"], device, cfg, amp, log)
+            net, eval_amp = fold.for_eval(model, cfg, amp, log)  # a folded copy: the training model is untouched
+            metrics = evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log)
             if hasattr(log, "record"):
                 log.record(kind="eval", iteration=it, epoch=ep, mIoU=metrics["mIoU"], aAcc=metrics["aAcc"],
                            IoU=metrics["IoU"])
@@ -355,6 +356,7 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
 
 def _run(cfg, segmentor_cfg, build_model, device, log):
     from .amp import Amp
+    from .compile import compile_module
     # system set-up (spec §7 steps 3-4): TF32 off unless asked, cudnn.benchmark on
     torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
     torch.backends.cudnn.allow_tf32 = cfg["tf32"]
@@ -375,14 +377,17 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     root = data.demo_root() if cfg["data"] == "demo" and not cfg["data_root"] else (cfg["data_root"] or "ADE20k")
 
-    if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14)
+    if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14); half: --eval_amp
         checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"]), log)
         model.to(device, memory_format=memory_format).eval()
+        half = Amp(cfg["amp"], dtype=_amp_dtype(cfg, device), device=device.type) \
+            if cfg["eval_amp"] and cfg["amp"] != "none" else None  # autocast (O1) or a half folded copy
+        net, eval_amp = fold.for_eval(model, cfg, half, log)
         if cfg["predict"]:
-            predict(model, image_paths(cfg["predict"]), cfg["out"] or os.path.join(cfg["work_dir"], "predict"),
-                    cfg, device, log=log)
+            predict(net, image_paths(cfg["predict"]), cfg["out"] or os.path.join(cfg["work_dir"], "predict"),
+                    cfg, device, eval_amp, log=log)
             return None
-        return evaluate(model, _val_loader(cfg, root), cfg["num_classes"], device, cfg, None, log)
+        return evaluate(net, _val_loader(cfg, root), cfg["num_classes"], device, cfg, eval_amp, log)
 
     # weights: a checkpoint to resume from, else (optionally) ImageNet weights for the backbone
     ckpt = None
@@ -406,6 +411,7 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
                                 weight_decay=cfg["weight_decay"])
     amp = Amp(cfg["amp"], opt_level=cfg["opt_level"], dtype=_amp_dtype(cfg, device), device=device.type)
     model, optimizer = amp.initialize(model, optimizer)  # before DDP, as apex requires
+    compile_module(model, cfg["compile"], log)  # in place: same module, keys and parameters (common/compile.py)
     start_iter = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -429,8 +435,9 @@ def _run(cfg, segmentor_cfg, build_model, device, log):
     metrics = fit(cfg, model, optimizer, amp, loader, val_loader, start_iter, device, log)
     if cfg["save_predictions"] and dist.is_main():
         n = min(cfg["save_predictions"], len(val_loader.dataset))
-        predict(model, [val_loader.dataset.paths(i)[0] for i in range(n)], os.path.join(cfg["work_dir"], "pred"),
-                cfg, device, amp, log)
+        net, eval_amp = fold.for_eval(model, cfg, amp, log)
+        predict(net, [val_loader.dataset.paths(i)[0] for i in range(n)], os.path.join(cfg["work_dir"], "pred"),
+                cfg, device, eval_amp, log)
     return metrics
 
 
