@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one script to run on a bare GPU machine (torch + nvcc there, no internet):
 #   bash tools/device_check.sh OUT_DIR
-# Every stage is time-boxed (the limits add up to 9 min 15 s at most; a normal run takes far less), and a failing
-# stage does not stop the later ones.
+# Every stage is time-boxed (the limits add up to 12 min 25 s, 9 min 25 s without issue 15's three stages 4b; a
+# normal run takes far less), and a failing stage does not stop the later ones.
 # Logs and tables land in OUT_DIR; summary.md there lists each stage's exit code and duration.
 set -u
 OUT=${1:?usage: tools/device_check.sh OUT_DIR}
@@ -39,6 +39,13 @@ stage bench_kernels 60 env CONV_MODELS=pspnet,deeplabv3 $PY bench/kernels.py --o
 # 4. a quick training table: PSPNet and DeepLabV3 at batch 16: fp32 / torch fp16 / apex O2, fused vs torch, + peers
 stage bench_train 120 $PY bench/train.py --models pspnet,deeplabv3 --modes fp32,fp16,apex-O2 --kernels torch,fused \
   --formats nhwc --batch 16 --steps 10 --warmup 3 --out "$OUT"
+# 4b. (issue 15) eval img/s unfolded / folded / compiled folded, fp32 and fp16, and compiled training rows; the
+# compile checks too slow for the 2-core CI box (full-model fullgraph, inductor equality)
+stage bench_eval 60 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes fp32,half --reps 5 --warmup 2 \
+  --kernels fused --out "$OUT"
+stage bench_train_compile 60 $PY bench/train.py --models pspnet --modes fp16 --kernels fused --formats nhwc \
+  --compile default --peers tv_deeplabv3 --no-baseline --batch 16 --steps 5 --warmup 2 --out "$OUT/compile"
+stage pytest_compile 60 env SEGFP16_COMPILE_TESTS=1 SEGFP16_INDUCTOR_TESTS=1 $PY -m pytest -q -x tests/test_compile.py
 # 5. 1-GPU torchrun smoke runs of every script, --amp torch and --amp apex, on demo data
 for script in fcn pspnet deeplabv3 deeplabv3plus; do
   for amp in torch apex; do
