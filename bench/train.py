@@ -21,6 +21,9 @@ backward-weight cost one forward each. BN, ReLU, interpolation and the loss are 
     python bench/train.py --models pspnet,deeplabv3 --modes fp32,fp16,apex-O2 --batch 16 --out bench/results/x
     python bench/train.py                  # the whole grid: 4 x 5 x 2 x 2 x 2 rows + peers (hours; pick a subset)
     python bench/train.py --quick          # tiny sizes on the CPU: proves the script runs (CI), times nothing useful
+    python bench/train.py --models pspnet --modes fp32 --compile none,default   # eager and compiled rows
+With --compile, the model's forward is compiled in place as the trainer's --compile does (the loss and amp's scaler
+stay eager) and the peers by torch.compile(model); the first step's extra time is the compile s column.
 """
 import argparse
 import datetime
@@ -117,20 +120,24 @@ def construct(name):
     return importlib.import_module(name).build_model(num_classes=150)
 
 
-def build_ours(model, mode, kernels, fmt, device):
+def build_ours(model, mode, kernels, fmt, device, compile_mode="none"):
     """(step closure, model, amp description) for one of our segmentors, fresh from construct()."""
     from common.amp import Amp
+    from common.compile import compile_module
     from common.layers import set_kernels
     set_kernels(kernels)  # raises (naming the build command) when fused kernels are not built
     model = model.to(device, memory_format=FORMATS[fmt]).train()
     optimizer = sgd(model)
     amp = Amp(device=device.type, **MODES[mode])
     model, optimizer = amp.initialize(model, optimizer)
+    compile_module(model, compile_mode, log=lambda m: None)  # the trainer's --compile: the forward, in place
     return (lambda images, labels: train_step(model, images, labels, amp, optimizer)), model, amp.describe()
 
 
-def build_peer(name, model, device):
+def build_peer(name, model, device, compile_mode="none"):
     model = model.to(device, memory_format=torch.channels_last).train()
+    if compile_mode != "none":  # the fairest peer: torchvision + autocast + channels_last + torch.compile
+        model.compile(mode=None if compile_mode == "default" else compile_mode)
     optimizer = sgd(model)
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16  # CPU fp16 convs are a slow path
     autocast = torch.autocast(device.type, dtype=dtype)
@@ -147,9 +154,13 @@ def sync(device):
 
 
 def time_steps(step, images, labels, warmup, steps, device):
-    """Median and spread of `steps` step times in ms after `warmup` untimed ones; peak memory (bytes) over them."""
-    for _ in range(warmup):
+    """Median, min, max of `steps` step times in ms after `warmup` untimed ones; peak memory (bytes); first step s."""
+    t0 = time.perf_counter()
+    for i in range(warmup):
         step(images, labels)
+        if i == 0:
+            sync(device)
+            first = time.perf_counter() - t0  # with --compile: tracing + compiling forward and backward + one step
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # after warm-up: no cudnn.benchmark trials in the peak
@@ -168,7 +179,7 @@ def time_steps(step, images, labels, warmup, steps, device):
             step(images, labels)
             times.append((time.perf_counter() - t0) * 1e3)
         peak = None  # no allocator statistics on the CPU
-    return statistics.median(times), min(times), max(times), peak
+    return statistics.median(times), min(times), max(times), peak, first
 
 
 _FLOPS = {}
@@ -192,12 +203,13 @@ def run_row(row, args, device):
         model = construct(row["model"])
         row["gflop_per_img"] = train_flops(row["model"], args.crop, model) / 1e9
         if row["model"] in PEERS:
-            step, model, row["amp"] = build_peer(row["model"], model, device)
+            step, model, row["amp"] = build_peer(row["model"], model, device, row["compile"])
         else:
-            step, model, row["amp"] = build_ours(model, row["mode"], row["kernels"], fmt, device)
+            step, model, row["amp"] = build_ours(model, row["mode"], row["kernels"], fmt, device, row["compile"])
         images, labels = synthetic_batch(row["batch"], args.crop, device, FORMATS[fmt])
-        ms, ms_min, ms_max, peak = time_steps(step, images, labels, args.warmup, args.steps, device)
+        ms, ms_min, ms_max, peak, first = time_steps(step, images, labels, max(args.warmup, 1), args.steps, device)
         row.update(status="ok", step_ms=ms, step_ms_min=ms_min, step_ms_max=ms_max,
+                   compile_s=first - ms / 1e3 if row["compile"] != "none" else None,
                    img_per_s=row["batch"] / ms * 1e3, peak_gib=None if peak is None else peak / 2**30)
         row["tflop_per_s"] = row["img_per_s"] * row["gflop_per_img"] / 1e3
     except torch.OutOfMemoryError:
@@ -208,6 +220,7 @@ def run_row(row, args, device):
     finally:
         from common.layers import set_kernels
         set_kernels("torch")
+        torch._dynamo.reset()  # a compiled row's graphs and guards go with it
     # the traceback (and with it the model) is gone once the except block has exited: now the memory comes back
     step = model = images = labels = None
     gc.collect()
@@ -223,15 +236,18 @@ def peer_of(model):
 
 
 def add_ratios(rows, peak_tflops):
-    ok = {(r["model"], r["mode"], r["kernels"], r["format"], r["batch"]): r for r in rows if r["status"] == "ok"}
+    ok = {(r["model"], r["mode"], r["kernels"], r["format"], r["batch"], r["compile"]): r
+          for r in rows if r["status"] == "ok"}
     for r in rows:
         if r["status"] != "ok":
             continue
         r["mfu"] = r["tflop_per_s"] / peak_tflops if peak_tflops else None
         if r["model"] in PEERS:
             continue
-        base = ok.get((r["model"], "fp32", "torch", "nchw", r["batch"]))
-        peer = next((p for k, p in ok.items() if k[0] == peer_of(r["model"]) and k[4] == r["batch"]), None)
+        base = ok.get((r["model"], "fp32", "torch", "nchw", r["batch"], "none"))
+        peers = [p for k, p in ok.items() if k[0] == peer_of(r["model"]) and k[4] == r["batch"]]
+        # against the peer compiled the same way when there is one (a compiled row vs the compiled peer)
+        peer = next((p for p in peers if p["compile"] == r["compile"]), peers[0] if peers else None)
         r["vs_fp32"] = r["img_per_s"] / base["img_per_s"] if base else None
         r["mem_vs_fp32"] = r["peak_gib"] / base["peak_gib"] if base and base["peak_gib"] else None
         r["vs_peer"] = r["img_per_s"] / peer["img_per_s"] if peer else None
@@ -293,8 +309,8 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-COLUMNS = ("model", "mode", "kernels", "format", "batch", "img/s", "step ms", "peak GiB", "TFLOP/s", "MFU",
-           "vs fp32", "mem vs fp32", "vs tv", "note")
+COLUMNS = ("model", "mode", "kernels", "format", "compile", "batch", "img/s", "step ms", "compile s", "peak GiB",
+           "TFLOP/s", "MFU", "vs fp32", "mem vs fp32", "vs tv", "note")
 
 
 def markdown(head, rows):
@@ -306,14 +322,16 @@ def markdown(head, rows):
              f"{head['settings']}  ",
              f"MFU against {fmt(head['peak_fp16_tflops'], '.1f')} TFLOP/s dense fp16 (n/a for an unknown card or the "
              "CPU); FLOPs = 3 x 2 x conv/linear MACs of a training forward (main + aux head)  ",
-             "vs fp32 / mem vs fp32: against our fp32 row (kernels torch, NCHW, TF32 off) at the same batch; "
-             "vs tv: against tv_fcn for fcn, tv_deeplabv3 otherwise", "",
+             "vs fp32 / mem vs fp32: against our fp32 row (kernels torch, NCHW, TF32 off, not compiled) at the same "
+             "batch; vs tv: against tv_fcn for fcn, tv_deeplabv3 otherwise (compiled the same way when present)  ",
+             "compile s: first step - median step (tracing + compiling forward and backward), not in img/s", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         ok = r["status"] == "ok"
         note = r.get("amp", "") if ok else r["status"][:160]  # the whole message is in the JSON
-        cells = [r["model"], r["mode"], r["kernels"], r["format"], str(r["batch"]),
-                 fmt(r.get("img_per_s"), ".1f"), fmt(r.get("step_ms"), ".1f"), fmt(r.get("peak_gib"), ".2f"),
+        cells = [r["model"], r["mode"], r["kernels"], r["format"], r["compile"], str(r["batch"]),
+                 fmt(r.get("img_per_s"), ".1f"), fmt(r.get("step_ms"), ".1f"), fmt(r.get("compile_s"), ".0f"),
+                 fmt(r.get("peak_gib"), ".2f"),
                  fmt(r.get("tflop_per_s"), ".3g"), fmt(r.get("mfu"), ".1%"), fmt(r.get("vs_fp32"), ".2f"),
                  fmt(r.get("mem_vs_fp32"), ".2f"), fmt(r.get("vs_peer"), ".2f"), note.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -326,13 +344,15 @@ def plan(args):
     rows = []
     for batch in args.batch:
         for model in args.models:
-            grid = [(m, k, f) for m in args.modes for k in args.kernels for f in args.formats]
-            if args.baseline and ("fp32", "torch", "nchw") not in grid:
-                grid.insert(0, ("fp32", "torch", "nchw"))  # the reference's setting, the base of "vs fp32"
-            for mode, kernels, fmt_ in grid:
-                rows.append(dict(model=model, mode=mode, kernels=kernels, format=fmt_, batch=batch))
+            grid = [(m, k, f, c) for c in args.compile for m in args.modes for k in args.kernels for f in args.formats]
+            if args.baseline and ("fp32", "torch", "nchw", "none") not in grid:
+                grid.insert(0, ("fp32", "torch", "nchw", "none"))  # the reference's setting, the base of "vs fp32"
+            for mode, kernels, fmt_, comp in grid:
+                rows.append(dict(model=model, mode=mode, kernels=kernels, format=fmt_, batch=batch, compile=comp))
         for peer in args.peers:
-            rows.append(dict(model=peer, mode="autocast", kernels="torch", format="nhwc", batch=batch))
+            for comp in args.compile:
+                rows.append(dict(model=peer, mode="autocast", kernels="torch", format="nhwc", batch=batch,
+                                 compile=comp))
     return rows
 
 
@@ -355,6 +375,8 @@ def parse_args(argv=None):
     p.add_argument("--formats", type=csv(FORMATS), default=list(FORMATS), help="nchw, nhwc (channels_last)")
     p.add_argument("--peers", type=lambda s: [] if s == "none" else csv(PEERS)(s), default=list(PEERS),
                    help="torchvision peers, or none")
+    p.add_argument("--compile", type=csv(("none", "default", "max-autotune")), default=["none"],
+                   help="torch.compile modes: none, default, max-autotune (rows for each)")
     p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[16, 2], help="per-GPU batch")
     p.add_argument("--crop", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="timed steps (median)")
@@ -388,7 +410,8 @@ def main(argv=None):
     for row in plan(args):
         run_row(row, args, device)
         rows.append(row)
-        print(f"{row['model']:>14} {row['mode']:>13} {row['kernels']:>5} {row['format']} b{row['batch']:<3} "
+        print(f"{row['model']:>14} {row['mode']:>13} {row['kernels']:>5} {row['format']} {row['compile']:>7} "
+              f"b{row['batch']:<3} "
               f"{fmt(row.get('img_per_s'), '8.1f')} img/s  {fmt(row.get('peak_gib'), '6.2f')} GiB  "
               f"{row['status'] if row['status'] != 'ok' else row.get('amp', '')}", flush=True)
     add_ratios(rows, head["peak_fp16_tflops"])

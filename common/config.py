@@ -166,11 +166,14 @@ DEFAULTS = dict(
     slide_crop=(512, 512),  # (h, w) window for inference_mode=slide
     slide_stride=(341, 341),  # (h, w) window step for inference_mode=slide (mmseg's 2/3 overlap)
     tta=False,  # --eval/--predict: horizontal flip x scales 0.5-1.75 of the test scale, logits averaged (common/tta.py)
+    fold=True,  # eval/predict: each conv-BN(-add)-ReLU unit as one conv with bias (common/fold.py); false = unfolded
+    eval_amp=False,  # --eval/--predict in --amp's half type (fp16 CUDA, bf16 CPU); default fp32 as the reference
     # --- device and kernels
     device='auto',  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     seed=0,  # data order, augmentation and init are a pure function of this (the reference does not seed, spec §7)
     kernels='auto',  # auto (fused when common._C is built, else torch; logged) | fused | torch
     channels_last=False,  # NHWC memory format for model and inputs
+    compile='none',  # none | default | max-autotune: torch.compile the model's forward for training and evaluation
     tf32=False,  # the reference disables TF32 (spec §7.3); true allows it for matmul and cuDNN
     # --- distributed: torchrun --nproc_per_node N script.py ...; --batch_size stays the total over the N ranks
     ddp_fp16_compress='auto',  # auto | true | false: all-reduce grads in fp16 (auto = reference: on for amp torch fp16)
@@ -179,7 +182,7 @@ DEFAULTS = dict(
 CHOICES = dict(amp=('none', 'torch', 'apex'), opt_level=('O0', 'O1', 'O2', 'O3'),
                amp_dtype=('auto', 'float16', 'bfloat16'), data=('ade20k', 'demo'),
                kernels=('auto', 'fused', 'torch'), inference_mode=('whole', 'slide'),
-               ddp_fp16_compress=('auto', 'true', 'false'))
+               ddp_fp16_compress=('auto', 'true', 'false'), compile=('none', 'default', 'max-autotune'))
 
 # `--data demo`: a CPU-sized run of the full recipe (a ResNet-50-D8 from scratch) on the synthetic dataset: small
 # crops, a short schedule, eval only at the end, a few prediction PNGs. Measured on our 2-core CPU box (Xeon with

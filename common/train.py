@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, config, data, dist, errors, layers, report, runs, visualize
+from . import checkpoint, config, data, dist, errors, fold, layers, report, runs, visualize
 from .errors import UserError
 from .guard import BufferGuard
 from .tta import augmented_logits
@@ -139,10 +139,11 @@ def predict_logits(model, image, size, cfg, amp=None, tta=False):
     return F.interpolate(forward(image).float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def precision(amp):
-    """What evaluation arithmetic ran in, for the eval line: 'fp32', 'bf16 autocast', ..."""
+def precision(amp, model=None):
+    """What evaluation arithmetic ran in, for the eval line: 'fp32', 'bf16 autocast', 'bf16 folded weights', ..."""
     if amp is None or amp.kind == "none":
-        return "fp32"
+        dtype = getattr(model, "dtype", torch.float32)  # common.fold.Folded: the copy is in its own dtype
+        return {torch.float16: "fp16 folded weights", torch.bfloat16: "bf16 folded weights"}.get(dtype, "fp32")
     half = {torch.float16: "fp16", torch.bfloat16: "bf16"}[amp.dtype]
     if amp.use_autocast or amp.nvidia is not None:
         return f"{half} autocast"
@@ -179,14 +180,14 @@ def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, l
     res = cm.compute()
     model.train(was_training)
     mode = cfg.get("inference_mode", "whole")
-    log(f"eval: {len(loader)} images/rank in {time.time() - t0:.1f} s | {precision(amp)} | {mode} | "
+    log(f"eval: {len(loader)} images/rank in {time.time() - t0:.1f} s | {precision(amp, model)} | {mode} | "
         f"tta {'flip + 6 scales' if tta else 'off'} | mIoU {100 * res['mIoU']:.2f} | mAcc {100 * res['mAcc']:.2f} | "
         f"aAcc {100 * res['aAcc']:.2f} | {sum(not math.isnan(v) for v in res['IoU'])} of {num_classes} classes "
         "present (the others are absent from prediction and label: not counted)")
     for line in cm.format(classes, res=res).splitlines()[:-1]:  # the last line would repeat the numbers above
         log("  " + line)
     out = {k: res[k] for k in ("aAcc", "mIoU", "mAcc", "IoU", "Acc")}
-    out["precision"] = precision(amp)
+    out["precision"] = precision(amp, model)
     if pictures:
         out["pictures"] = shown
     return out
@@ -348,7 +349,8 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
         if val_loader is not None and every and (last or (end_of_epoch and ep % every == 0)):
             tb = getattr(log, "tb", None)
             from .tboard import NUM_PICTURES
-            metrics = evaluate(model, val_loader, cfg["num_classes"], device, cfg, amp, log,
+            net, eval_amp = fold.for_eval(model, cfg, amp, log)  # a folded copy: the training model is untouched
+            metrics = evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log,
                                pictures=NUM_PICTURES if tb is not None else 0)
             if hasattr(log, "record"):
                 log.record(kind="eval", iteration=it, epoch=ep, **{k: metrics[k] for k in (
@@ -462,6 +464,7 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
 
 def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     from .amp import Amp
+    from .compile import compile_module
     # system set-up (spec §7 steps 3-4): TF32 off unless asked, cudnn.benchmark on
     torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
     torch.backends.cudnn.allow_tf32 = cfg["tf32"]
@@ -484,22 +487,23 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
         from .tboard import require
         require()  # a missing package stops here, before any work
     pred_dir = cfg["out"] or os.path.join(cfg["work_dir"], "pred")  # --eval / --predict: beside the run folders
-    if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14)
+    if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14); half: --eval_amp
         flag = "--eval" if cfg["eval"] else "--ckpt"
         checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"], flag),
                                 log)
         model.to(device, memory_format=memory_format).eval()
+        half = Amp(cfg["amp"], dtype=_amp_dtype(cfg, device), device=device.type) \
+            if cfg["eval_amp"] and cfg["amp"] != "none" else None  # autocast (O1) or a half folded copy
+        net, eval_amp = fold.for_eval(model, cfg, half, log)
         if cfg["predict"]:
-            _, skipped = predict(model, image_paths(cfg["predict"]), pred_dir, cfg, device, log=log,
+            _, skipped = predict(net, image_paths(cfg["predict"]), pred_dir, cfg, device, eval_amp, log=log,
                                  tta=cfg["tta"])
             if skipped:
                 raise SystemExit(1)  # the warnings above name each file; the rest were written
             return None
         val_loader = _val_loader(cfg, root)
-        metrics = evaluate(model, val_loader, cfg["num_classes"], device, cfg, None, log, tta=cfg["tta"])
-        log.record(kind="test", iteration=0, checkpoint=cfg["eval"], tta=cfg["tta"],  # "test": not a curve point
-                   **{k: metrics[k] for k in ("mIoU", "mAcc", "aAcc", "precision", "IoU", "Acc")})
-        _save_predictions(model, cfg, val_loader, pred_dir, device, None, log, cfg["tta"])
+        metrics = evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log, tta=cfg["tta"])
+        _save_predictions(model, cfg, val_loader, pred_dir, device, half, log, cfg["tta"])
         return metrics
     if cfg["tta"]:
         log("tta: --tta applies to --eval and --predict (the reference's test.py); evaluations during training run "
@@ -528,6 +532,7 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
                                 weight_decay=cfg["weight_decay"])
     amp = Amp(cfg["amp"], opt_level=cfg["opt_level"], dtype=_amp_dtype(cfg, device), device=device.type)
     model, optimizer = amp.initialize(model, optimizer)  # before DDP, as apex requires
+    compile_module(model, cfg["compile"], log)  # in place: same module, keys and parameters (common/compile.py)
     start_iter = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -577,7 +582,8 @@ def _save_predictions(model, cfg, val_loader, out_dir, device, amp, log, tta=Fal
     """Pictures of the first --save_predictions val images, with their ground truth beside the prediction."""
     if cfg["save_predictions"] and dist.is_main():
         n = min(cfg["save_predictions"], len(val_loader.dataset))
-        predict(model, [val_loader.dataset.paths(i) for i in range(n)], out_dir, cfg, device, amp, log, tta)
+        net, eval_amp = fold.for_eval(model, cfg, amp, log)  # the same folded copy as the evaluation's (cached)
+        predict(net, [val_loader.dataset.paths(i) for i in range(n)], out_dir, cfg, device, eval_amp, log, tta)
 
 
 # the schedule keys whose change on --resume changes the lr curve (poly over max_iters) or the data order

@@ -85,12 +85,13 @@ def test_train_quick_markdown(train_out):
     assert "commit" in md and "torch " + torch.__version__ in md
     table = [line for line in lines if line.startswith("|")]
     cols = [c.strip() for c in table[0].strip("|").split("|")]
-    assert cols == ["model", "mode", "kernels", "format", "batch", "img/s", "step ms", "peak GiB", "TFLOP/s", "MFU",
-                    "vs fp32", "mem vs fp32", "vs tv", "note"]
+    assert cols == ["model", "mode", "kernels", "format", "compile", "batch", "img/s", "step ms", "compile s",
+                    "peak GiB", "TFLOP/s", "MFU", "vs fp32", "mem vs fp32", "vs tv", "note"]
     body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     assert [row[:2] for row in body] == [["fcn", "fp32"], ["fcn", "bf16"], ["tv_fcn", "autocast"]]
     assert all(len(row) == len(cols) for row in body)
     assert body[0][cols.index("vs fp32")] == "1.00"
+    assert {row[cols.index("compile")] for row in body} == {"none"} and body[0][cols.index("compile s")] == "-"
     assert md in stdout  # the table is printed too
 
 
@@ -149,3 +150,17 @@ def test_kernels_conv_quick(tmp_path):
             for fmt in ("nchw", "nhwc"):
                 assert r[f"{p}_{fmt}_ms"] > 0
                 assert r[f"{p}_{fmt}_tflops"] == pytest.approx(r["flops"] / r[f"{p}_{fmt}_ms"] / 1e9)
+
+
+def test_eval_quick_rows(tmp_path):
+    run(["bench/eval.py", "--quick", "--variants", "unfolded,folded"], tmp_path)
+    with open(tmp_path / "eval.json") as f:
+        res = json.load(f)
+    rows = res["rows"]
+    assert [(r["model"], r["size"], r["dtype"], r["variant"]) for r in rows] == [
+        ("fcn", "32x48", "float32", "unfolded"), ("fcn", "32x48", "float32", "folded")]
+    for r in rows:
+        assert r["ms_min"] <= r["ms"] <= r["ms_max"] and r["img_per_s"] == pytest.approx(1e3 / r["ms"])
+    assert rows[0]["vs_unfolded"] == pytest.approx(1.0)
+    assert rows[1]["vs_unfolded"] == pytest.approx(rows[0]["ms"] / rows[1]["ms"])
+    assert "load average" in (tmp_path / "eval.md").read_text()

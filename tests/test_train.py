@@ -215,7 +215,7 @@ def test_main_writes_config_jsonl_and_eval(tmp_path):
     assert train_recs[0]['loss'] == pytest.approx(train_recs[0]['loss_cls'] + 0.4 * train_recs[0]['loss_aux'])
     evals = [r for r in recs if r['kind'] == 'eval']
     assert len(evals) == 1 and evals[0]['mIoU'] == pytest.approx(metrics['mIoU'])
-    assert evals[0]['precision'] == 'bf16 autocast' and len(evals[0]['Acc']) == 150 and 'mAcc' in evals[0]
+    assert evals[0]['precision'] == 'bf16 folded weights' and len(evals[0]['Acc']) == 150 and 'mAcc' in evals[0]
     # the pictures of val image 0: mask, overlay with legend, image | ground truth | prediction
     assert len([f for f in os.listdir(tmp_path / 'pred') if f.endswith('_compare.png')]) == 1
     assert 'mIoU' in (tmp_path / 'log.txt').read_text()

@@ -1,0 +1,187 @@
+"""Evaluation throughput (images/s, batch 1, whole inference) of the four segmentors: unfolded, folded, compiled folded.
+
+One row = (model, input size, precision, variant, memory format). Variants, side by side in one run with their
+repetitions interleaved (so load drift hits all alike):
+  unfolded  the trained module in eval mode (conv, then BatchNormAct2d), half precision via torch.autocast, as the
+            trainer's evaluation ran before common/fold.py;
+  folded    common.fold.Folded: each conv-BN(-add)-ReLU unit one conv with bias + ReLU (+ residual) epilogue, the
+            copy cast to the precision (no autocast);
+  compiled  the folded copy under torch.compile (--compile mode, dynamic=True as the trainer's eval); its first call
+            (trace + compile + one run) is reported separately as compile s.
+Each timed call is model(x)['out'] on a random (1, 3, H, W) image under torch.inference_mode, median of --reps after
+--warmup untimed calls; the upsampling to the label size and the argmax (the same for every variant) are not timed.
+Weights are random (speed does not depend on their values). "half" is fp16 on CUDA, bf16 on the CPU.
+
+    python bench/eval.py --out bench/results/x                 # 4 models x 512x683, 512x512 x fp32, half x 3 variants
+    python bench/eval.py --models pspnet --sizes 512x512 --dtypes fp32 --reps 3
+    python bench/eval.py --quick                               # tiny sizes: proves the script runs (CI)
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import torch  # noqa: E402
+
+from train import MODELS, construct, cpu_name, csv, fmt, git_commit, sync  # noqa: E402  (bench/train.py)
+
+VARIANTS = ("unfolded", "folded", "compiled")
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def half_dtype(device):
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def build_variants(model, variants, dtype, memory_format, device, compile_mode, log):
+    """{variant: callable(x) -> logits}; plus {variant: compile seconds} filled by the first call of 'compiled'."""
+    import contextlib
+
+    from common import fold
+    from common.compile import compile_module
+    model = model.to(device, memory_format=memory_format).eval()
+    half = dtype != torch.float32
+    fns = {}
+    if "unfolded" in variants:
+        def unfolded(x):
+            ctx = torch.autocast(device.type, dtype=dtype) if half else contextlib.nullcontext()
+            with torch.inference_mode(), ctx:
+                return model(x)["out"]
+        fns["unfolded"] = unfolded
+    if "folded" in variants:
+        folded = fold.Folded(model, dtype, memory_format)
+        fns["folded"] = lambda x: folded(x)["out"]
+    if "compiled" in variants:
+        compiled = fold.Folded(model, dtype, memory_format)
+        compile_module(compiled.net, compile_mode, log, what="eval", dynamic=True)
+        fns["compiled"] = lambda x: compiled(x)["out"]
+    return fns
+
+
+def time_variants(fns, x, reps, warmup, device):
+    """{variant: (median ms, min ms, max ms, first-call s)}; repetitions interleaved over the variants."""
+    first = {}
+    for k, fn in fns.items():
+        t0 = time.perf_counter()
+        fn(x)
+        sync(device)
+        first[k] = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            fn(x)
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            sync(device)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: (statistics.median(v), min(v), max(v), first[k]) for k, v in times.items()}
+
+
+def run_model(name, args, device, rows):
+    from common.layers import set_kernels
+    set_kernels(args.kernels)
+    for dtname in args.dtypes:
+        dtype = torch.float32 if dtname == "fp32" else half_dtype(device)
+        for fmt_ in args.formats:
+            model = construct(name)
+            fns = build_variants(model, args.variants, dtype, FORMATS[fmt_], device, args.compile, log=print)
+            for h, w in args.sizes:
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(1, 3, h, w, generator=g).to(device, memory_format=FORMATS[fmt_])
+                res = time_variants(fns, x, args.reps, args.warmup, device)
+                base = res.get("unfolded")
+                for v, (ms, lo, hi, first) in res.items():
+                    row = dict(model=name, size=f"{h}x{w}", dtype=str(dtype)[6:], variant=v, format=fmt_,
+                               kernels=args.kernels, ms=ms, ms_min=lo, ms_max=hi, img_per_s=1e3 / ms,
+                               compile_s=first - ms / 1e3 if v == "compiled" else None,
+                               vs_unfolded=base[0] / ms if base else None)
+                    rows.append(row)
+                    comp = "" if row["compile_s"] is None else f"compile {row['compile_s']:.0f} s"
+                    print(f"{name:>14} {row['size']:>8} {row['dtype']:>8} {fmt_} {v:>9} {ms:9.1f} ms "
+                          f"{row['img_per_s']:7.2f} img/s  x{fmt(row['vs_unfolded'], '.2f')} {comp}", flush=True)
+            fns = model = None
+            torch._dynamo.reset()
+
+
+COLUMNS = ("model", "size", "dtype", "format", "variant", "img/s", "ms (median)", "min-max ms", "vs unfolded",
+           "compile s")
+
+
+def markdown(head, rows):
+    lines = [f"# Evaluation throughput (batch 1, whole inference): {head['card']}", "",
+             f"torch {head['torch']}, commit {head['commit']}, {head['date']}, kernels {head['kernels']}, "
+             f"--compile {head['compile']}  ",
+             f"load average at start {head['load_start']}, at end {head['load_end']} (1/5/15 min)  ",
+             f"median of {head['reps']} calls after {head['warmup']} warm-up, repetitions interleaved over the "
+             "variants; compile s = first call - median call (trace + compile)", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["model"], r["size"], r["dtype"], r["format"], r["variant"], fmt(r["img_per_s"], ".3g"),
+            fmt(r["ms"], ".0f"), f"{r['ms_min']:.0f}-{r['ms_max']:.0f}", fmt(r["vs_unfolded"], ".2f"),
+            fmt(r["compile_s"], ".0f")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=csv(MODELS), default=list(MODELS))
+    p.add_argument("--sizes", type=lambda s: [tuple(int(v) for v in hw.split("x")) for hw in s.split(",")],
+                   default=[(512, 683), (512, 512)], help="HxW,HxW (ADE20k val images resized to short side 512)")
+    p.add_argument("--dtypes", type=csv(("fp32", "half")), default=["fp32", "half"])
+    p.add_argument("--variants", type=csv(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--formats", type=csv(FORMATS), default=None, help="nchw, nhwc (default nchw on CPU, nhwc on GPU)")
+    p.add_argument("--kernels", choices=("torch", "fused"), default="torch")
+    p.add_argument("--compile", choices=("default", "max-autotune"), default="default")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="folder for eval.md and eval.json")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: fcn, 32x48, fp32, 1 warm-up + 1 timed call")
+    args = p.parse_args(argv)
+    if args.quick:
+        p.set_defaults(models=["fcn"], sizes=[(32, 48)], dtypes=["fp32"], reps=1, warmup=1)
+        args = p.parse_args(argv)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.formats = args.formats or (["nhwc"] if device.type == "cuda" else ["nchw"])
+    torch.backends.cuda.matmul.allow_tf32 = False  # the trainer's settings (spec §7)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    import common
+    card = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU: {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+    head = dict(card=card, torch=torch.__version__, commit=git_commit(), kernels=args.kernels, compile=args.compile,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                extension=common.build_info(), reps=args.reps, warmup=args.warmup,
+                load_start=" ".join(f"{v:.1f}" for v in os.getloadavg()))
+    print(f"# {card} | torch {head['torch']} | commit {head['commit']} | load {head['load_start']}", flush=True)
+    rows = []
+    for name in args.models:
+        run_model(name, args, device, rows)
+    head["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    md = markdown(head, rows)
+    print("\n" + md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "eval.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump({"header": head, "columns": COLUMNS, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
