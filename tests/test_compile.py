@@ -158,7 +158,9 @@ def test_main_compile_flag_trains_and_evaluates(tmp_path, monkeypatch):
             "--save_predictions", "0", "--work_dir", str(tmp_path)]
     import pspnet
     metrics = train.main(pspnet.SEGMENTOR_CFG, build, argv, name="tiny")
-    log = (tmp_path / "log.txt").read_text()
+    from common import runs
+    (run,) = runs.runs(str(tmp_path))  # the run's own folder under the work dir
+    log = open(os.path.join(run, "log.txt")).read()
     assert log.count("compile: train forward compiled") == 1 and log.count("compile: eval forward compiled") == 1
     assert 0.0 <= metrics["mIoU"] <= 1.0
     ck = checkpoint.load(checkpoint.resolve("auto", str(tmp_path)))

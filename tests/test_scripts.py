@@ -51,7 +51,8 @@ def test_eval_and_predict(tmp_path):
               "--work_dir", str(tmp_path / "eval"))
     assert "from the checkpoint's config: data 'demo', scale 256,64" in out
     assert "eval: 2 images" in out and "mIoU" in out
-    assert not os.path.exists(tmp_path / "eval")  # --eval writes nothing (no run folder, no log)
+    # --eval writes no run folder and no log; only its pictures (the demo preset's 4), beside the run folders
+    assert sorted(os.listdir(tmp_path / "eval")) == ["pred"]
     from common.data import PALETTE, demo_root, read_image
     images = os.path.join(demo_root(), "ADEChallengeData2016", "images", "validation")
     first = sorted(os.listdir(images))[0]
