@@ -18,7 +18,6 @@ Weights are random (speed does not depend on their values). "half" is fp16 on CU
 """
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
 
-from train import MODELS, construct, cpu_name, csv, fmt, git_commit, sync  # noqa: E402  (bench/train.py)
+from train import MODELS, construct, cpu_name, csv, fmt, git_commit, sync, write_tables  # noqa: E402  (bench/train.py)
 
 VARIANTS = ("unfolded", "folded", "compiled")
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -176,11 +175,7 @@ def main(argv=None):
     md = markdown(head, rows)
     print("\n" + md)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "eval.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "eval.json"), "w") as f:
-            json.dump({"header": head, "columns": COLUMNS, "rows": rows}, f, indent=1)
+        write_tables(args.out, "eval", md, head, COLUMNS, rows)
 
 
 if __name__ == "__main__":

@@ -397,6 +397,15 @@ def parse_args(argv=None):
     return args
 
 
+def write_tables(out, stem, md, head, columns, rows):
+    """OUT/<stem>.md (the table) and OUT/<stem>.json (header, columns, rows), as bench/eval.py writes them too."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump({"header": head, "columns": columns, "rows": rows}, f, indent=1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -418,11 +427,7 @@ def main(argv=None):
     md = markdown(head, rows)
     print("\n" + md)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "train.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "train.json"), "w") as f:
-            json.dump({"header": head, "columns": COLUMNS, "rows": rows}, f, indent=1)
+        write_tables(args.out, "train", md, head, COLUMNS, rows)
     errors = [r for r in rows if r["status"].startswith("error")]
     if errors:
         sys.exit(f"{len(errors)} row(s) failed (see the tracebacks above); OOM rows are not failures")

@@ -10,8 +10,6 @@ compiled with dynamic=True: one graph for every image size instead of one per si
 """
 import time
 
-import torch
-
 MODES = ("none", "default", "max-autotune")
 
 

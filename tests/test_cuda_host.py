@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
-import common
 import cuda_host_build
 from common import ops
 
@@ -145,7 +144,6 @@ def channel_dims(x):
 @pytest.mark.parametrize("shape,layout", BN_CASES)
 def test_bn_family(H, shape, layout, dtype):
     """Every bn op (training forward, eval forward, the SyncBN halves, both backward passes) vs the CPU twin and ATen."""
-    T = torch.ops.segfp16
     x, r, dy, w, b = bn_inputs(shape, layout, dtype)
     n = x.numel() // x.shape[1]
     xd = x.double()
