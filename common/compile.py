@@ -6,7 +6,9 @@ scaler) and amp.step stay eager, outside the compiled region. Our custom ops tra
 (common/ops.py) without graph breaks (tests/test_compile.py checks fullgraph=True on all four models).
 
 Recompilation: training sees one crop size (static shapes). Evaluation images differ in size, so the eval copy is
-compiled with dynamic=True: one graph for every image size instead of one per size.
+compiled with dynamic=True: one graph for every image size instead of one per size. Duck shaping is off for it:
+dynamo would otherwise give H and W of a square first image one symbol, and the first non-square one would compile
+a second graph.
 """
 import time
 
@@ -19,6 +21,9 @@ def compile_module(module, mode, log=print, what="train", dynamic=None, backend=
         raise ValueError(f"--compile {mode!r}: choose one of {', '.join(MODES)}")
     if mode == "none":
         return module
+    if dynamic:
+        import torch.fx.experimental._config as fx_config
+        fx_config.use_duck_shape = False  # process-wide; static-shape graphs (training) do not consult it
     module.compile(mode=None if mode == "default" else mode, dynamic=dynamic, backend=backend, fullgraph=fullgraph)
     compiled = module._compiled_call_impl  # what module(...) now calls (nn.Module.compile's attribute)
 
