@@ -12,6 +12,11 @@ Each timed call is model(x)['out'] on a random (1, 3, H, W) image under torch.in
 --warmup untimed calls; the upsampling to the label size and the argmax (the same for every variant) are not timed.
 Weights are random (speed does not depend on their values). "half" is fp16 on CUDA, bf16 on the CPU.
 
+The roofline columns say how much any variant could still gain: GMACs are the conv and linear multiply-accumulates
+of one eval forward (common.summary.count_macs, main head only), TFLOP/s = 2 x GMACs / the median call, and "of mm"
+divides that by the matmul rate measured on the same device in the same dtype (best of 5 square matmuls, size in the
+header): a variant at ~90% of it is bound by its convolutions, and folding can only remove the rest.
+
     python bench/eval.py --out bench/results/x                 # 4 models x 512x683, 512x512 x fp32, half x 3 variants
     python bench/eval.py --models pspnet --sizes 512x512 --dtypes fp32 --reps 3
     python bench/eval.py --quick                               # tiny sizes: proves the script runs (CI)
@@ -37,6 +42,27 @@ FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 def half_dtype(device):
     return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def eval_macs(model, h, w):
+    """Conv + linear MACs of one batch-1 eval forward: count_macs counts the training forward, less the aux head."""
+    from common.summary import count_macs
+    return sum(v for k, v in count_macs(model, (1, 3, h, w)).items() if not k.startswith("auxiliary"))
+
+
+def matmul_flops(dtype, device, n=None):
+    """FLOP/s of the best of 5 (n x n) @ (n x n) matmuls in dtype: the practical peak the convolutions approach."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best, n
 
 
 def build_variants(model, variants, dtype, memory_format, device, compile_mode, log):
@@ -85,11 +111,13 @@ def time_variants(fns, x, reps, warmup, device):
     return {k: (statistics.median(v), min(v), max(v), first[k]) for k, v in times.items()}
 
 
-def run_model(name, args, device, rows):
+def run_model(name, args, device, rows, peaks):
     from common.layers import set_kernels
     set_kernels(args.kernels)
+    macs = {hw: eval_macs(construct(name), *hw) for hw in args.sizes}
     for dtname in args.dtypes:
         dtype = torch.float32 if dtname == "fp32" else half_dtype(device)
+        peak = peaks[str(dtype)[6:]]
         for fmt_ in args.formats:
             model = construct(name)
             fns = build_variants(model, args.variants, dtype, FORMATS[fmt_], device, args.compile, log=print)
@@ -102,17 +130,20 @@ def run_model(name, args, device, rows):
                     row = dict(model=name, size=f"{h}x{w}", dtype=str(dtype)[6:], variant=v, format=fmt_,
                                kernels=args.kernels, ms=ms, ms_min=lo, ms_max=hi, img_per_s=1e3 / ms,
                                compile_s=first - ms / 1e3 if v == "compiled" else None,
-                               vs_unfolded=base[0] / ms if base else None)
+                               vs_unfolded=base[0] / ms if base else None, gmacs=macs[(h, w)] / 1e9,
+                               tflops=2 * macs[(h, w)] / ms / 1e9)
+                    row["of_mm"] = row["tflops"] * 1e12 / peak
                     rows.append(row)
                     comp = "" if row["compile_s"] is None else f"compile {row['compile_s']:.0f} s"
                     print(f"{name:>14} {row['size']:>8} {row['dtype']:>8} {fmt_} {v:>9} {ms:9.1f} ms "
-                          f"{row['img_per_s']:7.2f} img/s  x{fmt(row['vs_unfolded'], '.2f')} {comp}", flush=True)
+                          f"{row['img_per_s']:7.2f} img/s  x{fmt(row['vs_unfolded'], '.2f')} "
+                          f"{row['of_mm']:4.0%} of mm {comp}", flush=True)
             fns = model = None
             torch._dynamo.reset()
 
 
 COLUMNS = ("model", "size", "dtype", "format", "variant", "img/s", "ms (median)", "min-max ms", "vs unfolded",
-           "compile s")
+           "compile s", "GMACs", "TFLOP/s", "of mm")
 
 
 def markdown(head, rows):
@@ -121,13 +152,15 @@ def markdown(head, rows):
              f"--compile {head['compile']}  ",
              f"load average at start {head['load_start']}, at end {head['load_end']} (1/5/15 min)  ",
              f"median of {head['reps']} calls after {head['warmup']} warm-up, repetitions interleaved over the "
-             "variants; compile s = first call - median call (trace + compile)", "",
+             "variants; compile s = first call - median call (trace + compile)  ",
+             "matmul rate (" + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in head["matmul"].items())
+             + f", n={head['matmul_n']}): the \"of mm\" base; GMACs: conv + linear of one eval forward", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["model"], r["size"], r["dtype"], r["format"], r["variant"], fmt(r["img_per_s"], ".3g"),
             fmt(r["ms"], ".0f"), f"{r['ms_min']:.0f}-{r['ms_max']:.0f}", fmt(r["vs_unfolded"], ".2f"),
-            fmt(r["compile_s"], ".0f")]) + " |")
+            fmt(r["compile_s"], ".0f"), f"{r['gmacs']:.1f}", f"{r['tflops']:.3g}", f"{r['of_mm']:.0%}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,10 +200,16 @@ def main(argv=None):
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 extension=common.build_info(), reps=args.reps, warmup=args.warmup,
                 load_start=" ".join(f"{v:.1f}" for v in os.getloadavg()))
-    print(f"# {card} | torch {head['torch']} | commit {head['commit']} | load {head['load_start']}", flush=True)
+    dtypes = {str(torch.float32 if d == "fp32" else half_dtype(device))[6:]: d for d in args.dtypes}
+    peaks = {}
+    for k in dtypes:
+        peaks[k], head["matmul_n"] = matmul_flops(getattr(torch, k), device)
+    head["matmul"] = peaks
+    print(f"# {card} | torch {head['torch']} | commit {head['commit']} | load {head['load_start']} | matmul "
+          + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in peaks.items()), flush=True)
     rows = []
     for name in args.models:
-        run_model(name, args, device, rows)
+        run_model(name, args, device, rows, peaks)
     head["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     md = markdown(head, rows)
     print("\n" + md)
