@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from common.backbone import ResNetV1c
 from common.config import segmentor_cfg
-from common.layers import auxiliary_decoder, conv_bn_relu, upsample_concat
+from common.layers import AdaptiveAvgPool2d, auxiliary_decoder, conv_bn_relu, upsample_concat
 
 # the ssseg config file, key for key (spec §1, §5.3); everything not set here is the shared base in common/config.py
 SEGMENTOR_CFG = segmentor_cfg(
@@ -50,7 +50,7 @@ class ASPP(nn.Module):
         # twin: deeplabv3plus.py DepthwiseSeparableASPP.global_branch / .bottleneck (keys checked by test_models.py).
         # Image pooling = BN on 1x1 maps: training needs > 1 image per BN (batch >= 2, or SyncBN over GPUs); the
         # reference raises the same way at batch 1
-        self.global_branch = nn.Sequential(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(in_channels, out_channels, 1))
+        self.global_branch = nn.Sequential(AdaptiveAvgPool2d(1), *conv_bn_relu(in_channels, out_channels, 1))
         self.bottleneck = nn.Sequential(*conv_bn_relu(out_channels * (len(dilations) + 1), out_channels, 3))
 
     def forward(self, x):

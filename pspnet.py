@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from common.backbone import ResNetV1c
 from common.config import segmentor_cfg
-from common.layers import auxiliary_decoder, conv_bn_relu, upsample_concat
+from common.layers import AdaptiveAvgPool2d, auxiliary_decoder, conv_bn_relu, upsample_concat
 
 # the ssseg config file, key for key (spec §1, §5.2); everything not set here is the shared base in common/config.py
 SEGMENTOR_CFG = segmentor_cfg(
@@ -45,7 +45,7 @@ class PyramidPoolingModule(nn.Module):
         # branches[i] = [AdaptiveAvgPool2d(s), conv1x1, BN, ReLU] -> keys branches.i.1.weight, branches.i.2.*
         # (scale 1 runs BN on 1x1 maps: training needs > 1 image per BN, i.e. batch >= 2 or SyncBN over GPUs)
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), *conv_bn_relu(in_channels, out_channels, 1)) for s in pool_scales)
+            nn.Sequential(AdaptiveAvgPool2d(s), *conv_bn_relu(in_channels, out_channels, 1)) for s in pool_scales)
         self.bottleneck = nn.Sequential(
             *conv_bn_relu(in_channels + len(pool_scales) * out_channels, out_channels, 3))
 

@@ -88,6 +88,44 @@ def conv_bn_relu(cin, cout, k, stride=1, dilation=1, groups=1, relu=True):
     return [conv, BatchNormAct2d(cout, relu=relu), nn.Identity()]
 
 
+# ---- adaptive average pooling (PSPNet's pyramid, the ASPP image branch), opaque to torch.compile
+
+@torch.library.custom_op("segfp16_py::adaptive_avg_pool2d", mutates_args=())
+def adaptive_avg_pool2d(x: torch.Tensor, output_size: list[int]) -> torch.Tensor:
+    """F.adaptive_avg_pool2d as one opaque op (contiguous output), for the compiled eval copy's sake.
+
+    Inductor's own lowering of adaptive pooling specializes on the input's height and width, so a dynamic-shape
+    graph would compile again for every image size; as a custom op it stays one extern call with symbolic sizes.
+    """
+    return F.adaptive_avg_pool2d(x, output_size).contiguous()
+
+
+@adaptive_avg_pool2d.register_fake
+def _(x, output_size):
+    return x.new_empty((*x.shape[:-2], *output_size))
+
+
+def _pool_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _pool_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.aten._adaptive_avg_pool2d_backward(grad, x), None
+
+
+adaptive_avg_pool2d.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """nn.AdaptiveAvgPool2d (same repr, no state) through the opaque op above."""
+
+    def forward(self, x):
+        size = self.output_size
+        size = [size, size] if isinstance(size, int) else list(size)
+        return adaptive_avg_pool2d(x, size)
+
+
 # ---- bilinear upsampling (align_corners=False everywhere, spec §1) and the loss
 
 def upsample_concat(inputs, size):

@@ -50,6 +50,17 @@ def tiny_pspnet(num_classes=5):
     return model
 
 
+def tiny_deeplabv3(num_classes=5):
+    """DeepLabV3's real ASPP (image-pool branch included) on the same narrow backbone."""
+    import deeplabv3
+    cfg = {"head": {"in_channels": 64, "feats_channels": 8, "dropout": 0.0, "dilations": [1, 2, 3, 4]},
+           "auxiliary": {"in_channels": 32, "out_channels": 8, "dropout": 0.0}}
+    torch.manual_seed(0)
+    model = deeplabv3.build_model(cfg, num_classes)
+    model.backbone_net = ResNetV1c(stages=[(4, 1, 1, 1), (8, 1, 2, 1), (8, 1, 1, 2), (16, 1, 1, 4)])
+    return model
+
+
 def loss_of(out, y):
     return layers.seg_cross_entropy(out["out"], y) + 0.4 * layers.seg_cross_entropy(out["aux"], y)
 
@@ -166,6 +177,35 @@ def test_main_compile_flag_trains_and_evaluates(tmp_path, monkeypatch):
     assert 0.0 <= metrics["mIoU"] <= 1.0
     ck = checkpoint.load(checkpoint.resolve("auto", str(tmp_path)))
     assert list(ck["model"]) == list(seg.state_dict())  # no _orig_mod. prefix, no folded keys
+
+
+def test_adaptive_pool_op_is_aten_with_a_gradient():
+    # the opaque pooling op (common/layers.py) the models use: ATen's values, ATen's gradient, a valid custom op
+    x64 = torch.randn(2, 3, 13, 17, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layers.adaptive_avg_pool2d(t, [3, 6]), (x64,))
+    base = torch.randn(2, 4, 13, 17)
+    for x in (base, base.to(memory_format=torch.channels_last), torch.randn(2, 4, 17, 13).transpose(2, 3)):
+        for size in ([1, 1], [2, 3], [6, 6], [13, 17]):
+            assert torch.equal(layers.AdaptiveAvgPool2d(size)(x), torch.nn.functional.adaptive_avg_pool2d(x, size))
+            torch.library.opcheck(layers.adaptive_avg_pool2d, (x.clone().requires_grad_(), size))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [tiny_pspnet, tiny_deeplabv3], ids=["pspnet", "deeplabv3"])
+def test_inductor_eval_copy_compiles_once_for_all_sizes(build):
+    # inductor itself (not aot_eager): its lowering of adaptive pooling specializes on the input size, which is why
+    # the models pool through an opaque op; three sizes (a square one first), one graph, the eager values
+    model = build().eval()
+    lines = []
+    net, _ = fold.for_eval(model, dict(fold=True, compile="default"), None, log=lines.append)
+    for h, w in ((32, 32), (40, 56), (48, 36)):
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            got, want = net(x)["out"], model(x)["out"]
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    counts, breaks = stats()
+    assert counts["unique_graphs"] == 1 and breaks == {}
+    assert sum("compile: eval forward compiled" in m for m in lines) == 1
 
 
 @pytest.mark.skipif(os.environ.get("SEGFP16_INDUCTOR_TESTS") != "1",
