@@ -52,7 +52,8 @@ def eval_macs(model, h, w):
 
 def matmul_flops(dtype, device, n=None):
     """FLOP/s of the best of 5 (n x n) @ (n x n) matmuls in dtype: the practical peak the convolutions approach."""
-    n = n or (8192 if device.type == "cuda" else 2048)
+    # CPU bf16 without AVX-512 BF16 runs a scalar fallback (~1 GFLOP/s on our AVX2 box): a smaller matmul there
+    n = n or (8192 if device.type == "cuda" else 2048 if dtype == torch.float32 else 512)
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     torch.mm(a, b)
     best = float("inf")
