@@ -90,19 +90,27 @@ def conv_bn_relu(cin, cout, k, stride=1, dilation=1, groups=1, relu=True):
 
 # ---- adaptive average pooling (PSPNet's pyramid, the ASPP image branch), opaque to torch.compile
 
+def _pool_out(x, output_size):
+    """The output buffer: channels_last iff x unambiguously is (as ATen's pooling, so a channels_last PSPNet's
+    pyramid maps stay channels_last and torch.cat keeps the format), else contiguous; fake and real alike."""
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty((*x.shape[:-2], *output_size), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 @torch.library.custom_op("segfp16_py::adaptive_avg_pool2d", mutates_args=())
 def adaptive_avg_pool2d(x: torch.Tensor, output_size: list[int]) -> torch.Tensor:
-    """F.adaptive_avg_pool2d as one opaque op (contiguous output), for the compiled eval copy's sake.
+    """F.adaptive_avg_pool2d as one opaque op, for the compiled eval copy's sake.
 
     Inductor's own lowering of adaptive pooling specializes on the input's height and width, so a dynamic-shape
     graph would compile again for every image size; as a custom op it stays one extern call with symbolic sizes.
     """
-    return F.adaptive_avg_pool2d(x, output_size).contiguous()
+    return _pool_out(x, output_size).copy_(F.adaptive_avg_pool2d(x, output_size))
 
 
 @adaptive_avg_pool2d.register_fake
 def _(x, output_size):
-    return x.new_empty((*x.shape[:-2], *output_size))
+    return _pool_out(x, output_size)
 
 
 def _pool_setup(ctx, inputs, output):
