@@ -118,7 +118,7 @@ def run_model(name, args, device, rows, peaks):
     macs = {hw: eval_macs(construct(name), *hw) for hw in args.sizes}
     for dtname in args.dtypes:
         dtype = torch.float32 if dtname == "fp32" else half_dtype(device)
-        peak = peaks[str(dtype)[6:]]
+        peak = peaks[str(dtype)[6:]][0]
         for fmt_ in args.formats:
             model = construct(name)
             fns = build_variants(model, args.variants, dtype, FORMATS[fmt_], device, args.compile, log=print)
@@ -143,6 +143,10 @@ def run_model(name, args, device, rows, peaks):
             torch._dynamo.reset()
 
 
+def matmul_line(peaks):
+    return ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s (n={n})" for k, (v, n) in peaks.items())
+
+
 COLUMNS = ("model", "size", "dtype", "format", "variant", "img/s", "ms (median)", "min-max ms", "vs unfolded",
            "compile s", "GMACs", "TFLOP/s", "of mm")
 
@@ -154,8 +158,8 @@ def markdown(head, rows):
              f"load average at start {head['load_start']}, at end {head['load_end']} (1/5/15 min)  ",
              f"median of {head['reps']} calls after {head['warmup']} warm-up, repetitions interleaved over the "
              "variants; compile s = first call - median call (trace + compile)  ",
-             "matmul rate (" + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in head["matmul"].items())
-             + f", n={head['matmul_n']}): the \"of mm\" base; GMACs: conv + linear of one eval forward", "",
+             f"matmul rate ({matmul_line(head['matmul'])}): the \"of mm\" base; GMACs: conv + linear of one eval "
+             "forward", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join([
@@ -201,13 +205,10 @@ def main(argv=None):
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 extension=common.build_info(), reps=args.reps, warmup=args.warmup,
                 load_start=" ".join(f"{v:.1f}" for v in os.getloadavg()))
-    dtypes = {str(torch.float32 if d == "fp32" else half_dtype(device))[6:]: d for d in args.dtypes}
-    peaks = {}
-    for k in dtypes:
-        peaks[k], head["matmul_n"] = matmul_flops(getattr(torch, k), device)
-    head["matmul"] = peaks
+    dtypes = [torch.float32 if d == "fp32" else half_dtype(device) for d in args.dtypes]
+    peaks = head["matmul"] = {str(d)[6:]: matmul_flops(d, device) for d in dtypes}  # name -> (FLOP/s, n)
     print(f"# {card} | torch {head['torch']} | commit {head['commit']} | load {head['load_start']} | matmul "
-          + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in peaks.items()), flush=True)
+          f"{matmul_line(peaks)}", flush=True)
     rows = []
     for name in args.models:
         run_model(name, args, device, rows, peaks)
