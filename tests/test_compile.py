@@ -40,26 +40,22 @@ def fused_or_skip():
     layers.set_kernels("fused")
 
 
+def tiny(script, head, num_classes=5):
+    """A segmentor's real head and blocks on a one-block-per-stage, narrow ResNetV1c: small graphs, the same ops."""
+    cfg = {"head": {"in_channels": 64, "feats_channels": 8, "dropout": 0.0, **head},
+           "auxiliary": {"in_channels": 32, "out_channels": 8, "dropout": 0.0}}
+    torch.manual_seed(0)
+    model = importlib.import_module(script).build_model(cfg, num_classes)
+    model.backbone_net = ResNetV1c(stages=[(4, 1, 1, 1), (8, 1, 2, 1), (8, 1, 1, 2), (16, 1, 1, 4)])
+    return model
+
+
 def tiny_pspnet(num_classes=5):
-    """PSPNet's real head and blocks on a one-block-per-stage, narrow ResNetV1c: small graphs, the same op kinds."""
-    import pspnet
-    cfg = {"head": {"in_channels": 64, "feats_channels": 8, "dropout": 0.0, "pool_scales": [1, 2, 3, 6]},
-           "auxiliary": {"in_channels": 32, "out_channels": 8, "dropout": 0.0}}
-    torch.manual_seed(0)
-    model = pspnet.build_model(cfg, num_classes)
-    model.backbone_net = ResNetV1c(stages=[(4, 1, 1, 1), (8, 1, 2, 1), (8, 1, 1, 2), (16, 1, 1, 4)])
-    return model
+    return tiny("pspnet", {"pool_scales": [1, 2, 3, 6]}, num_classes)
 
 
-def tiny_deeplabv3(num_classes=5):
-    """DeepLabV3's real ASPP (image-pool branch included) on the same narrow backbone."""
-    import deeplabv3
-    cfg = {"head": {"in_channels": 64, "feats_channels": 8, "dropout": 0.0, "dilations": [1, 2, 3, 4]},
-           "auxiliary": {"in_channels": 32, "out_channels": 8, "dropout": 0.0}}
-    torch.manual_seed(0)
-    model = deeplabv3.build_model(cfg, num_classes)
-    model.backbone_net = ResNetV1c(stages=[(4, 1, 1, 1), (8, 1, 2, 1), (8, 1, 1, 2), (16, 1, 1, 4)])
-    return model
+def tiny_deeplabv3(num_classes=5):  # the ASPP, its image-pool branch included
+    return tiny("deeplabv3", {"dilations": [1, 2, 3, 4]}, num_classes)
 
 
 def loss_of(out, y):
@@ -133,6 +129,18 @@ def test_amp_modes_compile_with_the_scaler_outside(kind, opt_level):
     assert stats()[1] == {}
 
 
+def one_graph_for_all_sizes(net, model, sizes, lines):
+    """The compiled eval copy gives the eager logits at every size, from one graph, its compile time logged once."""
+    for h, w in sizes:
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            got, want = net(x)["out"], model(x)["out"]
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    counts, breaks = stats()
+    assert counts["unique_graphs"] == 1 and breaks == {}
+    assert sum("compile: eval forward compiled" in m for m in lines) == 1
+
+
 def test_eval_sizes_do_not_recompile_per_size():
     # the folded eval copy is compiled with dynamic shapes: four image sizes, one graph (a square one first: with
     # duck shaping H and W would share a symbol and the next non-square size would compile again)
@@ -142,14 +150,7 @@ def test_eval_sizes_do_not_recompile_per_size():
     net, amp = fold.for_eval(model, dict(fold=True, compile="none"), None, log=lines.append)
     compile_module(net.net, "default", log=lines.append, what="eval", dynamic=True, backend="aot_eager",
                    fullgraph=True)
-    for h, w in ((32, 32), (32, 40), (48, 36), (40, 56)):
-        x = torch.randn(1, 3, h, w)
-        with torch.no_grad():
-            got, want = net(x)["out"], model(x)["out"]
-        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
-    counts, breaks = stats()
-    assert counts["unique_graphs"] == 1 and breaks == {}
-    assert sum("compile: eval forward compiled" in m for m in lines) == 1  # compile time logged once
+    one_graph_for_all_sizes(net, model, ((32, 32), (32, 40), (48, 36), (40, 56)), lines)
 
 
 def test_main_compile_flag_trains_and_evaluates(tmp_path, monkeypatch):
@@ -203,14 +204,7 @@ def test_inductor_eval_copy_compiles_once_for_all_sizes(build):
     model = build().eval()
     lines = []
     net, _ = fold.for_eval(model, dict(fold=True, compile="default"), None, log=lines.append)
-    for h, w in ((32, 32), (40, 56), (48, 36)):
-        x = torch.randn(1, 3, h, w)
-        with torch.no_grad():
-            got, want = net(x)["out"], model(x)["out"]
-        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
-    counts, breaks = stats()
-    assert counts["unique_graphs"] == 1 and breaks == {}
-    assert sum("compile: eval forward compiled" in m for m in lines) == 1
+    one_graph_for_all_sizes(net, model, ((32, 32), (40, 56), (48, 36)), lines)
 
 
 @pytest.mark.skipif(os.environ.get("SEGFP16_INDUCTOR_TESTS") != "1",
