@@ -91,11 +91,11 @@ def conv_bn_relu(cin, cout, k, stride=1, dilation=1, groups=1, relu=True):
 # ---- adaptive average pooling (PSPNet's pyramid, the ASPP image branch), opaque to torch.compile
 
 def _pool_out(x, output_size):
-    """The output buffer: channels_last iff x unambiguously is (as ATen's pooling, so a channels_last PSPNet's
-    pyramid maps stay channels_last and torch.cat keeps the format), else contiguous; fake and real alike."""
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.empty((*x.shape[:-2], *output_size), dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+    """The output buffer: channels_last iff x unambiguously is (our kernels' layout rule, which is ATen pooling's
+    too, so a channels_last PSPNet's pyramid maps stay channels_last and torch.cat keeps the format); fake and real
+    alike."""
+    from .ops import layout_of
+    return torch.empty((*x.shape[:-2], *output_size), dtype=x.dtype, device=x.device, memory_format=layout_of(x))
 
 
 @torch.library.custom_op("segfp16_py::adaptive_avg_pool2d", mutates_args=())

@@ -156,7 +156,7 @@ if hasattr(torch.ops.segfp16, "bn_relu_train"):
 # channels_last (csrc/upsample.h layout_of); any other strides are accepted and read through a contiguous copy.
 
 
-def _up_layout(t):
+def layout_of(t):
     """The memory format our kernels give outputs derived from t (mirror of layout_of in csrc/upsample.h)."""
     cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
@@ -216,11 +216,11 @@ def _ce_backward(ctx, grad_loss, _grad_lse):
 def _uc_fake(inputs, size, align_corners=False):
     t0 = inputs[0]
     return torch.empty((t0.shape[0], sum(t.shape[1] for t in inputs), size[0], size[1]), dtype=t0.dtype,
-                       device=t0.device, memory_format=_up_layout(t0))
+                       device=t0.device, memory_format=layout_of(t0))
 
 
 def _uc_backward_fake(grad, channels, heights, widths, align_corners):
-    fmt = _up_layout(grad)
+    fmt = layout_of(grad)
     return [torch.empty((grad.shape[0], c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
             for c, h, w in zip(channels, heights, widths)]
 
@@ -231,7 +231,7 @@ def _ce_fake(logits, target, ignore_index=255):
 
 
 def _ce_backward_fake(grad_loss, logits, target, lse, ignore_index):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=_up_layout(logits))
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=layout_of(logits))
 
 
 _UP_REGISTERED = False
