@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
 
-from train import MODELS, construct, cpu_name, csv, fmt, git_commit, sync, write_tables  # noqa: E402  (bench/train.py)
+from train import (MODELS, construct, cpu_name, csv, fmt, git_commit, md_table, sync,  # noqa: E402 (bench/train.py)
+                   write_tables)
 
 VARIANTS = ("unfolded", "folded", "compiled")
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -115,7 +116,8 @@ def time_variants(fns, x, reps, warmup, device):
 def run_model(name, args, device, rows, peaks):
     from common.layers import set_kernels
     set_kernels(args.kernels)
-    macs = {hw: eval_macs(construct(name), *hw) for hw in args.sizes}
+    shapes_only = construct(name)  # count_macs runs a meta copy: one construction serves every size
+    macs = {hw: eval_macs(shapes_only, *hw) for hw in args.sizes}
     for dtname in args.dtypes:
         dtype = torch.float32 if dtname == "fp32" else half_dtype(device)
         peak = peaks[str(dtype)[6:]][0]
@@ -159,14 +161,12 @@ def markdown(head, rows):
              f"median of {head['reps']} calls after {head['warmup']} warm-up, repetitions interleaved over the "
              "variants; compile s = first call - median call (trace + compile)  ",
              f"matmul rate ({matmul_line(head['matmul'])}): the \"of mm\" base; GMACs: conv + linear of one eval "
-             "forward", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            r["model"], r["size"], r["dtype"], r["format"], r["variant"], fmt(r["img_per_s"], ".3g"),
-            fmt(r["ms"], ".0f"), f"{r['ms_min']:.0f}-{r['ms_max']:.0f}", fmt(r["vs_unfolded"], ".2f"),
-            fmt(r["compile_s"], ".0f"), f"{r['gmacs']:.1f}", f"{r['tflops']:.3g}", f"{r['of_mm']:.0%}"]) + " |")
-    return "\n".join(lines) + "\n"
+             "forward", ""]
+    cells = [[r["model"], r["size"], r["dtype"], r["format"], r["variant"], fmt(r["img_per_s"], ".3g"),
+              fmt(r["ms"], ".0f"), f"{r['ms_min']:.0f}-{r['ms_max']:.0f}", fmt(r["vs_unfolded"], ".2f"),
+              fmt(r["compile_s"], ".0f"), f"{r['gmacs']:.1f}", f"{r['tflops']:.3g}", f"{r['of_mm']:.0%}"]
+             for r in rows]
+    return "\n".join(lines + md_table(COLUMNS, cells)) + "\n"
 
 
 def parse_args(argv=None):

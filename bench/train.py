@@ -324,18 +324,22 @@ def markdown(head, rows):
              "CPU); FLOPs = 3 x 2 x conv/linear MACs of a training forward (main + aux head)  ",
              "vs fp32 / mem vs fp32: against our fp32 row (kernels torch, NCHW, TF32 off, not compiled) at the same "
              "batch; vs tv: against tv_fcn for fcn, tv_deeplabv3 otherwise (compiled the same way when present)  ",
-             "compile s: first step - median step (tracing + compiling forward and backward), not in img/s", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        ok = r["status"] == "ok"
-        note = r.get("amp", "") if ok else r["status"][:160]  # the whole message is in the JSON
-        cells = [r["model"], r["mode"], r["kernels"], r["format"], r["compile"], str(r["batch"]),
-                 fmt(r.get("img_per_s"), ".1f"), fmt(r.get("step_ms"), ".1f"), fmt(r.get("compile_s"), ".0f"),
-                 fmt(r.get("peak_gib"), ".2f"),
-                 fmt(r.get("tflop_per_s"), ".3g"), fmt(r.get("mfu"), ".1%"), fmt(r.get("vs_fp32"), ".2f"),
-                 fmt(r.get("mem_vs_fp32"), ".2f"), fmt(r.get("vs_peer"), ".2f"), note.replace("|", "/")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+             "compile s: first step - median step (tracing + compiling forward and backward), not in img/s", ""]
+
+    def cells(r):
+        note = r.get("amp", "") if r["status"] == "ok" else r["status"][:160]  # the whole message is in the JSON
+        return [r["model"], r["mode"], r["kernels"], r["format"], r["compile"], str(r["batch"]),
+                fmt(r.get("img_per_s"), ".1f"), fmt(r.get("step_ms"), ".1f"), fmt(r.get("compile_s"), ".0f"),
+                fmt(r.get("peak_gib"), ".2f"),
+                fmt(r.get("tflop_per_s"), ".3g"), fmt(r.get("mfu"), ".1%"), fmt(r.get("vs_fp32"), ".2f"),
+                fmt(r.get("mem_vs_fp32"), ".2f"), fmt(r.get("vs_peer"), ".2f"), note.replace("|", "/")]
+    return "\n".join(lines + md_table(COLUMNS, map(cells, rows))) + "\n"
+
+
+def md_table(columns, cell_rows):
+    """A markdown table's lines: the header, the rule, one line per list of cells (bench/eval.py uses it too)."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + \
+        ["| " + " | ".join(cells) + " |" for cells in cell_rows]
 
 
 # ---- the grid
