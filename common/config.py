@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from . import cli
+from . import cli, zoo
 from .errors import UserError
 
 # ---- reference base config (MODELS): ssseg/configs/_base_/segmentors/fp16.py and friends, spec §1-§2
@@ -144,7 +144,9 @@ DEFAULTS = dict(
     # ImageNet backbone (spec §4): a .pth path, a URL or a key of common.backbone.PRETRAINED_URLS (downloaded once into
     # the torch hub cache; needs internet), or 'none' (from scratch). The default is the reference's v1c checkpoint.
     pretrained='resnet50conv3x3stem',
-    init='',  # a whole-segmentor checkpoint (ours, ssseg's {'model': sd}, or a bare sd) to start training from
+    # a whole-segmentor checkpoint to start training from: ours, ssseg's {'model': sd}, a bare sd, or ssseg:NAME (the
+    # published FP16 model, downloaded once into the torch hub cache; NAME: fcn, pspnet, deeplabv3, deeplabv3plus)
+    init='',
     # --- run: work folder, checkpoints, logging
     work_dir='',  # '' = work_dirs/<SEGMENTOR_CFG's work_dir, else the script name>[_demo]
     eval_interval_epochs=10,  # evaluate every N epochs and always at the end (spec §1); 0 = never
@@ -156,9 +158,9 @@ DEFAULTS = dict(
     save_predictions=0,  # pictures of the first N val images (after training in RUN_DIR/pred; with --eval in --out)
     # --- modes: evaluate, predict or summarise instead of training
     resume='',  # '' | checkpoint path | 'auto' (work_dir/latest); continues exactly where it stopped
-    eval='',  # checkpoint path: evaluate it on the val split and exit
+    eval='',  # checkpoint path, or ssseg:NAME (the published model, e.g. ssseg:pspnet): evaluate it on val and exit
     predict='',  # image file or folder: write colour masks of --ckpt's predictions to --out and exit
-    ckpt='',  # checkpoint for --predict
+    ckpt='',  # checkpoint for --predict (a path or ssseg:NAME)
     out='',  # output folder for --predict / --eval pictures ('' = work_dir/pred, beside the run folders)
     summary=False,  # print the parameter / multiply-accumulate table and exit
     # --- evaluation and inference
@@ -269,6 +271,7 @@ def parse(seg_cfg=None, argv=None, name='run', notes=None):
     try:
         cfg = _resolve(seg_cfg, rec, given, name, {})
         cli.validate(cfg)  # first: a mistyped path is reported before it is read
+        zoo.check_flags(cfg, (seg_cfg or {}).get('type'))  # an unknown ssseg:NAME, or another model's, fails here
         saved = _checkpoint_config(cfg) if cfg['eval'] or cfg['predict'] else {}
         taken = {k: saved[k] for k in INFERENCE_KEYS if k in saved and k not in given}
         if taken:
@@ -303,6 +306,8 @@ def _checkpoint_config(cfg):
     from . import checkpoint
     flag, spec = ('eval', cfg['eval']) if cfg['eval'] else ('ckpt', cfg['ckpt'] or 'auto')
     try:  # mmap: only the small config is read here, not the weights
+        if zoo.is_name(spec):
+            return {}  # a published ssseg file holds no run config (and is not downloaded just for this)
         path = checkpoint.resolve(spec, cfg['work_dir'], f'--{flag}')
         ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception:  # missing or broken: common.checkpoint names the file and the cause when the weights load
