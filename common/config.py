@@ -171,7 +171,11 @@ DEFAULTS = dict(
     inference_mode='whole',  # whole | slide (the reference evaluates whole images, spec §8)
     slide_crop=(512, 512),  # (h, w) window for inference_mode=slide
     slide_stride=(341, 341),  # (h, w) window step for inference_mode=slide (mmseg's 2/3 overlap)
-    tta=False,  # --eval/--predict: horizontal flip x scales 0.5-1.75 of the test scale, logits averaged (common/tta.py)
+    tta=False,  # --eval/--predict: horizontal flip x scales 0.5-1.75 of the test scale, averaged (common/tta.py)
+    # ssseg's inference.tta flag: softmax the net's output before the resize to the original size and the average over
+    # views / slide windows (true), or resize and average logits (false). auto = true with --tta (every ssseg ADE20k
+    # config with multi-scale TTA sets it), false without (the base config, which the published numbers used)
+    use_probs_before_resize='auto',
     fold=True,  # eval/predict: each conv-BN(-add)-ReLU unit as one conv with bias (common/fold.py); false = unfolded
     eval_amp=False,  # --eval/--predict in --amp's half type (fp16 CUDA, bf16 CPU); default fp32 as the reference
     # --- device and kernels
@@ -188,7 +192,8 @@ DEFAULTS = dict(
 CHOICES = dict(amp=('none', 'torch', 'apex'), opt_level=('O0', 'O1', 'O2', 'O3'),
                amp_dtype=('auto', 'float16', 'bfloat16'), data=('ade20k', 'demo'),
                kernels=('auto', 'fused', 'torch'), inference_mode=('whole', 'slide'),
-               ddp_fp16_compress=('auto', 'true', 'false'), compile=('none', 'default', 'max-autotune'))
+               ddp_fp16_compress=('auto', 'true', 'false'), compile=('none', 'default', 'max-autotune'),
+               use_probs_before_resize=('auto', 'true', 'false'))
 
 # `--data demo`: a CPU-sized run of the full recipe (a ResNet-50-D8 from scratch) on the synthetic dataset: small
 # crops, a short schedule, eval only at the end, a few prediction PNGs. Measured on our 2-core CPU box (Xeon with
