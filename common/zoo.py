@@ -65,8 +65,8 @@ def check_flags(cfg, seg_type=None):
                             f"start a new schedule from its weights")
         typ = MODELS[name][1]
         if seg_type is not None and seg_type != typ:
-            raise UserError(f"--{flag} {spec}: ssseg's {typ} checkpoint, and this script builds a {seg_type}; "
-                            f"run it with {name}.py")
+            raise UserError(f"--{flag} {spec}: ssseg's {typ} checkpoint does not fit this script's model "
+                            f"({seg_type}); run it with {name}.py")
 
 
 def cache_path(name):

@@ -121,8 +121,8 @@ def test_unknown_name_lists_known_ones_and_wrong_script_or_resume_fail_up_front(
     with pytest.raises(UserError, match=r'--eval ssseg:psp: no such model .* known: ssseg:fcn, ssseg:pspnet, '
                                         r'ssseg:deeplabv3, ssseg:deeplabv3plus$'):
         zoo.lookup('ssseg:psp', '--eval')
-    with pytest.raises(UserError, match=r"ssseg's PSPNet checkpoint, and this script builds a FCN; run it with "
-                                        r"pspnet.py"):
+    with pytest.raises(UserError, match=r"ssseg's PSPNet checkpoint does not fit this script's model \(FCN\); run "
+                                        r"it with pspnet.py"):
         zoo.check_flags(dict(eval='ssseg:pspnet'), 'FCN')
     with pytest.raises(UserError, match=r'--resume ssseg:fcn: a published model, .* use --init ssseg:fcn'):
         zoo.check_flags(dict(resume='ssseg:fcn'), 'FCN')
@@ -147,7 +147,7 @@ def test_eval_by_name_end_to_end(release, tmp_path, capsys):
 
 @pytest.mark.parametrize('flags, line', [
     (('--eval', 'ssseg:nope'), 'pspnet: error: --eval ssseg:nope: no such model in ssseg\'s FP16 zoo; known: '),
-    (('--eval', 'ssseg:fcn'), "pspnet: error: --eval ssseg:fcn: ssseg's FCN checkpoint, and this script builds a "),
+    (('--eval', 'ssseg:fcn'), "pspnet: error: --eval ssseg:fcn: ssseg's FCN checkpoint does not fit this script's "),
     (('--init', 'ssseg:pspnet', '--max_iters', '1', '--crop_size', '32'),
      'pspnet: error: --init ssseg:pspnet: could not download http'),
 ])
