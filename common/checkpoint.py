@@ -9,8 +9,9 @@ torch.load(weights_only=True) (no pickled code runs at load):
     rng        python / numpy / torch CPU / CUDA generator states
     config     the resolved run config (common.config.parse)
 ssseg's own checkpoints ({'model': sd, 'optimizer': ..., 'cur_epoch': ...}) and bare state dicts load for
---eval / --predict / --init through model_state(). A state holding an inf/NaN tensor is never written. A file that
-cannot be used raises BadFileError with one line naming it, the cause and what to do (never "weights_only=False").
+--eval / --predict / --init through model_state(); `ssseg:NAME` names a published one (common/zoo.py). A state
+holding an inf/NaN tensor is never written. A file that cannot be used raises BadFileError with one line naming it,
+the cause and what to do (never "weights_only=False").
 
 Exact resume needs every random draw to be a pure function of (seed, epoch, position in the epoch). The model's
 draws (dropout) come from torch's global generator, which we save. The data's come from common.data.train_loader,
@@ -210,8 +211,16 @@ def latest(folder):
         return None
 
 
-def resolve(path, work_dir, flag="--resume"):
-    """'auto' -> the checkpoint work_dir/latest names; a folder -> its latest; a file -> itself."""
+def weights_path(spec, flag, log=print):
+    """ssseg:NAME -> its file in torch's hub cache, downloaded once (common/zoo.py); anything else unchanged."""
+    from . import zoo
+    return zoo.fetch(spec, flag, log) if zoo.is_name(spec) else spec
+
+
+def resolve(path, work_dir, flag="--resume", log=print):
+    """'auto' -> the checkpoint work_dir/latest names; a folder -> its latest; ssseg:NAME -> the published model
+    (common/zoo.py); a file -> itself."""
+    path = weights_path(path, flag, log)
     if path == "auto" or os.path.isdir(path):
         folder = work_dir if path == "auto" else path
         pointer = os.path.join(folder, LATEST)

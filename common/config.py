@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from . import cli
+from . import cli, zoo
 from .errors import UserError
 
 # ---- reference base config (MODELS): ssseg/configs/_base_/segmentors/fp16.py and friends, spec §1-§2
@@ -129,7 +129,11 @@ DEFAULTS = dict(
     batch_size=16,  # total over all ranks; per rank = batch_size // world_size (spec §2.3)
     num_workers=2,  # data loader workers per rank (spec §2.3)
     num_train_images=0,  # use only the first N training images (0 = all; for smoke runs)
-    num_val_images=0,  # evaluate on the first N validation images only (0 = all 2000)
+    # evaluate on the first N validation images only (0 = all 2000). mIoU over a subset leaves out the classes absent
+    # from both prediction and label (as ssseg and mmseg do); the official ADE20k benchmark counts them as 0, so its
+    # number is lower there. On all 2000 every class is labelled (the benchmark's objectInfo150.txt: each in >= 3 val
+    # images), so the two agree there.
+    num_val_images=0,
     # --- optimiser and schedule
     max_epochs=130,  # iterations = max_epochs x len(train loader) (spec §2.3: 164,190 at batch 16)
     max_iters=0,  # > 0 overrides the epoch-derived count (short runs); epochs become ceil(max_iters / per epoch)
@@ -144,7 +148,9 @@ DEFAULTS = dict(
     # ImageNet backbone (spec §4): a .pth path, a URL or a key of common.backbone.PRETRAINED_URLS (downloaded once into
     # the torch hub cache; needs internet), or 'none' (from scratch). The default is the reference's v1c checkpoint.
     pretrained='resnet50conv3x3stem',
-    init='',  # a whole-segmentor checkpoint (ours, ssseg's {'model': sd}, or a bare sd) to start training from
+    # a whole-segmentor checkpoint to start training from: ours, ssseg's {'model': sd}, a bare sd, or ssseg:NAME (the
+    # published FP16 model, downloaded once into the torch hub cache; NAME: fcn, pspnet, deeplabv3, deeplabv3plus)
+    init='',
     # --- run: work folder, checkpoints, logging
     work_dir='',  # '' = work_dirs/<SEGMENTOR_CFG's work_dir, else the script name>[_demo]
     eval_interval_epochs=10,  # evaluate every N epochs and always at the end (spec §1); 0 = never
@@ -156,16 +162,20 @@ DEFAULTS = dict(
     save_predictions=0,  # pictures of the first N val images (after training in RUN_DIR/pred; with --eval in --out)
     # --- modes: evaluate, predict or summarise instead of training
     resume='',  # '' | checkpoint path | 'auto' (work_dir/latest); continues exactly where it stopped
-    eval='',  # checkpoint path: evaluate it on the val split and exit
+    eval='',  # checkpoint path, or ssseg:NAME (the published model, e.g. ssseg:pspnet): evaluate it on val and exit
     predict='',  # image file or folder: write colour masks of --ckpt's predictions to --out and exit
-    ckpt='',  # checkpoint for --predict
+    ckpt='',  # checkpoint for --predict (a path or ssseg:NAME)
     out='',  # output folder for --predict / --eval pictures ('' = work_dir/pred, beside the run folders)
     summary=False,  # print the parameter / multiply-accumulate table and exit
     # --- evaluation and inference
     inference_mode='whole',  # whole | slide (the reference evaluates whole images, spec §8)
     slide_crop=(512, 512),  # (h, w) window for inference_mode=slide
     slide_stride=(341, 341),  # (h, w) window step for inference_mode=slide (mmseg's 2/3 overlap)
-    tta=False,  # --eval/--predict: horizontal flip x scales 0.5-1.75 of the test scale, logits averaged (common/tta.py)
+    tta=False,  # --eval/--predict: horizontal flip x scales 0.5-1.75 of the test scale, averaged (common/tta.py)
+    # ssseg's inference.tta flag: softmax the net's output before the resize to the original size and the average over
+    # views / slide windows (true), or resize and average logits (false). auto = true with --tta (every ssseg ADE20k
+    # config with multi-scale TTA sets it), false without (the base config, which the published numbers used)
+    use_probs_before_resize='auto',
     fold=True,  # eval/predict: each conv-BN(-add)-ReLU unit as one conv with bias (common/fold.py); false = unfolded
     eval_amp=False,  # --eval/--predict in --amp's half type (fp16 CUDA, bf16 CPU); default fp32 as the reference
     # --- device and kernels
@@ -182,7 +192,8 @@ DEFAULTS = dict(
 CHOICES = dict(amp=('none', 'torch', 'apex'), opt_level=('O0', 'O1', 'O2', 'O3'),
                amp_dtype=('auto', 'float16', 'bfloat16'), data=('ade20k', 'demo'),
                kernels=('auto', 'fused', 'torch'), inference_mode=('whole', 'slide'),
-               ddp_fp16_compress=('auto', 'true', 'false'), compile=('none', 'default', 'max-autotune'))
+               ddp_fp16_compress=('auto', 'true', 'false'), compile=('none', 'default', 'max-autotune'),
+               use_probs_before_resize=('auto', 'true', 'false'))
 
 # `--data demo`: a CPU-sized run of the full recipe (a ResNet-50-D8 from scratch) on the synthetic dataset: small
 # crops, a short schedule, eval only at the end, a few prediction PNGs. Measured on our 2-core CPU box (Xeon with
@@ -269,6 +280,7 @@ def parse(seg_cfg=None, argv=None, name='run', notes=None):
     try:
         cfg = _resolve(seg_cfg, rec, given, name, {})
         cli.validate(cfg)  # first: a mistyped path is reported before it is read
+        zoo.check_flags(cfg, (seg_cfg or {}).get('type'))  # an unknown ssseg:NAME, or another model's, fails here
         saved = _checkpoint_config(cfg) if cfg['eval'] or cfg['predict'] else {}
         taken = {k: saved[k] for k in INFERENCE_KEYS if k in saved and k not in given}
         if taken:
@@ -303,6 +315,8 @@ def _checkpoint_config(cfg):
     from . import checkpoint
     flag, spec = ('eval', cfg['eval']) if cfg['eval'] else ('ckpt', cfg['ckpt'] or 'auto')
     try:  # mmap: only the small config is read here, not the weights
+        if zoo.is_name(spec):
+            return {}  # a published ssseg file holds no run config (and is not downloaded just for this)
         path = checkpoint.resolve(spec, cfg['work_dir'], f'--{flag}')
         ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception:  # missing or broken: common.checkpoint names the file and the cause when the weights load

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from . import data, dist, errors, fold, visualize
-from .tta import augmented_logits
+from .tta import augmented_logits, use_probs
 
 
-def slide_logits(model, image, crop, stride):
-    """mmseg-style sliding window: (1, 3, H, W) -> (1, K, H, W) average of window logits upsampled to window size."""
+def slide_logits(model, image, crop, stride, probs=False):
+    """mmseg-style sliding window: (1, 3, H, W) -> (1, K, H, W) average of window logits upsampled to window size
+    (probs: of their softmax, ssseg's use_probs_before_resize)."""
     H, W = image.shape[-2:]
     (ch, cw), (sh, sw) = crop, stride
     ny, nx = max(math.ceil((H - ch) / sh), 0) + 1, max(math.ceil((W - cw) / sw), 0) + 1
@@ -30,6 +31,7 @@ def slide_logits(model, image, crop, stride):
             y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
             out = model(image[..., y1:y2, x1:x2])["out"].float()
             out = F.interpolate(out, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
+            out = out.softmax(1) if probs else out
             if logits is None:
                 logits = image.new_zeros(1, out.shape[1], H, W)
             logits[..., y1:y2, x1:x2] += out
@@ -42,12 +44,16 @@ def predict_logits(model, image, size, cfg, amp=None, tta=False):
     """(1, 3, h, w) resized input -> (1, K, H, W) fp32 logits at the original size `size` (spec §8).
 
     tta: common/tta.py's flip + multi-scale views, averaged at the original size (the reference's test.py with
-    `inference.tta` set); otherwise the one view the reference's evaluations use."""
+    `inference.tta` set); otherwise the one view the reference's evaluations use. With --use_probs_before_resize
+    (auto: with tta) they are softmax probabilities instead, taken before any resize or average (common/tta.py)."""
+    probs = use_probs(cfg, tta)
+
     def forward(x):
         with amp.autocast() if amp is not None else torch.autocast("cpu", enabled=False):
             if cfg.get("inference_mode", "whole") == "slide":
-                return slide_logits(model, x, cfg["slide_crop"], cfg["slide_stride"])
-            return model(x)["out"]  # (1, K, h/8, w/8)
+                return slide_logits(model, x, cfg["slide_crop"], cfg["slide_stride"], probs)
+            out = model(x)["out"]  # (1, K, h/8, w/8)
+            return out.float().softmax(1) if probs else out
 
     if tta:
         return augmented_logits(forward, image, size)
@@ -96,8 +102,10 @@ def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, l
     res = cm.compute()
     model.train(was_training)
     mode = cfg.get("inference_mode", "whole")
+    scores = "probs" if use_probs(cfg, tta) else "logits"  # what was resized and averaged (common/tta.py)
     log(f"eval: {len(loader)} images/rank in {time.time() - t0:.1f} s | {precision(amp, model)} | {mode} | "
-        f"tta {'flip + 6 scales' if tta else 'off'} | mIoU {100 * res['mIoU']:.2f} | mAcc {100 * res['mAcc']:.2f} | "
+        f"tta {'flip + 6 scales' if tta else 'off'} | {scores} resized | mIoU {100 * res['mIoU']:.2f} | "
+        f"mAcc {100 * res['mAcc']:.2f} | "
         f"aAcc {100 * res['aAcc']:.2f} | {sum(not math.isnan(v) for v in res['IoU'])} of {num_classes} classes "
         "present (the others are absent from prediction and label: not counted)")
     for line in cm.format(classes, res=res).splitlines()[:-1]:  # the last line would repeat the numbers above

@@ -348,8 +348,8 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     pred_dir = cfg["out"] or os.path.join(cfg["work_dir"], "pred")  # --eval / --predict: beside the run folders
     if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14); half: --eval_amp
         flag = "--eval" if cfg["eval"] else "--ckpt"
-        checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"], flag),
-                                log)
+        checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"], flag,
+                                                          log), log)
         model.to(device, memory_format=memory_format).eval()
         half = Amp(cfg["amp"], dtype=_amp_dtype(cfg, device), device=device.type) \
             if cfg["eval_amp"] and cfg["amp"] != "none" else None  # autocast (O1) or a half folded copy
@@ -377,7 +377,8 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
         checkpoint.check_matches(model, sd, path)
         model.load_state_dict(sd)  # fp32, before amp.initialize (O2 masters copy these)
     elif cfg["init"]:
-        checkpoint.load_weights(model, cfg["init"], log)  # weights only: the schedule starts at iteration 0
+        # weights only: the schedule starts at iteration 0 (ssseg:NAME: the published file, common/zoo.py)
+        checkpoint.load_weights(model, checkpoint.weights_path(cfg["init"], "--init", log), log)
     elif cfg["pretrained"] != "none":
         from .backbone import load_pretrained
         load_pretrained(model.backbone_net, cfg["pretrained"], log=log)

@@ -78,6 +78,41 @@ def test_class_only_in_prediction_counts_with_zero_iou():
     assert res["Acc"][:2] == [1.0, 0.5] and math.isnan(res["Acc"][2]) and math.isclose(res["mAcc"], 0.75)
 
 
+def official_ade20k_miou(pairs, k, ignore=255):
+    """The ADE20k scene-parsing benchmark's mean IoU (CSAILVision/sceneparsing demoEvaluation.m, transcribed from its
+    formula): per-class areas summed over all images, IoU = I / (eps + U), then the plain mean over all k classes, so
+    a class absent from prediction and label counts as 0."""
+    inter, union = np.zeros(k), np.zeros(k)
+    for pred, label in pairs:
+        pred, label = np.asarray(pred).ravel(), np.asarray(label).ravel()
+        keep = label != ignore  # unlabelled pixels are not penalised there either
+        pred, label = pred[keep], label[keep]
+        for c in range(k):
+            i = np.sum((pred == c) & (label == c))
+            inter[c] += i
+            union[c] += np.sum(pred == c) + np.sum(label == c) - i
+    return float(np.mean(inter / (np.finfo(np.float64).eps + union)))
+
+
+def test_subset_leaves_absent_classes_out_where_the_official_ade20k_metric_counts_them_as_zero():
+    # a val subset in which classes 1 and 4 never occur: our (ssseg's, mmseg's) mean is over the 5 present classes
+    k = 7
+    pairs = random_pairs(k, n=4, seed=2, absent=(1, 4))
+    cm = ConfusionMatrix(k)
+    for pred, label in pairs:
+        cm.update(torch.from_numpy(pred), torch.from_numpy(label))
+    ours, official = cm.compute()["mIoU"], official_ade20k_miou(pairs, k)
+    assert math.isclose(ours, brute_force(pairs, k)["mIoU"], rel_tol=1e-12)
+    assert math.isclose(official, ours * 5 / 7, rel_tol=1e-9) and official < ours - 0.05
+    # every class labelled somewhere (as each of the 150 is in the full ADE20k val split): the two agree
+    pairs = random_pairs(k, n=4, seed=3)
+    assert all(any((label == c).any() for _, label in pairs) for c in range(k))
+    cm = ConfusionMatrix(k)
+    for pred, label in pairs:
+        cm.update(torch.from_numpy(pred), torch.from_numpy(label))
+    assert math.isclose(cm.compute()["mIoU"], official_ade20k_miou(pairs, k), rel_tol=1e-9)
+
+
 def test_ignore_only_and_errors():
     cm = ConfusionMatrix(3)
     cm.update(torch.tensor([1, 2]), torch.tensor([255, 255]))

@@ -25,37 +25,73 @@ class ContextNet(nn.Module):
         return {'out': out} if not self.training else {'out': out, 'aux': self.aux(x)}
 
 
-def brute_force(net, image, size, cfg):
-    """Every view written out: scale the resized input by each ratio as ssseg does (F.interpolate, scale_factor),
-    mirror it with numpy, run the net (whole or the slide windows), mirror the logits back, resize each to the
-    original size, and take the plain mean of the 12 maps."""
-    maps = []
-    for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75):
+def ssseg_scores(net, image, size, mode, probs, crop=None, stride=None, scales=tta.SCALES, flip=True):
+    """ssseg's test.py around BaseSegmentor.auginference / inference (HEAD eb1878c), written out from reading it:
+    for each ratio the resized input is rescaled (bilinear, scale_factor, align_corners False); `inference` runs on
+    it and, with flip, on its numpy mirror, whose result is mirrored back. `inference`, whole: the net's low-res
+    logits, softmaxed over the classes when use_probs_before_resize; slide: windows on a grid of
+    max(H - crop + stride - 1, 0) // stride + 1 rows (cols alike), the last one pushed back inside the image, each
+    window's logits bilinearly resized to the window and softmaxed when use_probs_before_resize, summed into a canvas
+    that is divided by the per-pixel window count. test.py then resizes every view's map to the original size and
+    takes the plain mean, whose argmax is the prediction."""
+    def inference(x):
+        if mode == 'whole':
+            out = net(x)['out']
+            return torch.softmax(out, dim=1) if probs else out
+        (ch, cw), (sh, sw), (H, W) = crop, stride, x.shape[-2:]
+        canvas, count = None, torch.zeros(1, 1, H, W)
+        for i in range(max(H - ch + sh - 1, 0) // sh + 1):
+            for j in range(max(W - cw + sw - 1, 0) // sw + 1):
+                y2, x2 = min(i * sh + ch, H), min(j * sw + cw, W)
+                y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+                out = F.interpolate(net(x[:, :, y1:y2, x1:x2])['out'], size=(y2 - y1, x2 - x1), mode='bilinear',
+                                    align_corners=False)
+                if probs:
+                    out = torch.softmax(out, dim=1)
+                if canvas is None:
+                    canvas = torch.zeros(1, out.shape[1], H, W)
+                canvas[:, :, y1:y2, x1:x2] += out
+                count[:, :, y1:y2, x1:x2] += 1
+        assert (count > 0).all()
+        return canvas / count
+
+    def np_mirror(t):
+        return torch.from_numpy(np.flip(t.numpy(), axis=3).copy())
+
+    views = []
+    for r in scales:
         x = F.interpolate(image, scale_factor=r, mode='bilinear', align_corners=False)
-        for mirror in (False, True):
-            v = torch.from_numpy(np.ascontiguousarray(x.numpy()[..., ::-1])) if mirror else x
-            if cfg['inference_mode'] == 'slide':
-                out = infer.slide_logits(net, v, cfg['slide_crop'], cfg['slide_stride'])
-            else:
-                out = net(v)['out']
-            if mirror:
-                out = torch.from_numpy(np.ascontiguousarray(out.numpy()[..., ::-1]))
-            maps.append(F.interpolate(out, size=size, mode='bilinear', align_corners=False))
-    return torch.stack(maps).mean(0)
+        views.append(inference(x))
+        if flip:
+            views.append(np_mirror(inference(np_mirror(x))))
+    return sum(F.interpolate(v, size=size, mode='bilinear', align_corners=False) for v in views) / len(views)
 
 
 @pytest.mark.parametrize('mode', ['whole', 'slide'])
-def test_tta_matches_brute_force(mode):
+@pytest.mark.parametrize('setting', ['auto', 'true', 'false'])
+def test_tta_and_one_view_match_a_transcription_of_ssseg(mode, setting):
     net = ContextNet().eval()
     image, size = torch.randn(1, 3, 30, 44), (57, 83)  # the resized input and the original (label) size
-    cfg = dict(inference_mode=mode, slide_crop=(16, 20), slide_stride=(10, 13))
+    cfg = dict(inference_mode=mode, slide_crop=(16, 20), slide_stride=(10, 13), use_probs_before_resize=setting)
+    window = dict(mode=mode, crop=(16, 20), stride=(10, 13))
     with torch.no_grad():
+        for tta_on in (True, False):
+            probs = setting == 'true' or (setting == 'auto' and tta_on)  # auto: as ssseg's TTA configs / its base
+            got = infer.predict_logits(net, image, size, cfg, tta=tta_on)
+            ref = ssseg_scores(net, image, size, probs=probs, **window, **({} if tta_on else dict(scales=(1.0,),
+                                                                                                   flip=False)))
+            assert got.shape == (1, 3, *size) and got.dtype == torch.float32
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            if probs:  # bilinear resizes and means of probability maps stay probability maps
+                torch.testing.assert_close(got.sum(1), torch.ones(1, *size), rtol=1e-5, atol=1e-5)
+        # the test can fail: the views change the answer, and where the softmax sits matters (not just a rescale)
+        probs = setting != 'false'
         got = infer.predict_logits(net, image, size, cfg, tta=True)
-        ref = brute_force(net, image, size, cfg)
-        plain = infer.predict_logits(net, image, size, cfg)
-    assert got.shape == (1, 3, *size) and got.dtype == torch.float32
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert (got - plain).abs().max() > 1e-2  # the views do change the answer: the test can fail
+        one = ssseg_scores(net, image, size, probs=probs, **window, scales=(1.0,), flip=False)
+        assert (got - one).abs().max() > 1e-2
+        assert not torch.allclose(got, ssseg_scores(net, image, size, probs=not probs, **window), atol=1e-3)
+        softmax_after = ssseg_scores(net, image, size, probs=False, **window).softmax(1)
+        assert (ssseg_scores(net, image, size, probs=True, **window) - softmax_after).abs().max() > 1e-3
 
 
 def test_one_view_is_plain_inference():
@@ -77,12 +113,12 @@ def _loader(k=3):
 def test_eval_line_names_precision_and_tta():
     net, lines = ContextNet(), []
     res = infer.evaluate(net, _loader(), 3, log=lines.append, classes=['a', 'b', 'c'], tta=True)
-    assert '| fp32 | whole | tta flip + 6 scales |' in lines[0] and res['precision'] == 'fp32'
+    assert '| fp32 | whole | tta flip + 6 scales | probs resized |' in lines[0] and res['precision'] == 'fp32'
     assert lines[1].split()[:3] == ['class', 'IoU', 'Acc'] and 0 <= res['mAcc'] <= 1 and len(res['Acc']) == 3
     amp = Amp('torch', dtype=torch.bfloat16, device='cpu')
     lines.clear()
     res = infer.evaluate(net, _loader(), 3, amp=amp, log=lines.append, classes=['a', 'b', 'c'])
-    assert '| bf16 autocast | whole | tta off |' in lines[0] and res['precision'] == 'bf16 autocast'
+    assert '| bf16 autocast | whole | tta off | logits resized |' in lines[0] and res['precision'] == 'bf16 autocast'
     res = infer.evaluate(net, _loader(), 3, log=lines.append, classes=['a', 'b', 'c'], pictures=1)
     pic = res['pictures'][0]  # image | truth | prediction at the label's size (47 x 61), titled, with a legend
     assert len(res['pictures']) == 1 and pic.shape[0] >= 26 + 47 and pic.shape[1] > 3 * 61 and pic.dtype == np.uint8
@@ -128,3 +164,17 @@ def test_predict_skips_unreadable_image_and_exits_nonzero(tmp_path, capsys):
     assert 'Traceback' not in out.err
     os.remove(tmp_path / 'in' / 'bad.jpg')
     assert train.main(seg, _build, argv + ['--tta'], name='tiny') is None  # all readable: a normal return
+
+
+def test_use_probs_before_resize_flag(capsys):
+    seg = config.segmentor_cfg()
+    assert config.parse(seg, [], 'tiny')['use_probs_before_resize'] == 'auto'
+    assert config.parse(seg, ['--use_probs_before_resize', 'false', '--tta'], 'tiny')['use_probs_before_resize'] == \
+        'false'
+    assert [tta.use_probs(dict(use_probs_before_resize=v), t) for v in ('auto', 'true', 'false') for t in (1, 0)] == \
+        [True, False, True, True, False, False]
+    with pytest.raises(SystemExit) as e:
+        config.parse(seg, ['--use_probs_before_resize', 'yes'], 'tiny')
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--use_probs_before_resize: invalid choice: 'yes'" in err[0]
