@@ -131,10 +131,10 @@ def analyse(recs):
             fails.append("no finite mIoU")
         if not r["clean_step"]:
             fails.append("no clean step at all")
-        if r["skips_after"]:
+        if r["mode"] not in SCALED and r["skipped"][-1]:  # no scale to warm up: every skip was a non-finite grad
+            fails.append(f"{r['skipped'][-1]} skipped without a loss scale")
+        elif r["skips_after"]:
             fails.append(f"{r['skips_after']} skipped after warm-up")
-        if r["mode"] not in SCALED and r["warmup_skips"]:
-            fails.append(f"{r['warmup_skips']} skipped without a loss scale")
         if base and r is not base:
             r["first_vs_fp32"] = r["first_loss"] / base["first_loss"] - 1
             r["tail_vs_fp32"] = r["tail_loss"] / base["tail_loss"] - 1

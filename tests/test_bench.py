@@ -4,6 +4,7 @@ Timings on a CI box mean nothing, so the checks are on structure and on the arit
 FLOP counts against torch's own FlopCounterMode, the derived columns against the raw ones.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -164,3 +165,66 @@ def test_eval_quick_rows(tmp_path):
     assert rows[0]["vs_unfolded"] == pytest.approx(1.0)
     assert rows[1]["vs_unfolded"] == pytest.approx(rows[0]["ms"] / rows[1]["ms"])
     assert "load average" in (tmp_path / "eval.md").read_text()
+
+
+# ---- bench/numerics.py: the check logic on made-up curves (each check can fail), then a tiny CPU run end to end
+
+def _numerics():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_numerics", os.path.join(ROOT, "bench", "numerics.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rec(mode, loss, skipped=None, miou=0.3, scale=None):
+    n = len(loss)
+    return dict(mode=mode, status="ok", seconds=1.0, amp="?", iteration=list(range(1, n + 1)), loss=loss,
+                skipped=skipped or [0] * n, loss_scale=scale or [1.0] * n, mIoU=miou)
+
+
+def test_numerics_checks():
+    num = _numerics()
+    assert num.warmup_skips([1, 2, 3, 3, 3, 4]) == (3, 1) and num.warmup_skips([0, 0, 1]) == (0, 1)
+    assert num.warmup_skips([1, 2]) == (2, 0)
+    base = [5.0, 4.0, 3.0, 2.0]
+    recs = [_rec("fp32", base),
+            _rec("fp16", [5.01, 4.1, 3.1, 2.1], skipped=[1, 2, 2, 2]),  # 2 warm-up skips, tail +5%: passes
+            _rec("apex-O1", [5.2, 4.0, 3.0, 2.0]),  # first loss +4% > 1%
+            _rec("apex-O2", [5.0, 4.0, 3.0, 2.0], skipped=[1, 1, 2, 2]),  # a skip after the first clean step
+            _rec("bf16", [5.05, 4.0, 3.0, 2.5], skipped=[0, 1, 1, 1]),  # tail +25% > 10%; a skip without a scale
+            _rec("fp32-seed1", [6.0, 5.0, 4.0, 2.1])]  # yardstick: tail +5% -> band stays at the 10% floor
+    band, spread = num.analyse(recs)
+    assert spread == pytest.approx(0.05) and band == pytest.approx(0.10)
+    checks = {r["mode"]: r["checks"] for r in recs}
+    assert checks["fp32"] == [] and checks["fp16"] == [] and checks["fp32-seed1"] == []
+    assert recs[1]["warmup_skips"] == 2 and recs[1]["skips_after"] == 0
+    assert [c.split(" ")[:2] for c in checks["apex-O1"]] == [["first", "loss"]]
+    assert checks["apex-O2"] == ["1 skipped after warm-up"]
+    assert any(c.startswith("tail loss +25.0%") for c in checks["bf16"]) and \
+        "1 skipped without a loss scale" in checks["bf16"]
+    # a far yardstick widens the band to twice its spread: bf16's +25% then passes
+    recs = [_rec("fp32", base), _rec("bf16", [5.0, 4.0, 3.0, 2.5]), _rec("fp32-seed1", [6.0, 5.0, 4.0, 2.3])]
+    band, _ = num.analyse(recs)
+    assert band == pytest.approx(0.30) and recs[1]["checks"] == []
+    recs = [_rec("fp32", base), _rec("fp16", [5.0] * 4, skipped=[1, 2, 3, 4]), _rec("bf16", [5.0, math.nan, 1, 1])]
+    num.analyse(recs)
+    assert "no clean step at all" in recs[1]["checks"] and "non-finite loss" in recs[2]["checks"]
+
+
+def test_numerics_cpu_run(tmp_path):
+    """The whole script on the CPU, tiny: fp32 and bf16 (CPU fp16 is a slow path), 2 iterations, crop 32."""
+    out = run(["bench/numerics.py", "--device", "cpu", "--modes", "bf16,fp32", "--iters", "2", "--crop", "32",
+               "--batch", "2", "--val_images", "1", "--num_workers", "0", "--work_dir", str(tmp_path / "runs")],
+              tmp_path / "out")
+    assert "VERDICT: 2/2 modes pass" in out
+    recs = [json.loads(line) for line in (tmp_path / "out" / "numerics.jsonl").read_text().splitlines()]
+    assert recs[0]["kind"] == "header" and recs[0]["torch"] == torch.__version__
+    assert [r["mode"] for r in recs[1:]] == ["fp32", "bf16"]  # fp32 first, whatever the order asked
+    for r in recs[1:]:
+        assert r["status"] == "ok" and r["iteration"] == [1, 2] and r["checks"] == []
+        assert 0 <= r["mIoU"] <= 1 and "amp=" in r["amp"]
+    assert recs[2]["first_vs_fp32"] == pytest.approx(recs[2]["first_loss"] / recs[1]["first_loss"] - 1)
+    md = (tmp_path / "out" / "numerics.md").read_text()
+    assert "| fp32 | " in md and "| bf16 | " in md and "bfloat16" in md
+    assert (tmp_path / "out" / "numerics.png").stat().st_size > 10000
