@@ -228,3 +228,39 @@ def test_numerics_cpu_run(tmp_path):
     md = (tmp_path / "out" / "numerics.md").read_text()
     assert "| fp32 | " in md and "| bf16 | " in md and "bfloat16" in md
     assert (tmp_path / "out" / "numerics.png").stat().st_size > 10000
+
+
+# ---- bench/step_profile.py
+
+def test_profile_kinds():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_profile", os.path.join(ROOT, "bench", "step_profile.py"))
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    names = {  # kernel names as CUDA profiles show them, and CPU operators
+        "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "conv / GEMM",
+        "void cudnn::bn_fw_tr_1C11_kernel_NCHW<__half, float, 512, true, 1>": "batch norm",
+        "void segfp16::bn_apply_kernel<c10::Half, true>(...)": "ours (segfp16)",
+        "void upsample_concat_fwd_kernel<c10::Half>": "ours (segfp16)",
+        "void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>": "copy / fill",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float>>": "elementwise",
+        "Memcpy DtoD (Device -> Device)": "copy / fill", "aten::convolution_backward": "conv / GEMM",
+        "Optimizer.step#SGD.step": "optimizer", "something new": "other"}
+    assert {n: prof.kind_of(n) for n in names} == names
+
+
+def test_profile_cpu(tmp_path):
+    out = run(["bench/step_profile.py", "--device", "cpu", "--mode", "fp32", "--batch", "2", "--crop", "32",
+               "--warmup", "1", "--steps", "1", "--top", "5"], tmp_path)
+    assert "VERDICT: CPU ms per step: torch" in out
+    res = json.loads((tmp_path / "profile.json").read_text())
+    assert [r["kernels"] for r in res["results"]] == ["torch", "fused"]
+    for r in res["results"]:
+        assert sum(q["share"] for q in r["rows"]) == pytest.approx(1.0)
+        assert sum(r["kinds"].values()) == pytest.approx(r["total_ms"]) and r["total_ms"] > 0
+        assert any(q["name"].startswith("aten::convolution") for q in r["rows"][:5])  # convs dominate a step
+    fused = {q["name"] for q in res["results"][1]["rows"]}
+    assert any(n.startswith("segfp16::") for n in fused)  # the fused set really ran our ops
+    md = (tmp_path / "profile.md").read_text()
+    assert "## kernels torch" in md and "## kernels fused" in md and "Time per kind of work" in md
+    assert md.count("| 5 | ") == 2  # --top 5: five rows in each set's table
