@@ -427,11 +427,11 @@ def main(argv=None):
               f"b{row['batch']:<3} "
               f"{fmt(row.get('img_per_s'), '8.1f')} img/s  {fmt(row.get('peak_gib'), '6.2f')} GiB  "
               f"{row['status'] if row['status'] != 'ok' else row.get('amp', '')}", flush=True)
-    add_ratios(rows, head["peak_fp16_tflops"])
-    md = markdown(head, rows)
+        add_ratios(rows, head["peak_fp16_tflops"])
+        md = markdown(head, rows)
+        if args.out:  # after every row: a run cut short by a time limit keeps the rows it finished
+            write_tables(args.out, "train", md, head, COLUMNS, rows)
     print("\n" + md)
-    if args.out:
-        write_tables(args.out, "train", md, head, COLUMNS, rows)
     errors = [r for r in rows if r["status"].startswith("error")]
     if errors:
         sys.exit(f"{len(errors)} row(s) failed (see the tracebacks above); OOM rows are not failures")

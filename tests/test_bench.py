@@ -264,3 +264,57 @@ def test_profile_cpu(tmp_path):
     md = (tmp_path / "profile.md").read_text()
     assert "## kernels torch" in md and "## kernels fused" in md and "Time per kind of work" in md
     assert md.count("| 5 | ") == 2  # --top 5: five rows in each set's table
+
+
+# ---- bench/kernels.py: a failing row or section is logged and shown, the rest still runs, the exit is non-zero
+
+def test_kernels_survive_failures(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "bench", "kernels.py"))
+    kern = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kern)
+    real_row = kern._bn_row
+
+    def flaky_row(device, batch, C, *rest):
+        if C == 24:  # the second quick shape
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_row(device, batch, C, *rest)
+
+    def broken_section(args, device):
+        raise ValueError("this section cannot start")
+    monkeypatch.setattr(kern, "_bn_row", flaky_row)
+    monkeypatch.setitem(kern.SECTIONS, "broken", broken_section)
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--quick", "--device", "cpu", "--only", "broken,bn_relu",
+                                      "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        kern.main()
+    assert exit_.value.code == 1
+    rows = json.loads((tmp_path / "kernels.json").read_text())
+    assert rows["broken"] == [] and [("error" in r) for r in rows["bn_relu"]] == [False, True, False]
+    assert rows["bn_relu"][2]["fused_fb_ms"] > 0  # the shape after the failing one was still measured
+    md = (tmp_path / "kernels.md").read_text()
+    assert "### broken: error: ValueError: this section cannot start" in md
+    assert "error: RuntimeError: CUDA error: an illegal memory access" in md and "Slowest row" in md
+    out = capsys.readouterr()
+    assert "2 row(s) or section(s) failed" in out.out and "Traceback" in out.err
+
+
+def test_eval_survives_a_failing_row(tmp_path, monkeypatch):
+    import importlib.util
+    sys.path.insert(0, os.path.join(ROOT, "bench"))  # bench/eval.py imports bench/train.py as `train`
+    spec = importlib.util.spec_from_file_location("bench_eval", os.path.join(ROOT, "bench", "eval.py"))
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    real = ev.time_variants
+
+    def flaky(fns, x, *rest):
+        if x.shape[-1] == 48:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
+        return real(fns, x, *rest)
+    monkeypatch.setattr(ev, "time_variants", flaky)
+    with pytest.raises(SystemExit, match="1 row"):
+        ev.main(["--quick", "--device", "cpu", "--variants", "unfolded", "--sizes", "32x48,32x32", "--out",
+                 str(tmp_path)])
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert [(r["size"], "error" in r) for r in rows] == [("32x48", True), ("32x32", False)]
+    assert "error: RuntimeError: cuDNN error" in (tmp_path / "eval.md").read_text()
