@@ -242,6 +242,11 @@ def main(argv=None):
     if args.out:
         write_tables(args.out, "eval", md, head, COLUMNS, rows)
     errors = [r for r in rows if "error" in r]
+    ok = [r for r in rows if "error" not in r]
+    best = max(ok, key=lambda r: r["img_per_s"], default=None)
+    print(f"VERDICT: {len(ok)}/{len(rows)} rows ok" + ("" if best is None else
+          f"; fastest: {best['model']} {best['size']} {best['dtype']} {best['variant']} {best['img_per_s']:.3g} img/s "
+          f"(x{fmt(best['vs_unfolded'], '.2f')} unfolded)"), flush=True)
     if errors:
         sys.exit(f"{len(errors)} row(s) failed (see the tracebacks above)")
 
