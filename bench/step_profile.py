@@ -57,9 +57,7 @@ def kind_of(name):
 
 
 def self_time_us(evt, cuda):
-    if cuda:  # the attribute's name changed (self_cuda_time_total before torch 2.4); both exist in the range we support
-        return getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-    return evt.self_cpu_time_total
+    return evt.self_device_time_total if cuda else evt.self_cpu_time_total  # (the former self_cuda_time_total)
 
 
 def profile_one(kernels, args, device):

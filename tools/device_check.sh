@@ -10,8 +10,9 @@
 #    4 numerics     PSPNet fp32 / fp16 / apex O1 / apex O2 / bf16 (+ fp32 seed 1), 200 iterations each (bench/numerics.py)
 #    5 bench_train  batch 16 at 512x512: ours fused / torch, fp16 / fp32, torchvision peer (img/s, memory, MFU)
 #    6 profile      torch.profiler of fp16 PSPNet steps, torch vs fused kernels (bench/step_profile.py)
-#    7 bench_kernels, 8 sanitizer_memcheck / racecheck, 9 bench_eval, bench_train_compile
-# Every stage runs under `timeout`; a failing stage never stops the next. The limits add up to 475 s (7 min 55 s),
+#    7 bench_kernels, 8 sanitizer_memcheck / racecheck, 9 bench_eval (unfolded, folded), bench_eval_compiled,
+#      bench_train_compile (inductor compiles take the longest, so they come last)
+# Every stage runs under `timeout`; a failing stage never stops the next. The limits add up to 480 s (8 min),
 # + 120 s only when the extension has to be built here. The whole run is also held to DEVICE_CHECK_BUDGET seconds
 # (default 540, under the device tool's 600 s per command): a stage that no longer fits gets the time that is left,
 # or is skipped, so the stages at the end (the least needed) are the ones that give way.
@@ -22,7 +23,8 @@
 # live under DEVICE_CHECK_WORK (default /tmp/device_check), never in OUT_DIR.
 #
 # Without a CUDA device (our CPU box) this is a dry run: each stage runs a CPU-sized form where it has one (tiny
-# numerics / profile / benches, two CPU smoke runs), and the CUDA-only ones record why they skip.
+# numerics / profile / benches, two CPU smoke runs; limits and budget x3), and the CUDA-only ones record why they skip.
+# DEVICE_CHECK_STAGES=numerics,smoke,bench_train (names or prefixes) runs only those stages: a rerun of what failed.
 # Exit status: 1 when a stage failed (skips are not failures), else 0.
 set -u
 OUT=${1:?usage: tools/device_check.sh OUT_DIR}
@@ -38,6 +40,9 @@ mkdir -p "$LOGS" "$WORK/runs"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export SEG_DATA_CACHE=$WORK/cache  # the demo dataset, generated once, kept between visits of a warm machine
 T_START=$(date +%s)
+# the dry run (no CUDA) times nothing: its limits and budget stretch (x3 by default), so that a loaded CPU box shows
+# whether each stage starts and ends, not whether it is fast
+SCALE=${DEVICE_CHECK_LIMIT_SCALE:-1}
 SUMMARY=$OUT/summary.md
 FAILED=0
 
@@ -45,6 +50,8 @@ FAILED=0
 COMMIT=${DEVICE_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 [ -z "${DEVICE_CHECK_COMMIT:-}" ] && ! git diff --quiet HEAD 2>/dev/null && [ "$COMMIT" != unknown ] && COMMIT=$COMMIT+dirty
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then CUDA=1; else CUDA=0; fi
+[ $CUDA = 0 ] && SCALE=${DEVICE_CHECK_LIMIT_SCALE:-3}
+BUDGET=$(( BUDGET * SCALE ))
 {
   echo "# device check $(date -u +'%Y-%m-%d %H:%M UTC'), commit $COMMIT"
   echo
@@ -56,7 +63,7 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2
   fi
   $PY -c "import sys, torch; print(f'python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, device: {torch.cuda.get_device_name() if torch.cuda.is_available() else \"none\"}  ')" 2>&1
   [ $CUDA = 1 ] || echo "no CUDA device: a dry run (CPU-sized stages; the CUDA-only ones say why they skip)  "
-  echo "stage limits sum to 475 s (+120 s for a build here); run budget ${BUDGET} s"
+  echo "stage limits sum to 480 s (+120 s for a build here), x${SCALE}; run budget ${BUDGET} s${DEVICE_CHECK_STAGES:+; only: $DEVICE_CHECK_STAGES}"
   echo
   echo "| stage | exit | seconds | verdict |"
   echo "|---|---|---|---|"
@@ -89,13 +96,21 @@ record() {  # record NAME RC SECONDS LIMIT: a summary row (and the console)
   echo "== $name: exit $shown, ${secs} s: $v"
 }
 
-fit() {  # fit LIMIT: the limit cut to what is left of the budget (0: nothing left)
-  local left=$(( BUDGET - ($(date +%s) - T_START) - 5 ))
+fit() {  # fit LIMIT: the limit (x SCALE) cut to what is left of the budget (0: nothing left)
+  local want=$(( $1 * SCALE )) left=$(( BUDGET - ($(date +%s) - T_START) - 5 ))
   [ "$left" -lt 10 ] && left=0
-  echo $(( $1 < left ? $1 : left ))
+  echo $(( want < left ? want : left ))
+}
+
+selected() {  # selected NAME: is NAME (or a prefix of it) in DEVICE_CHECK_STAGES (all when unset)?
+  [ -z "${DEVICE_CHECK_STAGES:-}" ] && return 0
+  local s
+  for s in ${DEVICE_CHECK_STAGES//,/ }; do [[ $1 == "$s"* ]] && return 0; done
+  return 1
 }
 
 stage() {  # stage NAME LIMIT CMD...: run CMD under a time limit, log to LOGS/NAME.log, record a summary row
+  selected "$1" || return 0
   local name=$1 limit; limit=$(fit "$2"); shift 2
   local t0; t0=$(date +%s)
   if [ "$limit" = 0 ]; then
@@ -109,6 +124,7 @@ stage() {  # stage NAME LIMIT CMD...: run CMD under a time limit, log to LOGS/NA
 }
 
 skip() {  # skip NAME WHY: a stage that cannot run here
+  selected "$1" || return 0
   echo "SKIP: $2" > "$LOGS/$1.log"
   record "$1" 0 0 0
 }
@@ -123,16 +139,16 @@ NO_CUDA="no CUDA device (torch.cuda.is_available() is False)"
 # ---- 0, 1: the machine, the extension (build only when the prebuilt one cannot run here)
 stage modules 15 $PY tools/check_env.py modules
 stage extension 15 $PY tools/check_env.py extension
-if [ $CUDA = 1 ] && ! grep -q '^VERDICT: .*launch ran' "$LOGS/extension.log"; then
+if [ $CUDA = 1 ] && [ -f "$LOGS/extension.log" ] && ! grep -q '^VERDICT: .*launch ran' "$LOGS/extension.log"; then
   stage build 120 $PY -m pip install --no-build-isolation --no-deps -v -e .
   stage extension_after_build 15 $PY tools/check_env.py extension
 fi
 
 # ---- 2: every GPU test
 if [ $CUDA = 1 ]; then
-  stage pytest_cuda 45 $PY -m pytest -q -p no:cacheprovider -m cuda tests
+  stage pytest_cuda 40 $PY -m pytest -q -p no:cacheprovider -m cuda tests
 else  # collection only: proves the selection the card would run
-  stage pytest_cuda 45 sh -c '"$0" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests > "$2" &&
+  stage pytest_cuda 40 sh -c '"$0" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests > "$2" &&
     cat "$2" && echo "SKIP: $1; collected only: $(tail -n 1 "$2")"' "$PY" "$NO_CUDA" "$WORK/collect.txt"
 fi
 
@@ -145,9 +161,11 @@ smoke() {  # smoke SCRIPT AMP LIMIT [FLAGS...] in the background; its exit code 
     echo "$? $(( $(date +%s) - t0 ))" > "$LOGS/$name.rc" ) &
 }
 # the demo dataset once here, not by eight runs at once
-timeout 60 $PY -c "from common import data; print(data.demo_root())" > "$LOGS/demo_data.log" 2>&1
-limit=$(fit 40)
-if [ "$limit" = 0 ]; then
+selected smoke && timeout 60 $PY -c "from common import data; print(data.demo_root())" > "$LOGS/demo_data.log" 2>&1
+limit=$(fit 35)
+if ! selected smoke; then
+  :
+elif [ "$limit" = 0 ]; then
   skip smoke "out of the run budget (${BUDGET} s)"
 elif [ $CUDA = 1 ]; then
   for script in fcn pspnet deeplabv3 deeplabv3plus; do
@@ -161,6 +179,7 @@ else  # two tiny CPU runs prove the command line; the other six would only repea
 fi
 wait
 for f in "$LOGS"/smoke_*.rc; do
+  [ -f "$f" ] || continue  # none: the smoke stage was not selected
   name=$(basename "$f" .rc)
   read -r rc secs < "$f"
   rm -f "$f"
@@ -170,7 +189,7 @@ for f in "$LOGS"/smoke_*.rc; do
   fi
   record "$name" "$rc" "$secs" "$limit"
 done
-[ $CUDA = 1 ] || for script in pspnet deeplabv3 deeplabv3plus; do
+[ $CUDA = 1 ] || ! selected smoke || for script in pspnet deeplabv3 deeplabv3plus; do
   skip "smoke_${script}" "$NO_CUDA; the fcn runs above check the command line on the CPU"
 done
 pack
@@ -204,9 +223,9 @@ keep "$LOGS/profile/profile.md"
 
 # ---- 7: the kernel table (bn_relu, upsample, conv); a failing row or section no longer ends it
 if [ $CUDA = 1 ]; then
-  stage bench_kernels 40 env CONV_MODELS=pspnet,deeplabv3 $PY bench/kernels.py --out "$LOGS/kernels"
+  stage bench_kernels 35 env CONV_MODELS=pspnet,deeplabv3 $PY bench/kernels.py --out "$LOGS/kernels"
 else
-  stage bench_kernels 40 $PY bench/kernels.py --quick --out "$LOGS/kernels"
+  stage bench_kernels 35 $PY bench/kernels.py --quick --out "$LOGS/kernels"
 fi
 
 # ---- 8: compute-sanitizer on a small-shape subset: memcheck on every kernel family, racecheck on the bn
@@ -224,15 +243,18 @@ else
     $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_bn_relu.py -k "test_dtypes or test_deterministic"
 fi
 
-# ---- 9: eval img/s unfolded / folded / compiled folded (fp16 first: each row is logged as it finishes), and the
-# compiled training rows
+# ---- 9: eval img/s unfolded / folded (fp16 first: each row is logged as it finishes); then what needs inductor's
+# compiles (tens of seconds each), so they go last: the compiled folded eval copy, the compiled training rows
 if [ $CUDA = 1 ]; then
-  stage bench_eval 35 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half,fp32 --reps 5 --warmup 2 \
-    --kernels fused --out "$LOGS/eval"
+  stage bench_eval 20 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half,fp32 --variants unfolded,folded \
+    --reps 5 --warmup 2 --kernels fused --out "$LOGS/eval"
+  stage bench_eval_compiled 35 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half \
+    --variants folded,compiled --reps 5 --warmup 2 --kernels fused --out "$LOGS/eval_compiled"
   stage bench_train_compile 30 $PY bench/train.py --models pspnet --modes fp16 --kernels fused --formats nhwc \
     --compile default --peers tv_deeplabv3 --no-baseline --batch 16 --steps 5 --warmup 2 --out "$LOGS/compile"
 else
-  stage bench_eval 35 $PY bench/eval.py --quick --variants unfolded,folded --out "$LOGS/eval"
+  stage bench_eval 20 $PY bench/eval.py --quick --variants unfolded,folded --out "$LOGS/eval"
+  skip bench_eval_compiled "$NO_CUDA; the compiled copy is timed on the card (inductor on a CPU box takes minutes)"
   skip bench_train_compile "$NO_CUDA; the compiled rows time the card (inductor on a CPU box takes minutes)"
 fi
 [ -n "${DEVICE_CHECK_COMPILE_TESTS:-}" ] && stage pytest_compile 60 env SEGFP16_COMPILE_TESTS=1 \
