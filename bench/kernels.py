@@ -174,8 +174,8 @@ def _bn_markdown(rows, device, what):
              "|---|---:|---:|---|:-:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for q in rows:
         if "error" in q:
-            lines.append(f"| {q['dtype']} | {q['batch']} | {q['C']} | {q['H']}x{q['W']} | {'y' if q['residual'] else ''} | "
-                         f"{q['error'].replace('|', '/')} |" + " |" * 7)
+            lines.append(f"| {q['dtype']} | {q['batch']} | {q['C']} | {q['H']}x{q['W']} | "
+                         f"{'y' if q['residual'] else ''} | {q['error'].replace('|', '/')} |" + " |" * 7)
             continue
         lines.append(f"| {q['dtype']} | {q['batch']} | {q['C']} | {q['H']}x{q['W']} | {'y' if q['residual'] else ''} | "
                      f"{q['aten_fwd_ms']:.3f} | {q['fused_fwd_ms']:.3f} | {q['aten_fwd_ms'] / q['fused_fwd_ms']:.2f}x | "

@@ -291,7 +291,8 @@ def main(argv=None):
             recs.append(train_one(mode, args))
         except (Exception, SystemExit) as e:  # a user-error Exit is a SystemExit: still one mode's failure
             traceback.print_exc()
-            recs.append(dict(mode=mode, status=f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            first = str(e).splitlines()[0] if str(e) else ""
+            recs.append(dict(mode=mode, status=f"error: {type(e).__name__}: {first}"))
         md = write(args, head, recs)
         import gc
 

@@ -9,8 +9,8 @@ The step is bench/train.py's (the trainer's: forward under amp.autocast, seg_cro
 amp.backward, amp.step) on one synthetic device-resident batch, after --warmup untimed steps (cudnn.benchmark's
 search, the allocator); --steps steps are profiled and every number is per step.
 
-    python bench/step_profile.py --out DIR          # the card: PSPNet, fp16 channels_last, batch 16 at 512x512, torch + fused
-    python bench/step_profile.py --device cpu --mode bf16 --batch 2 --crop 32 --warmup 1 --steps 1 --out DIR   # CPU check
+    python bench/step_profile.py --out DIR       # the card: PSPNet fp16 channels_last, batch 16 at 512x512, both sets
+    python bench/step_profile.py --device cpu --mode bf16 --batch 2 --crop 32 --warmup 1 --steps 1 --out DIR  # CPU
 
 Writes DIR/profile.md and DIR/profile.json (and with --trace, DIR/trace-<kernels>.json.gz for chrome://tracing or
 Perfetto). Exit status 1 when a kernel set failed (the others are still profiled and written).
@@ -167,7 +167,8 @@ def main(argv=None):
             results.append(profile_one(kernels, args, device))
         except Exception as e:  # logged; the other kernel set is still profiled
             traceback.print_exc()
-            results.append(dict(kernels=kernels, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            first = str(e).splitlines()[0] if str(e) else ""
+            results.append(dict(kernels=kernels, error=f"{type(e).__name__}: {first}"))
         finally:
             from common.layers import set_kernels
             set_kernels("torch")

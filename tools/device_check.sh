@@ -7,7 +7,8 @@
 #                   only if that fails: build here (pip install -e ., TORCH_CUDA_ARCH_LIST=9.0), then check again
 #    2 pytest_cuda  every GPU test
 #    3 smoke_*      1-GPU torchrun runs of the four scripts x --amp torch / apex on the demo data (all 8 at once)
-#    4 numerics     PSPNet fp32 / fp16 / apex O1 / apex O2 / bf16 (+ fp32 seed 1), 200 iterations each (bench/numerics.py)
+#    4 numerics     PSPNet fp32 / fp16 / apex O1 / apex O2 / bf16 (+ fp32 seed 1), 200 iterations each
+#                   (bench/numerics.py): loss curves side by side, band, skipped steps, mIoU
 #    5 bench_train  batch 16 at 512x512: ours fused / torch, fp16 / fp32, torchvision peer (img/s, memory, MFU)
 #    6 profile      torch.profiler of fp16 PSPNet steps, torch vs fused kernels (bench/step_profile.py)
 #    7 bench_kernels, 8 sanitizer_memcheck / racecheck, 9 bench_eval (unfolded, folded), bench_eval_compiled,
@@ -48,7 +49,9 @@ FAILED=0
 
 # the commit: DEVICE_CHECK_COMMIT when the tree came without its .git, else git's (+dirty: uncommitted changes)
 COMMIT=${DEVICE_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-[ -z "${DEVICE_CHECK_COMMIT:-}" ] && ! git diff --quiet HEAD 2>/dev/null && [ "$COMMIT" != unknown ] && COMMIT=$COMMIT+dirty
+if [ -z "${DEVICE_CHECK_COMMIT:-}" ] && [ "$COMMIT" != unknown ] && ! git diff --quiet HEAD 2>/dev/null; then
+  COMMIT=$COMMIT+dirty
+fi
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then CUDA=1; else CUDA=0; fi
 [ $CUDA = 0 ] && SCALE=${DEVICE_CHECK_LIMIT_SCALE:-3}
 BUDGET=$(( BUDGET * SCALE ))
@@ -61,9 +64,15 @@ BUDGET=$(( BUDGET * SCALE ))
   else
     echo "card, memory, driver: unknown (no nvidia-smi)  "
   fi
-  $PY -c "import sys, torch; print(f'python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, device: {torch.cuda.get_device_name() if torch.cuda.is_available() else \"none\"}  ')" 2>&1
+  $PY - <<'EOF' 2>&1
+import sys, torch
+dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version()}, device: {dev}  ")
+EOF
   [ $CUDA = 1 ] || echo "no CUDA device: a dry run (CPU-sized stages; the CUDA-only ones say why they skip)  "
-  echo "stage limits sum to 480 s (+120 s for a build here), x${SCALE}; run budget ${BUDGET} s${DEVICE_CHECK_STAGES:+; only: $DEVICE_CHECK_STAGES}"
+  echo -n "stage limits sum to 480 s (+120 s for a build here), x${SCALE}; run budget ${BUDGET} s"
+  echo "${DEVICE_CHECK_STAGES:+; only: $DEVICE_CHECK_STAGES}"
   echo
   echo "| stage | exit | seconds | verdict |"
   echo "|---|---|---|---|"
