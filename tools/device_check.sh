@@ -205,7 +205,8 @@ pack
 
 # ---- 4: numerics of the precision modes on the card (PSPNet, demo data)
 if [ $CUDA = 1 ]; then
-  stage numerics 90 $PY bench/numerics.py --iters 200 --work_dir "$WORK/runs/numerics" --out "$LOGS/numerics"
+  stage numerics 90 $PY bench/numerics.py --iters 200 --num_workers 4 --work_dir "$WORK/runs/numerics" \
+    --out "$LOGS/numerics"
 else
   stage numerics 90 $PY bench/numerics.py --device cpu --modes fp32,bf16 --iters 2 --crop 32 --batch 2 \
     --val_images 1 --num_workers 0 --work_dir "$WORK/runs/numerics" --out "$LOGS/numerics"
