@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -113,7 +114,16 @@ def time_variants(fns, x, reps, warmup, device):
     return {k: (statistics.median(v), min(v), max(v), first[k]) for k, v in times.items()}
 
 
+def error_row(rows, what, e, **row):
+    """Log the exception being handled and add a row saying so (the run goes on, main exits non-zero)."""
+    traceback.print_exc()
+    row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    rows.append(row)
+    print(f"{what}: {row['error']}", flush=True)
+
+
 def run_model(name, args, device, rows, peaks):
+    """Rows of one model; a failing (dtype, format) or size is logged and shown as an error row."""
     from common.layers import set_kernels
     set_kernels(args.kernels)
     shapes_only = construct(name)  # count_macs runs a meta copy: one construction serves every size
@@ -122,12 +132,21 @@ def run_model(name, args, device, rows, peaks):
         dtype = torch.float32 if dtname == "fp32" else half_dtype(device)
         peak = peaks[str(dtype)[6:]][0]
         for fmt_ in args.formats:
-            model = construct(name)
-            fns = build_variants(model, args.variants, dtype, FORMATS[fmt_], device, args.compile, log=print)
+            try:
+                model = construct(name)
+                fns = build_variants(model, args.variants, dtype, FORMATS[fmt_], device, args.compile, log=print)
+            except Exception as e:
+                error_row(rows, name, e, model=name, size="all", dtype=str(dtype)[6:], variant="all", format=fmt_)
+                continue
             for h, w in args.sizes:
                 g = torch.Generator().manual_seed(0)
                 x = torch.randn(1, 3, h, w, generator=g).to(device, memory_format=FORMATS[fmt_])
-                res = time_variants(fns, x, args.reps, args.warmup, device)
+                try:
+                    res = time_variants(fns, x, args.reps, args.warmup, device)
+                except Exception as e:
+                    error_row(rows, name, e, model=name, size=f"{h}x{w}", dtype=str(dtype)[6:], variant="all",
+                              format=fmt_)
+                    continue
                 base = res.get("unfolded")
                 for v, (ms, lo, hi, first) in res.items():
                     row = dict(model=name, size=f"{h}x{w}", dtype=str(dtype)[6:], variant=v, format=fmt_,
@@ -165,7 +184,9 @@ def markdown(head, rows):
     cells = [[r["model"], r["size"], r["dtype"], r["format"], r["variant"], fmt(r["img_per_s"], ".3g"),
               fmt(r["ms"], ".0f"), f"{r['ms_min']:.0f}-{r['ms_max']:.0f}", fmt(r["vs_unfolded"], ".2f"),
               fmt(r["compile_s"], ".0f"), f"{r['gmacs']:.1f}", f"{r['tflops']:.3g}", f"{r['of_mm']:.0%}"]
-             for r in rows]
+             if "error" not in r else
+             [r["model"], r["size"], r["dtype"], r["format"], r["variant"], "error: " + r["error"].replace("|", "/")]
+             + ["-"] * (len(COLUMNS) - 6) for r in rows]
     return "\n".join(lines + md_table(COLUMNS, cells)) + "\n"
 
 
@@ -211,12 +232,23 @@ def main(argv=None):
           f"{matmul_line(peaks)}", flush=True)
     rows = []
     for name in args.models:
-        run_model(name, args, device, rows, peaks)
+        try:
+            run_model(name, args, device, rows, peaks)
+        except Exception as e:  # e.g. the model cannot be built: the next model still runs
+            error_row(rows, name, e, model=name, size="all", dtype="all", variant="all", format="all")
     head["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     md = markdown(head, rows)
     print("\n" + md)
     if args.out:
         write_tables(args.out, "eval", md, head, COLUMNS, rows)
+    errors = [r for r in rows if "error" in r]
+    ok = [r for r in rows if "error" not in r]
+    best = max(ok, key=lambda r: r["img_per_s"], default=None)
+    print(f"VERDICT: {len(ok)}/{len(rows)} rows ok" + ("" if best is None else
+          f"; fastest: {best['model']} {best['size']} {best['dtype']} {best['variant']} {best['img_per_s']:.3g} img/s "
+          f"(x{fmt(best['vs_unfolded'], '.2f')} unfolded)"), flush=True)
+    if errors:
+        sys.exit(f"{len(errors)} row(s) failed (see the tracebacks above)")
 
 
 if __name__ == "__main__":

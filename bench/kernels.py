@@ -10,10 +10,22 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SECTIONS = {}  # name -> fn(args, device) returning (markdown table str, list of row dicts)
+# every row or section that raised, as one line each: its traceback is printed where it happened, the run goes on
+# (a failing shape must not cost the rest of the table) and main() exits non-zero at the end
+FAILED = []
+
+
+def failed(what, e):
+    """Log the exception being handled (traceback), remember it, return the one line the table shows."""
+    traceback.print_exc()
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    FAILED.append(f"{what}: {msg}")
+    return f"error: {msg}"
 
 # ---- section: bn_relu (Kernels I)
 # common.ops.bn_relu (fused BN [+ residual] + ReLU) against F.batch_norm [+ add] + F.relu, training mode with the
@@ -117,37 +129,62 @@ def _bn_table(device, dtypes, fmt, shapes, batches, reps, inner, what):
 
     rows = []
     for dtype, batch, (C, H, W, res) in ((d, n, s) for d in dtypes for n in batches for s in shapes):
-        x, grad = rand(batch, C, H, W).requires_grad_(), rand(batch, C, H, W)
-        r = rand(batch, C, H, W).requires_grad_() if res else None
-        w = torch.ones(C, device=device, requires_grad=True)
-        b = torch.zeros(C, device=device, requires_grad=True)
-        rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-        inputs = [x, w, b] + ([r] if res else [])
-        fwd, fb = {}, {}
-        for name, f in (("aten", aten), ("fused", fused)):
-            fwd[name] = lambda f=f: f(x.detach(), w.detach(), b.detach(), rm, rv, None if r is None else r.detach())
-            fb[name] = lambda f=f: torch.autograd.grad(f(x, w, b, rm, rv, r), inputs, grad)
-        t_fwd = _bn_time(fwd, device, reps, inner)
-        t_fb = _bn_time(fb, device, reps, inner)
-        n = x.numel() * x.element_size()
-        moved = (2 + res) * n + (4 + res) * n
-        rows.append(dict(batch=batch, C=C, H=H, W=W, residual=res, dtype=str(dtype)[6:],
-                         layout="channels_last" if cuda else "NCHW",
-                         aten_fwd_ms=t_fwd["aten"] * 1e3, fused_fwd_ms=t_fwd["fused"] * 1e3,
-                         aten_fb_ms=t_fb["aten"] * 1e3, fused_fb_ms=t_fb["fused"] * 1e3,
-                         fused_fb_gbs=moved / t_fb["fused"] / 1e9, aten_fb_gbs=moved / t_fb["aten"] / 1e9))
+        row = dict(batch=batch, C=C, H=H, W=W, residual=res, dtype=str(dtype)[6:],
+                   layout="channels_last" if cuda else "NCHW")
+        try:
+            row.update(_bn_row(device, batch, C, H, W, res, reps, inner, rand, aten, fused))
+        except Exception as e:
+            row["error"] = failed(f"bn_relu {row['dtype']} {batch}x{C}x{H}x{W}", e)
+        rows.append(row)
+        if cuda:
+            torch.cuda.empty_cache()
+    return _bn_markdown(rows, device, what)
+
+
+def _bn_row(device, batch, C, H, W, res, reps, inner, rand, aten, fused):
+    """The timings of one bn_relu shape (dict of the row's measured columns)."""
+    import torch
+    x, grad = rand(batch, C, H, W).requires_grad_(), rand(batch, C, H, W)
+    r = rand(batch, C, H, W).requires_grad_() if res else None
+    w = torch.ones(C, device=device, requires_grad=True)
+    b = torch.zeros(C, device=device, requires_grad=True)
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    inputs = [x, w, b] + ([r] if res else [])
+    fwd, fb = {}, {}
+    for name, f in (("aten", aten), ("fused", fused)):
+        fwd[name] = lambda f=f: f(x.detach(), w.detach(), b.detach(), rm, rv, None if r is None else r.detach())
+        fb[name] = lambda f=f: torch.autograd.grad(f(x, w, b, rm, rv, r), inputs, grad)
+    t_fwd = _bn_time(fwd, device, reps, inner)
+    t_fb = _bn_time(fb, device, reps, inner)
+    n = x.numel() * x.element_size()
+    moved = (2 + res) * n + (4 + res) * n
+    return dict(aten_fwd_ms=t_fwd["aten"] * 1e3, fused_fwd_ms=t_fwd["fused"] * 1e3,
+                aten_fb_ms=t_fb["aten"] * 1e3, fused_fb_ms=t_fb["fused"] * 1e3,
+                fused_fb_gbs=moved / t_fb["fused"] / 1e9, aten_fb_gbs=moved / t_fb["aten"] / 1e9)
+
+
+def _bn_markdown(rows, device, what):
+    import torch
+    cuda = device.type == "cuda"
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads, loops " + \
         torch.ops.segfp16.bn_cpu_isa()
-    lines = [f"### bn_relu family, {what} ({where}; {rows[0]['layout']})", "",
+    lines = [f"### bn_relu family, {what} ({where}; {rows[0]['layout'] if rows else '-'})", "",
              "| dtype | batch | C | HxW | +res | ATen fwd ms | fused fwd ms | fwd speed-up | ATen f+b ms | fused f+b ms | "
              "f+b speed-up | fused f+b GB/s | ATen f+b GB/s |",
              "|---|---:|---:|---|:-:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for q in rows:
+        if "error" in q:
+            lines.append(f"| {q['dtype']} | {q['batch']} | {q['C']} | {q['H']}x{q['W']} | "
+                         f"{'y' if q['residual'] else ''} | {q['error'].replace('|', '/')} |" + " |" * 7)
+            continue
         lines.append(f"| {q['dtype']} | {q['batch']} | {q['C']} | {q['H']}x{q['W']} | {'y' if q['residual'] else ''} | "
                      f"{q['aten_fwd_ms']:.3f} | {q['fused_fwd_ms']:.3f} | {q['aten_fwd_ms'] / q['fused_fwd_ms']:.2f}x | "
                      f"{q['aten_fb_ms']:.3f} | {q['fused_fb_ms']:.3f} | {q['aten_fb_ms'] / q['fused_fb_ms']:.2f}x | "
                      f"{q['fused_fb_gbs']:.1f} | {q['aten_fb_gbs']:.1f} |")
-    worst = max(rows, key=lambda q: q["fused_fb_ms"] / q["aten_fb_ms"])
+    ok = [q for q in rows if "error" not in q]
+    if not ok:
+        return "\n".join(lines), rows
+    worst = max(ok, key=lambda q: q["fused_fb_ms"] / q["aten_fb_ms"])
     lines += ["", f"Slowest row relative to ATen (f+b): {worst['dtype']} {worst['batch']}x{worst['C']}x{worst['H']}x"
                   f"{worst['W']}, fused takes {worst['fused_fb_ms'] / worst['aten_fb_ms']:.2f}x ATen's time."]
     return "\n".join(lines), rows
@@ -256,31 +293,46 @@ def bench_upsample(args, device):
     rows = []
     for batch in batches:
         for fmt in layouts:
-            cases = {
-                "ppm": [rand(batch, feat, hw, hw, fmt=fmt)] + [rand(batch, ch, s, s, fmt=fmt) for s in (1, 2, 3, 6)],
-                "aspp": [rand(batch, ch, hw, hw, fmt=fmt) for _ in range(4)] + [rand(batch, ch, 1, 1, fmt=fmt)],
-            }
-            for name, xs in cases.items():
+            def concat_case(name):  # the closures below run within this iteration: batch, fmt are this case's
+                if name == "ppm":
+                    xs = [rand(batch, feat, hw, hw, fmt=fmt)] + [rand(batch, ch, s, s, fmt=fmt) for s in (1, 2, 3, 6)]
+                else:  # aspp
+                    xs = [rand(batch, ch, hw, hw, fmt=fmt) for _ in range(4)] + [rand(batch, ch, 1, 1, fmt=fmt)]
                 xs = [x.requires_grad_() for x in xs]
                 grad = rand(batch, sum(x.shape[1] for x in xs), hw, hw, fmt=fmt)
-                res = _up_measure({"aten": step(lambda: aten_concat(xs), xs, grad),
-                                   "fused": step(lambda: ops.upsample_concat(xs, (hw, hw)), xs, grad)}, device, reps)
-                rows.append(dict(op=f"upsample_concat {name}", batch=batch, layout=fmt, dtype=str(dtype)[6:],
-                                 aten_ms=res["aten"][0] * 1e3, fused_ms=res["fused"][0] * 1e3,
-                                 aten_peak_mb=res["aten"][1] / 2**20, fused_peak_mb=res["fused"][1] / 2**20))
-            logits = rand(batch, classes, hw, hw, fmt=fmt).requires_grad_()
-            target = torch.randint(0, classes, (batch, big, big), device=device, generator=g)
-            target[:, :, : big // 16] = 255  # a band of ignored pixels, as padded crops have
-            res = _up_measure({"aten": step(lambda: aten_ce(logits, target), [logits]),
-                               "fused": step(lambda: ops.upsample_cross_entropy(logits, target), [logits])}, device, reps)
-            rows.append(dict(op=f"upsample_cross_entropy {classes}x{hw}^2->{big}^2", batch=batch, layout=fmt,
-                             dtype=str(dtype)[6:], aten_ms=res["aten"][0] * 1e3, fused_ms=res["fused"][0] * 1e3,
-                             aten_peak_mb=res["aten"][1] / 2**20, fused_peak_mb=res["fused"][1] / 2**20))
+                return _up_measure({"aten": step(lambda: aten_concat(xs), xs, grad),
+                                    "fused": step(lambda: ops.upsample_concat(xs, (hw, hw)), xs, grad)}, device, reps)
+
+            def ce_case():
+                logits = rand(batch, classes, hw, hw, fmt=fmt).requires_grad_()
+                target = torch.randint(0, classes, (batch, big, big), device=device, generator=g)
+                target[:, :, : big // 16] = 255  # a band of ignored pixels, as padded crops have
+                return _up_measure({"aten": step(lambda: aten_ce(logits, target), [logits]),
+                                    "fused": step(lambda: ops.upsample_cross_entropy(logits, target), [logits])},
+                                   device, reps)
+
+            cases = [(f"upsample_concat {name}", lambda name=name: concat_case(name)) for name in ("ppm", "aspp")]
+            cases.append((f"upsample_cross_entropy {classes}x{hw}^2->{big}^2", ce_case))
+            for op, case in cases:  # one failing case is logged and shown; the others still run
+                row = dict(op=op, batch=batch, layout=fmt, dtype=str(dtype)[6:])
+                try:
+                    res = case()
+                    row.update(aten_ms=res["aten"][0] * 1e3, fused_ms=res["fused"][0] * 1e3,
+                               aten_peak_mb=res["aten"][1] / 2**20, fused_peak_mb=res["fused"][1] / 2**20)
+                except Exception as e:
+                    row["error"] = failed(f"upsample {op} batch {batch} {fmt}", e)
+                rows.append(row)
+                if cuda:
+                    torch.cuda.empty_cache()
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"### upsample family, fwd+bwd ({where}; peak = {'CUDA allocator' if cuda else 'torch.profiler CPU allocations'})",
              "", "| op | batch | layout | dtype | ATen ms | fused ms | speed-up | ATen peak MB | fused peak MB | memory ratio |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['batch']} | {r['layout']} | {r['dtype']} | {r['error'].replace('|', '/')} |"
+                         + " |" * 5)
+            continue
         lines.append(f"| {r['op']} | {r['batch']} | {r['layout']} | {r['dtype']} | {r['aten_ms']:.2f} | {r['fused_ms']:.2f} | "
                      f"{r['aten_ms'] / r['fused_ms']:.2f}x | {r['aten_peak_mb']:.1f} | {r['fused_peak_mb']:.1f} | "
                      f"{r['aten_peak_mb'] / max(r['fused_peak_mb'], 1e-9):.1f}x |")
@@ -427,8 +479,8 @@ def conv_section(args, device):
                             row[f"{pname}_{fname}_tflops"] = p["flops"] / ms / 1e9
                     except torch.OutOfMemoryError:
                         row["note"] = f"{fname}: OOM"
-                    except RuntimeError as e:  # e.g. a dtype/layout without a kernel on this device
-                        row["note"] = f"{fname}: {str(e).splitlines()[0][:80]}"
+                    except Exception as e:  # e.g. a dtype/layout without a kernel on this device: shown, counted
+                        row["note"] = f"{fname}: {failed(f'conv #{i} {dname} {fname}', e)[:90]}"
                     passes = fn = None  # the closures hold this problem's tensors
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -504,18 +556,28 @@ def main():
     import torch
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = args.only.split(",") if args.only else list(SECTIONS)
+    bad = [n for n in names if n not in SECTIONS]
+    if bad:
+        p.error(f"--only: unknown {bad}; choose from {', '.join(SECTIONS)}")
     md, rows = [], {}
     for name in names:
-        table, section_rows = SECTIONS[name](args, device)
+        try:
+            table, section_rows = SECTIONS[name](args, device)
+        except Exception as e:  # a section that cannot run at all (e.g. an op missing): the next one still runs
+            table, section_rows = f"### {name}: {failed(f'section {name}', e)}", []
         print(table, flush=True)
         md.append(table)
         rows[name] = section_rows
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "kernels.md"), "w") as f:
-            f.write("\n\n".join(md) + "\n")
-        with open(os.path.join(args.out, "kernels.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        if args.out:  # after every section: a run cut short by a time limit keeps what it finished
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "kernels.md"), "w") as f:
+                f.write("\n\n".join(md) + "\n")
+            with open(os.path.join(args.out, "kernels.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+    if FAILED:
+        print(f"\n{len(FAILED)} row(s) or section(s) failed:\n  " + "\n  ".join(FAILED), flush=True)
+        sys.exit(1)
+    print(f"VERDICT: {', '.join(f'{n} {len(rows[n])} rows' for n in names)}, none failed", flush=True)
 
 
 if __name__ == "__main__":

@@ -427,12 +427,19 @@ def main(argv=None):
               f"b{row['batch']:<3} "
               f"{fmt(row.get('img_per_s'), '8.1f')} img/s  {fmt(row.get('peak_gib'), '6.2f')} GiB  "
               f"{row['status'] if row['status'] != 'ok' else row.get('amp', '')}", flush=True)
-    add_ratios(rows, head["peak_fp16_tflops"])
-    md = markdown(head, rows)
+        add_ratios(rows, head["peak_fp16_tflops"])
+        md = markdown(head, rows)
+        if args.out:  # after every row: a run cut short by a time limit keeps the rows it finished
+            write_tables(args.out, "train", md, head, COLUMNS, rows)
     print("\n" + md)
-    if args.out:
-        write_tables(args.out, "train", md, head, COLUMNS, rows)
     errors = [r for r in rows if r["status"].startswith("error")]
+    ok = [r for r in rows if r["status"] == "ok"]
+    best = max((r for r in ok if r["model"] not in PEERS), key=lambda r: r["img_per_s"], default=None)
+    print(f"VERDICT: {len(ok)}/{len(rows)} rows ok, {len(errors)} failed, "
+          f"{sum(r['status'] == 'OOM' for r in rows)} OOM" + ("" if best is None else
+          f"; fastest ours: {best['model']} {best['mode']} {best['kernels']} {best['format']} b{best['batch']} "
+          f"{best['img_per_s']:.1f} img/s (vs fp32 {fmt(best.get('vs_fp32'), '.2f')}, vs tv "
+          f"{fmt(best.get('vs_peer'), '.2f')}, MFU {fmt(best.get('mfu'), '.1%')})"), flush=True)
     if errors:
         sys.exit(f"{len(errors)} row(s) failed (see the tracebacks above); OOM rows are not failures")
 

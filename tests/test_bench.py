@@ -4,6 +4,7 @@ Timings on a CI box mean nothing, so the checks are on structure and on the arit
 FLOP counts against torch's own FlopCounterMode, the derived columns against the raw ones.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -164,3 +165,156 @@ def test_eval_quick_rows(tmp_path):
     assert rows[0]["vs_unfolded"] == pytest.approx(1.0)
     assert rows[1]["vs_unfolded"] == pytest.approx(rows[0]["ms"] / rows[1]["ms"])
     assert "load average" in (tmp_path / "eval.md").read_text()
+
+
+# ---- bench/numerics.py: the check logic on made-up curves (each check can fail), then a tiny CPU run end to end
+
+def _numerics():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_numerics", os.path.join(ROOT, "bench", "numerics.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rec(mode, loss, skipped=None, miou=0.3, scale=None):
+    n = len(loss)
+    return dict(mode=mode, status="ok", seconds=1.0, amp="?", iteration=list(range(1, n + 1)), loss=loss,
+                skipped=skipped or [0] * n, loss_scale=scale or [1.0] * n, mIoU=miou)
+
+
+def test_numerics_checks():
+    num = _numerics()
+    assert num.warmup_skips([1, 2, 3, 3, 3, 4]) == (3, 1) and num.warmup_skips([0, 0, 1]) == (0, 1)
+    assert num.warmup_skips([1, 2]) == (2, 0)
+    base = [5.0, 4.0, 3.0, 2.0]
+    recs = [_rec("fp32", base),
+            _rec("fp16", [5.01, 4.1, 3.1, 2.1], skipped=[1, 2, 2, 2]),  # 2 warm-up skips, tail +5%: passes
+            _rec("apex-O1", [5.2, 4.0, 3.0, 2.0]),  # first loss +4% > 1%
+            _rec("apex-O2", [5.0, 4.0, 3.0, 2.0], skipped=[1, 1, 2, 2]),  # a skip after the first clean step
+            _rec("bf16", [5.05, 4.0, 3.0, 2.5], skipped=[0, 1, 1, 1]),  # tail +25% > 10%; a skip without a scale
+            _rec("fp32-seed1", [6.0, 5.0, 4.0, 2.1])]  # yardstick: tail +5% -> band stays at the 10% floor
+    band, spread = num.analyse(recs)
+    assert spread == pytest.approx(0.05) and band == pytest.approx(0.10)
+    checks = {r["mode"]: r["checks"] for r in recs}
+    assert checks["fp32"] == [] and checks["fp16"] == [] and checks["fp32-seed1"] == []
+    assert recs[1]["warmup_skips"] == 2 and recs[1]["skips_after"] == 0
+    assert [c.split(" ")[:2] for c in checks["apex-O1"]] == [["first", "loss"]]
+    assert checks["apex-O2"] == ["1 skipped after warm-up"]
+    assert any(c.startswith("tail loss +25.0%") for c in checks["bf16"]) and \
+        "1 skipped without a loss scale" in checks["bf16"]
+    # a far yardstick widens the band to twice its spread: bf16's +25% then passes
+    recs = [_rec("fp32", base), _rec("bf16", [5.0, 4.0, 3.0, 2.5]), _rec("fp32-seed1", [6.0, 5.0, 4.0, 2.3])]
+    band, _ = num.analyse(recs)
+    assert band == pytest.approx(0.30) and recs[1]["checks"] == []
+    recs = [_rec("fp32", base), _rec("fp16", [5.0] * 4, skipped=[1, 2, 3, 4]), _rec("bf16", [5.0, math.nan, 1, 1])]
+    num.analyse(recs)
+    assert "no clean step at all" in recs[1]["checks"] and "non-finite loss" in recs[2]["checks"]
+
+
+def test_numerics_cpu_run(tmp_path):
+    """The whole script on the CPU, tiny: fp32 and bf16 (CPU fp16 is a slow path), 2 iterations, crop 32."""
+    out = run(["bench/numerics.py", "--device", "cpu", "--modes", "bf16,fp32", "--iters", "2", "--crop", "32",
+               "--batch", "2", "--val_images", "1", "--num_workers", "0", "--work_dir", str(tmp_path / "runs")],
+              tmp_path / "out")
+    assert "VERDICT: 2/2 modes pass" in out
+    recs = [json.loads(line) for line in (tmp_path / "out" / "numerics.jsonl").read_text().splitlines()]
+    assert recs[0]["kind"] == "header" and recs[0]["torch"] == torch.__version__
+    assert [r["mode"] for r in recs[1:]] == ["fp32", "bf16"]  # fp32 first, whatever the order asked
+    for r in recs[1:]:
+        assert r["status"] == "ok" and r["iteration"] == [1, 2] and r["checks"] == []
+        assert 0 <= r["mIoU"] <= 1 and "amp=" in r["amp"]
+    assert recs[2]["first_vs_fp32"] == pytest.approx(recs[2]["first_loss"] / recs[1]["first_loss"] - 1)
+    md = (tmp_path / "out" / "numerics.md").read_text()
+    assert "| fp32 | " in md and "| bf16 | " in md and "bfloat16" in md
+    assert (tmp_path / "out" / "numerics.png").stat().st_size > 10000
+
+
+# ---- bench/step_profile.py
+
+def test_profile_kinds():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_profile", os.path.join(ROOT, "bench", "step_profile.py"))
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    names = {  # kernel names as CUDA profiles show them, and CPU operators
+        "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "conv / GEMM",
+        "void cudnn::bn_fw_tr_1C11_kernel_NCHW<__half, float, 512, true, 1>": "batch norm",
+        "void segfp16::bn_apply_kernel<c10::Half, true>(...)": "ours (segfp16)",
+        "void upsample_concat_fwd_kernel<c10::Half>": "ours (segfp16)",
+        "void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>": "copy / fill",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float>>": "elementwise",
+        "Memcpy DtoD (Device -> Device)": "copy / fill", "aten::convolution_backward": "conv / GEMM",
+        "Optimizer.step#SGD.step": "optimizer", "something new": "other"}
+    assert {n: prof.kind_of(n) for n in names} == names
+
+
+def test_profile_cpu(tmp_path):
+    out = run(["bench/step_profile.py", "--device", "cpu", "--mode", "fp32", "--batch", "2", "--crop", "32",
+               "--warmup", "1", "--steps", "1", "--top", "5"], tmp_path)
+    assert "VERDICT: CPU ms per step: torch" in out
+    res = json.loads((tmp_path / "profile.json").read_text())
+    assert [r["kernels"] for r in res["results"]] == ["torch", "fused"]
+    for r in res["results"]:
+        assert sum(q["share"] for q in r["rows"]) == pytest.approx(1.0)
+        assert sum(r["kinds"].values()) == pytest.approx(r["total_ms"]) and r["total_ms"] > 0
+        assert any(q["name"].startswith("aten::convolution") for q in r["rows"][:5])  # convs dominate a step
+    fused = {q["name"] for q in res["results"][1]["rows"]}
+    assert any(n.startswith("segfp16::") for n in fused)  # the fused set really ran our ops
+    md = (tmp_path / "profile.md").read_text()
+    assert "## kernels torch" in md and "## kernels fused" in md and "Time per kind of work" in md
+    assert md.count("| 5 | ") == 2  # --top 5: five rows in each set's table
+
+
+# ---- bench/kernels.py: a failing row or section is logged and shown, the rest still runs, the exit is non-zero
+
+def test_kernels_survive_failures(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "bench", "kernels.py"))
+    kern = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kern)
+    real_row = kern._bn_row
+
+    def flaky_row(device, batch, C, *rest):
+        if C == 24:  # the second quick shape
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_row(device, batch, C, *rest)
+
+    def broken_section(args, device):
+        raise ValueError("this section cannot start")
+    monkeypatch.setattr(kern, "_bn_row", flaky_row)
+    monkeypatch.setitem(kern.SECTIONS, "broken", broken_section)
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--quick", "--device", "cpu", "--only", "broken,bn_relu",
+                                      "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        kern.main()
+    assert exit_.value.code == 1
+    rows = json.loads((tmp_path / "kernels.json").read_text())
+    assert rows["broken"] == [] and [("error" in r) for r in rows["bn_relu"]] == [False, True, False]
+    assert rows["bn_relu"][2]["fused_fb_ms"] > 0  # the shape after the failing one was still measured
+    md = (tmp_path / "kernels.md").read_text()
+    assert "### broken: error: ValueError: this section cannot start" in md
+    assert "error: RuntimeError: CUDA error: an illegal memory access" in md and "Slowest row" in md
+    out = capsys.readouterr()
+    assert "2 row(s) or section(s) failed" in out.out and "Traceback" in out.err
+
+
+def test_eval_survives_a_failing_row(tmp_path, monkeypatch):
+    import importlib.util
+    sys.path.insert(0, os.path.join(ROOT, "bench"))  # bench/eval.py imports bench/train.py as `train`
+    spec = importlib.util.spec_from_file_location("bench_eval", os.path.join(ROOT, "bench", "eval.py"))
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    real = ev.time_variants
+
+    def flaky(fns, x, *rest):
+        if x.shape[-1] == 48:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
+        return real(fns, x, *rest)
+    monkeypatch.setattr(ev, "time_variants", flaky)
+    with pytest.raises(SystemExit, match="1 row"):
+        ev.main(["--quick", "--device", "cpu", "--variants", "unfolded", "--sizes", "32x48,32x32", "--out",
+                 str(tmp_path)])
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert [(r["size"], "error" in r) for r in rows] == [("32x48", True), ("32x32", False)]
+    assert "error: RuntimeError: cuDNN error" in (tmp_path / "eval.md").read_text()

@@ -1,65 +1,279 @@
 #!/usr/bin/env bash
-# The one script to run on a bare GPU machine (torch + nvcc there, no internet):
+# The one script for a visit to a GPU machine (a card, torch, no internet), stages in the order of what we most need
+# to know:
 #   bash tools/device_check.sh OUT_DIR
-# Every stage is time-boxed (the limits add up to 8 min 56 s; DEVICE_CHECK_COMPILE_TESTS=1 adds the 60 s stage of
-# full-model compile tests; a normal run takes far less), and a failing stage does not stop the later ones.
-# Logs and tables land in OUT_DIR; summary.md there lists each stage's exit code and duration.
+#    0 modules      every module / tool the stages use (tools/check_env.py): what is missing, never fatal
+#    1 extension    import the prebuilt common/_C*.so (tools/build_for_device.sh makes it), build_info, one launch;
+#                   only if that fails: build here (pip install -e ., TORCH_CUDA_ARCH_LIST=9.0), then check again
+#    2 pytest_cuda  every GPU test
+#    3 smoke_*      1-GPU torchrun runs of the four scripts x --amp torch / apex on the demo data (all 8 at once)
+#    4 numerics     PSPNet fp32 / fp16 / apex O1 / apex O2 / bf16 (+ fp32 seed 1), 200 iterations each
+#                   (bench/numerics.py): loss curves side by side, band, skipped steps, mIoU
+#    5 bench_train  batch 16 at 512x512: ours fused / torch, fp16 / fp32, torchvision peer (img/s, memory, MFU)
+#    6 profile      torch.profiler of fp16 PSPNet steps, torch vs fused kernels (bench/step_profile.py)
+#    7 bench_kernels, 8 sanitizer_memcheck / racecheck, 9 bench_eval (unfolded, folded), bench_eval_compiled,
+#      bench_train_compile (inductor compiles take the longest, so they come last)
+# Every stage runs under `timeout`; a failing stage never stops the next. The limits add up to 480 s (8 min),
+# + 120 s only when the extension has to be built here. The whole run is also held to DEVICE_CHECK_BUDGET seconds
+# (default 540, under the device tool's 600 s per command): a stage that no longer fits gets the time that is left,
+# or is skipped, so the stages at the end (the least needed) are the ones that give way.
+#
+# What comes back from the card is at most 8 files, so OUT_DIR holds only: summary.md (header + one line per stage,
+# also printed last), train.md, numerics.md, numerics.png, profile.md, and logs.tar.gz (every stage's log and table,
+# re-packed after each stage, so a run cut short keeps what finished). Caches (the demo dataset) and work folders
+# live under DEVICE_CHECK_WORK (default /tmp/device_check), never in OUT_DIR.
+#
+# Without a CUDA device (our CPU box) this is a dry run: each stage runs a CPU-sized form where it has one (tiny
+# numerics / profile / benches, two CPU smoke runs; limits and budget x3), and the CUDA-only ones record why they skip.
+# DEVICE_CHECK_STAGES=numerics,smoke,bench_train (names or prefixes) runs only those stages: a rerun of what failed.
+# Exit status: 1 when a stage failed (skips are not failures), else 0.
 set -u
 OUT=${1:?usage: tools/device_check.sh OUT_DIR}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export SEG_DATA_CACHE="$OUT/.cache"   # the demo dataset is generated here on first use
 PY=${PY:-python3}
-SUMMARY="$OUT/summary.md"
+WORK=${DEVICE_CHECK_WORK:-/tmp/device_check}
+LOGS=$WORK/logs
+BUDGET=${DEVICE_CHECK_BUDGET:-540}
+rm -rf "$LOGS" "$WORK/runs"  # this script's own folders: logs and run folders of a previous visit go
+mkdir -p "$LOGS" "$WORK/runs"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export SEG_DATA_CACHE=$WORK/cache  # the demo dataset, generated once, kept between visits of a warm machine
+T_START=$(date +%s)
+# the dry run (no CUDA) times nothing: its limits and budget stretch (x3 by default), so that a loaded CPU box shows
+# whether each stage starts and ends, not whether it is fast
+SCALE=${DEVICE_CHECK_LIMIT_SCALE:-1}
+SUMMARY=$OUT/summary.md
+FAILED=0
+
+# the commit: DEVICE_CHECK_COMMIT when the tree came without its .git, else git's (+dirty: uncommitted changes)
+COMMIT=${DEVICE_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+if [ -z "${DEVICE_CHECK_COMMIT:-}" ] && [ "$COMMIT" != unknown ] && ! git diff --quiet HEAD 2>/dev/null; then
+  COMMIT=$COMMIT+dirty
+fi
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then CUDA=1; else CUDA=0; fi
+[ $CUDA = 0 ] && SCALE=${DEVICE_CHECK_LIMIT_SCALE:-3}
+BUDGET=$(( BUDGET * SCALE ))
 {
-  echo "# device check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/card: /'
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  echo; echo "| stage | exit | seconds |"; echo "|---|---|---|"
+  echo "# device check $(date -u +'%Y-%m-%d %H:%M UTC'), commit $COMMIT"
+  echo
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 \
+      | sed 's/^/card, memory, driver: /; s/$/  /'
+  else
+    echo "card, memory, driver: unknown (no nvidia-smi)  "
+  fi
+  $PY - <<'EOF' 2>&1
+import sys, torch
+dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version()}, device: {dev}  ")
+EOF
+  [ $CUDA = 1 ] || echo "no CUDA device: a dry run (CPU-sized stages; the CUDA-only ones say why they skip)  "
+  echo -n "stage limits sum to 480 s (+120 s for a build here), x${SCALE}; run budget ${BUDGET} s"
+  echo "${DEVICE_CHECK_STAGES:+; only: $DEVICE_CHECK_STAGES}"
+  echo
+  echo "| stage | exit | seconds | verdict |"
+  echo "|---|---|---|---|"
 } > "$SUMMARY"
 
-stage() {  # stage NAME SECONDS CMD...: run CMD with a time limit, log to OUT/NAME.log, record exit code and time
-  local name=$1 limit=$2; shift 2
-  local t0=$(date +%s)
-  echo "== $name (limit ${limit}s): $*"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "| $name | $rc | $(( $(date +%s) - t0 )) |" >> "$SUMMARY"
-  tail -n 5 "$OUT/$name.log"
+pack() {  # every log and table so far -> OUT/logs.tar.gz (small: no caches, no run folders, no checkpoints)
+  tar -czf "$OUT/logs.tar.gz.tmp" -C "$WORK" logs 2>/dev/null && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
 }
 
-# 1. build (CUDA for this card only, to keep it short), then say what was built
-stage build 120 $PY -m pip install --no-build-isolation --no-deps -v -e .
-stage build_info 10 $PY -c "import common; print(common.build_info())"
-# 2. every GPU test
-stage pytest_cuda 60 $PY -m pytest -q -m cuda tests
-# 2b. compute-sanitizer over a small-shape subset: memcheck on every kernel family, racecheck (shared-memory hazards)
-# on the bn reductions, the only kernels with shared memory and barriers
-SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-stage sanitizer_memcheck 35 "$SAN" --tool memcheck --error-exitcode 1 --leak-check no --print-limit 20 \
-  $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_bn_relu.py tests/test_upsample_ops.py \
-  -k "test_dtypes or test_split_halves or test_cuda_concat_matches_aten or test_cuda_ce_matches_aten"
-stage sanitizer_racecheck 25 "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 \
-  $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_bn_relu.py -k "test_dtypes or test_deterministic"
-# 3. the kernel table (bn_relu, upsample, conv)
-stage bench_kernels 45 env CONV_MODELS=pspnet,deeplabv3 $PY bench/kernels.py --out "$OUT"
-# 4. a quick training table: PSPNet and DeepLabV3 at batch 16: fp32 / torch fp16 / apex O2, fused vs torch, + peers
-stage bench_train 65 $PY bench/train.py --models pspnet,deeplabv3 --modes fp32,fp16,apex-O2 --kernels torch,fused \
-  --formats nhwc --batch 16 --steps 10 --warmup 3 --out "$OUT"
-# 4b. (issue 15) eval img/s unfolded / folded / compiled folded, fp16 first (each row is logged as it is done, so a
-# timeout keeps the finished ones), then fp32; compiled training rows; the
-# compile checks too slow for the 2-core CI box (full-model fullgraph, inductor equality)
-stage bench_eval 40 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half,fp32 --reps 5 --warmup 2 \
-  --kernels fused --out "$OUT"
-stage bench_train_compile 40 $PY bench/train.py --models pspnet --modes fp16 --kernels fused --formats nhwc \
-  --compile default --peers tv_deeplabv3 --no-baseline --batch 16 --steps 5 --warmup 2 --out "$OUT/compile"
-[ -n "${DEVICE_CHECK_COMPILE_TESTS:-}" ] && stage pytest_compile 60 env SEGFP16_COMPILE_TESTS=1 SEGFP16_INDUCTOR_TESTS=1 $PY -m pytest -q -x tests/test_compile.py
-# 5. 1-GPU torchrun smoke runs of every script, --amp torch and --amp apex, on demo data
-for script in fcn pspnet deeplabv3 deeplabv3plus; do
-  for amp in torch apex; do
-    stage "smoke_${script}_${amp}" 12 $PY -m torch.distributed.run --standalone --nproc_per_node 1 $script.py \
-      --data demo --amp $amp --max_iters 10 --device cuda --work_dir "$OUT/work_${script}_${amp}"
+verdict() {  # verdict RC LOG LIMIT: one line for the summary
+  local rc=$1 log=$2 limit=$3 line
+  line=$(grep -E '^(VERDICT|SKIP): ' "$log" | tail -n 1)
+  [ -n "$line" ] || line=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1)
+  line=${line#VERDICT: }
+  case $rc in
+    124|137) line="TIMED OUT after ${limit} s; last: $line" ;;
+    0) ;;
+    *) line="FAILED: $line" ;;
+  esac
+  echo "$line" | cut -c1-220 | tr '|' '/'
+}
+
+record() {  # record NAME RC SECONDS LIMIT: a summary row (and the console)
+  local name=$1 rc=$2 secs=$3 limit=$4 log=$LOGS/$1.log v shown
+  v=$(verdict "$rc" "$log" "$limit")
+  shown=$rc
+  case $v in SKIP:*) shown=skip ;; esac
+  [ "$rc" = 0 ] || FAILED=1
+  echo "| $name | $shown | $secs | $v |" >> "$SUMMARY"
+  echo "== $name: exit $shown, ${secs} s: $v"
+}
+
+fit() {  # fit LIMIT: the limit (x SCALE) cut to what is left of the budget (0: nothing left)
+  local want=$(( $1 * SCALE )) left=$(( BUDGET - ($(date +%s) - T_START) - 5 ))
+  [ "$left" -lt 10 ] && left=0
+  echo $(( want < left ? want : left ))
+}
+
+selected() {  # selected NAME: is NAME (or a prefix of it) in DEVICE_CHECK_STAGES (all when unset)?
+  [ -z "${DEVICE_CHECK_STAGES:-}" ] && return 0
+  local s
+  for s in ${DEVICE_CHECK_STAGES//,/ }; do [[ $1 == "$s"* ]] && return 0; done
+  return 1
+}
+
+stage() {  # stage NAME LIMIT CMD...: run CMD under a time limit, log to LOGS/NAME.log, record a summary row
+  selected "$1" || return 0
+  local name=$1 limit; limit=$(fit "$2"); shift 2
+  local t0; t0=$(date +%s)
+  if [ "$limit" = 0 ]; then
+    echo "SKIP: out of the run budget (${BUDGET} s)" > "$LOGS/$name.log"
+  else
+    echo "== $name (limit ${limit} s): $*"
+    timeout --kill-after=5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  fi
+  record "$name" $? $(( $(date +%s) - t0 )) "$limit"
+  pack
+}
+
+skip() {  # skip NAME WHY: a stage that cannot run here
+  selected "$1" || return 0
+  echo "SKIP: $2" > "$LOGS/$1.log"
+  record "$1" 0 0 0
+}
+
+keep() {  # keep FILE...: copy a wanted table out of the archive too, as a file of its own
+  for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  return 0
+}
+
+NO_CUDA="no CUDA device (torch.cuda.is_available() is False)"
+
+# ---- 0, 1: the machine, the extension (build only when the prebuilt one cannot run here)
+stage modules 15 $PY tools/check_env.py modules
+stage extension 15 $PY tools/check_env.py extension
+if [ $CUDA = 1 ] && [ -f "$LOGS/extension.log" ] && ! grep -q '^VERDICT: .*launch ran' "$LOGS/extension.log"; then
+  stage build 120 $PY -m pip install --no-build-isolation --no-deps -v -e .
+  stage extension_after_build 15 $PY tools/check_env.py extension
+fi
+
+# ---- 2: every GPU test
+if [ $CUDA = 1 ]; then
+  stage pytest_cuda 40 $PY -m pytest -q -p no:cacheprovider -m cuda tests
+else  # collection only: proves the selection the card would run
+  stage pytest_cuda 40 sh -c '"$0" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests > "$2" &&
+    cat "$2" && echo "SKIP: $1; collected only: $(tail -n 1 "$2")"' "$PY" "$NO_CUDA" "$WORK/collect.txt"
+fi
+
+# ---- 3: 1-GPU torchrun smoke runs, all eight at once (a GPU has room; one limit for the lot)
+smoke() {  # smoke SCRIPT AMP LIMIT [FLAGS...] in the background; its exit code and seconds go to LOGS/NAME.rc
+  local name="smoke_${1}_$2" script=$1 amp=$2 limit=$3; shift 3
+  ( t0=$(date +%s)
+    timeout --kill-after=5 "$limit" $PY -m torch.distributed.run --standalone --nproc_per_node 1 "$script.py" \
+      --data demo --amp "$amp" --work_dir "$WORK/runs/$name" "$@" > "$LOGS/$name.log" 2>&1
+    echo "$? $(( $(date +%s) - t0 ))" > "$LOGS/$name.rc" ) &
+}
+# the demo dataset once here, not by eight runs at once
+selected smoke && timeout 60 $PY -c "from common import data; print(data.demo_root())" > "$LOGS/demo_data.log" 2>&1
+limit=$(fit 35)
+if ! selected smoke; then
+  :
+elif [ "$limit" = 0 ]; then
+  skip smoke "out of the run budget (${BUDGET} s)"
+elif [ $CUDA = 1 ]; then
+  for script in fcn pspnet deeplabv3 deeplabv3plus; do
+    for amp in torch apex; do smoke $script $amp "$limit" --device cuda --max_iters 10; done
   done
+else  # two tiny CPU runs prove the command line; the other six would only repeat it slower
+  for amp in torch apex; do
+    smoke fcn $amp "$limit" --device cpu --max_iters 1 --crop_size 32,32 --batch_size 2 --num_workers 0 \
+      --num_val_images 1 --save_predictions 0
+  done
+fi
+wait
+for f in "$LOGS"/smoke_*.rc; do
+  [ -f "$f" ] || continue  # none: the smoke stage was not selected
+  name=$(basename "$f" .rc)
+  read -r rc secs < "$f"
+  rm -f "$f"
+  if [ "$rc" = 0 ]; then  # the verdict: what the run's amp line says ran, and its closing line (time, mIoU)
+    amp=$(grep -o 'amp: amp=[a-z]*\( O[0-3]\)\?' "$LOGS/$name.log" | head -n 1 | cut -c6-)
+    echo "VERDICT: $amp, $(grep -o 'done in .*' "$LOGS/$name.log" | tail -n 1)" >> "$LOGS/$name.log"
+  fi
+  record "$name" "$rc" "$secs" "$limit"
 done
+[ $CUDA = 1 ] || ! selected smoke || for script in pspnet deeplabv3 deeplabv3plus; do
+  skip "smoke_${script}" "$NO_CUDA; the fcn runs above check the command line on the CPU"
+done
+pack
+
+# ---- 4: numerics of the precision modes on the card (PSPNet, demo data)
+if [ $CUDA = 1 ]; then
+  stage numerics 90 $PY bench/numerics.py --iters 200 --num_workers 4 --work_dir "$WORK/runs/numerics" \
+    --out "$LOGS/numerics"
+else
+  stage numerics 90 $PY bench/numerics.py --device cpu --modes fp32,bf16 --iters 2 --crop 32 --batch 2 \
+    --val_images 1 --num_workers 0 --work_dir "$WORK/runs/numerics" --out "$LOGS/numerics"
+fi
+keep "$LOGS/numerics/numerics.png" "$LOGS/numerics/numerics.md"
+
+# ---- 5: the training table: batch 16 at 512x512, ours fused / torch x fp16 / fp32 (+ our fp32 NCHW base), peer
+if [ $CUDA = 1 ]; then
+  stage bench_train 75 $PY bench/train.py --models pspnet --modes fp16,fp32 --kernels torch,fused --formats nhwc \
+    --peers tv_deeplabv3 --batch 16 --steps 8 --warmup 2 --out "$LOGS/train"
+else
+  stage bench_train 75 $PY bench/train.py --quick --out "$LOGS/train"
+fi
+keep "$LOGS/train/train.md"
+
+# ---- 6: where the time of an fp16 step goes, torch vs fused kernels
+if [ $CUDA = 1 ]; then
+  stage profile 40 $PY bench/step_profile.py --out "$LOGS/profile"
+else
+  stage profile 40 $PY bench/step_profile.py --device cpu --mode bf16 --batch 2 --crop 32 --warmup 1 --steps 1 \
+    --out "$LOGS/profile"
+fi
+keep "$LOGS/profile/profile.md"
+
+# ---- 7: the kernel table (bn_relu, upsample, conv); a failing row or section no longer ends it
+if [ $CUDA = 1 ]; then
+  stage bench_kernels 35 env CONV_MODELS=pspnet,deeplabv3 $PY bench/kernels.py --out "$LOGS/kernels"
+else
+  stage bench_kernels 35 $PY bench/kernels.py --quick --out "$LOGS/kernels"
+fi
+
+# ---- 8: compute-sanitizer on a small-shape subset: memcheck on every kernel family, racecheck on the bn
+# reductions (the only kernels with shared memory and barriers)
+SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if [ $CUDA = 0 ]; then
+  skip sanitizer_memcheck "$NO_CUDA"; skip sanitizer_racecheck "$NO_CUDA"
+elif [ ! -x "$SAN" ]; then
+  skip sanitizer_memcheck "compute-sanitizer not found ($SAN)"; skip sanitizer_racecheck "compute-sanitizer not found"
+else
+  stage sanitizer_memcheck 30 "$SAN" --tool memcheck --error-exitcode 1 --leak-check no --print-limit 20 \
+    $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_bn_relu.py tests/test_upsample_ops.py \
+    -k "test_dtypes or test_split_halves or test_cuda_concat_matches_aten or test_cuda_ce_matches_aten"
+  stage sanitizer_racecheck 20 "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 \
+    $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_bn_relu.py -k "test_dtypes or test_deterministic"
+fi
+
+# ---- 9: eval img/s unfolded / folded (fp16 first: each row is logged as it finishes); then what needs inductor's
+# compiles (tens of seconds each), so they go last: the compiled folded eval copy, the compiled training rows
+if [ $CUDA = 1 ]; then
+  stage bench_eval 20 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half,fp32 --variants unfolded,folded \
+    --reps 5 --warmup 2 --kernels fused --out "$LOGS/eval"
+  stage bench_eval_compiled 35 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half \
+    --variants folded,compiled --reps 5 --warmup 2 --kernels fused --out "$LOGS/eval_compiled"
+  stage bench_train_compile 30 $PY bench/train.py --models pspnet --modes fp16 --kernels fused --formats nhwc \
+    --compile default --peers tv_deeplabv3 --no-baseline --batch 16 --steps 5 --warmup 2 --out "$LOGS/compile"
+else
+  stage bench_eval 20 $PY bench/eval.py --quick --variants unfolded,folded --out "$LOGS/eval"
+  skip bench_eval_compiled "$NO_CUDA; the compiled copy is timed on the card (inductor on a CPU box takes minutes)"
+  skip bench_train_compile "$NO_CUDA; the compiled rows time the card (inductor on a CPU box takes minutes)"
+fi
+[ -n "${DEVICE_CHECK_COMPILE_TESTS:-}" ] && stage pytest_compile 60 env SEGFP16_COMPILE_TESTS=1 \
+  SEGFP16_INDUCTOR_TESTS=1 $PY -m pytest -q -x tests/test_compile.py
+
+echo >> "$SUMMARY"
+echo "total $(( $(date +%s) - T_START )) s; files here: $(cd "$OUT" && ls | tr '\n' ' ')" >> "$SUMMARY"
+cp "$SUMMARY" "$LOGS/"
+pack
+echo
 cat "$SUMMARY"
+exit $FAILED
