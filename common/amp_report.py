@@ -48,49 +48,60 @@ import torch
 from . import dist
 from .guard import BufferGuard
 
-# floor(log2 |x|) of a finite nonzero fp32 value lies in [-149, 127]
-LO, HI = -150, 128
-NBINS = HI - LO
 FP16_MAX = 65504.0
 FP16_INF_AT = 65520.0  # 65504 + half an ulp: rounds to inf (ties to even)
 BF16_INF_AT = (2 - 2 ** -8) * 2.0 ** 127
 FP16_LOG2_MAX = math.log2(FP16_MAX)
-RANGES = {"fp16": dict(zero=-25, normal=-14), "bf16": dict(zero=-134, normal=-126)}  # log2 boundaries (rules above)
-_HEAD = 7  # numel, nonfinite, nan, zero, max finite |x|, fp16 overflow (finite), bf16 overflow (finite)
+_HEAD = 8  # numel, nonfinite, nan, zero, max finite |x|, fp16 overflow (finite), bf16 overflow (finite), bf16 zero
 
 # ----------------------------------------------------------------------------------------------------------------
 # per-tensor statistics (on the tensor's device; fetched once per report)
 
 
 def tensor_stats(x):
-    """x -> one float64 vector on x's device: [numel, nonfinite, nan, zeros, max finite |x|, #|x| >= 65520,
-    #|x| >= bf16 overflow, histogram of floor(log2 |x|) over finite nonzero x in bins LO..HI-1]."""
+    """x -> one float64 vector on x's device: [numel, #inf/NaN, #NaN, #zeros, max finite |x|, #finite |x| >= 65520,
+    #finite |x| >= bf16's overflow, #nonzero |x| < 2^-134, then 512 counts by the top 10 bits of |x| as fp32 (its
+    biased exponent e and the first mantissa bit)]: floor(log2 |x|) = e - 127 for e in 1..254; e = 0 holds the zeros
+    and fp32's subnormals; e = 255 the infs (first mantissa bit 0) and NaNs (1: the quiet NaNs arithmetic makes).
+    A few light passes over the tensor (the report step's cost is mostly these, on the parameters)."""
     a = x.detach().abs()
     if a.dtype != torch.float32:
-        a = a.float()
+        a = a.float()  # fp16 and bf16 are exact in fp32
     a = a.reshape(-1)
-    fin = torch.isfinite(a)
-    af = torch.where(fin, a, torch.zeros((), dtype=a.dtype, device=a.device))
-    exp = torch.frexp(af).exponent  # af = m * 2^e, m in [0.5, 1): floor(log2 af) = e - 1
-    idx = torch.where(af > 0, (exp - 1 - LO).clamp(0, NBINS - 1), NBINS)  # zeros and inf/NaN: a dump bin
-    hist = torch.bincount(idx, minlength=NBINS + 1)[:NBINS]
-    head = torch.stack([torch.tensor(a.numel(), device=a.device), (~fin).sum(), torch.isnan(a).sum(), (a == 0).sum(),
-                        af.max(), (af >= FP16_INF_AT).sum(), (af >= BF16_INF_AT).sum()]).double()
-    return torch.cat([head, hist.double()])
+    hist = torch.bincount(a.view(torch.int32) >> 22, minlength=512)  # the sign bit is 0 after abs
+    zero = a.numel() - torch.count_nonzero(a)
+    inf = hist[510]
+    head = torch.stack([torch.tensor(a.numel(), device=a.device), inf + hist[511], hist[511], zero,
+                        torch.nan_to_num(a, nan=0.0, posinf=0.0).max(), a.ge(FP16_INF_AT).sum() - inf,
+                        a.ge(BF16_INF_AT).sum() - inf, a.lt(2.0 ** -134).sum() - zero])
+    return torch.cat([head, hist]).double()
+
+
+def _log2_counts(stats):
+    """{floor(log2 |x|): count} over the finite nonzero elements (fp32 subnormals: one bin each side of 2^-134)."""
+    hist = stats[_HEAD:]
+    out = {}
+    for key in range(2, 510):
+        if hist[key]:
+            f = (key >> 1) - 127
+            out[f] = out.get(f, 0) + hist[key]
+    tiny = hist[0] + hist[1] - stats[3]  # fp32 subnormals
+    out[-140] = stats[7]                 # below 2^-134
+    out[-130] = tiny - stats[7]
+    return out
 
 
 def shares(stats, k=0):
     """Shares of the elements (stats: tensor_stats, as numbers) at scale 2^k: {'of', 'uf', 'sub'} for fp16 and
     {'bf_of', 'bf_uf', 'bf_sub'} for bf16 (bf16 at scale 1: it needs no scaling). k != 0 is the what-if scale S*,
-    chosen so that nothing finite overflows; its overflow is read off the histogram (|v| >= 2^16)."""
-    n, nonfinite, nan, _, _, of16, ofbf = stats[:_HEAD]
-    hist = stats[_HEAD:]
+    chosen so that nothing finite overflows; its overflow is read off the exponents (|v| >= 2^16)."""
+    n, nonfinite, nan, _, _, of16, ofbf = stats[:7]
+    counts = _log2_counts(stats)
     n = max(n, 1)
     inf = nonfinite - nan
 
     def band(lo, hi, shift):  # elements with lo <= floor(log2 |x|) + shift < hi
-        i0, i1 = max(lo - shift - LO, 0), min(hi - shift - LO, NBINS)
-        return float(sum(hist[i0:i1])) if i1 > i0 else 0.0
+        return float(sum(c for f, c in counts.items() if lo <= f + shift < hi))
 
     over16 = of16 if k == 0 else band(16, 10 ** 6, k)
     return dict(of=(over16 + inf) / n, uf=band(-10 ** 6, -25, k) / n, sub=band(-25, -14, k) / n,
@@ -211,7 +222,8 @@ def build_record(rec, iteration, scale, amp, trigger, **extra):
     """The Recorder's raw statistics (one device-to-host copy) -> the jsonl record (a dict)."""
     entries = rec.entries
     stats = torch.stack([e["stats"] for e in entries]).cpu().tolist() if entries else []
-    fp16_run = amp.dtype == torch.float16 and amp.kind != "none"
+    kind, dtype = getattr(amp, "kind", "none"), getattr(amp, "dtype", torch.float32)  # (tests pass stand-ins)
+    fp16_run = dtype == torch.float16 and kind != "none"
     grads = [s for e, s in zip(entries, stats) if e["phase"] in ("grad", "pgrad")]
     gmax = max((s[4] for s in grads), default=0.0)
     k = 0 if fp16_run else whatif_scale_log2(gmax)  # fp16 runs: the scale they use; others: what fp16 would use
@@ -231,8 +243,9 @@ def build_record(rec, iteration, scale, amp, trigger, **extra):
         culprit = dict(name=first["name"], phase=first["phase"], max=first["max"], nonfinite=first["nonfinite"],
                        nan=first["nan"], numel=first["numel"], dtype=first["dtype"],
                        by=_producers(first, rec.consumers, out))
-    return dict(kind="amp_report", iteration=iteration, trigger=trigger, amp=amp.describe(),
-                dtype=str(amp.dtype).replace("torch.", "") if amp.kind != "none" else "float32",
+    return dict(kind="amp_report", iteration=iteration, trigger=trigger,
+                amp=amp.describe() if hasattr(amp, "describe") else type(amp).__name__,
+                dtype=str(dtype).replace("torch.", "") if kind != "none" else "float32",
                 loss_scale=float(scale), grad_scale=float(scale) * 2.0 ** k, whatif=not fp16_run,
                 first_nonfinite=culprit, entries=out, **extra)
 
@@ -407,7 +420,7 @@ class _Step:
         rep = self.rep
         self.t0 = time.perf_counter()
         self.rng = _rng_state(self.images.device)
-        gs = rep.amp.grad_scaler
+        gs = getattr(rep.amp, "grad_scaler", None)
         # the scale this step uses, without a host sync (GradScaler keeps it on the device)
         self.scale = gs._scale.clone() if gs is not None and gs._scale is not None else None
         if self.scale is None:
@@ -485,8 +498,9 @@ def _cmap():
 
     def at(v):
         return (v - lo) / (hi - lo)
-    stops = [(0.0, "#08306b"), (at(-25), "#2171b5"), (at(-14), "#9ecae1"), (at(-13.9), "#f7f7f7"),
-             (at(8), "#e6f5d0"), (at(12), "#fee08b"), (at(15.99), "#f46d43"), (at(16), "#a50026"), (1.0, "#67001f")]
+    stops = [(0.0, "#08306b"), (at(-25), "#2171b5"), (at(-14), "#c6dbef"), (at(-13.9), "#f0f0f0"),
+             (at(0), "#c7e9c0"), (at(6), "#41ab5d"), (at(10), "#fee08b"), (at(14), "#fdae61"), (at(15.99), "#f46d43"),
+             (at(16), "#a50026"), (1.0, "#67001f")]
     return LinearSegmentedColormap.from_list("fp16", stops).with_extremes(over="#ff00ff", under="#000000",
                                                                           bad="#d9d9d9")
 
@@ -537,9 +551,9 @@ def draw(records, out_path, layout=False):
     label_w = 0.075 * max(len(n) for n in names) + 0.3
     row_h = 0.14
     top_h, bottom_h = 1.9, 1.2
-    width = label_w + 4 * panel_w + 3 * 0.25 + 1.4
+    width = label_w + 4 * panel_w + 3 * 0.25 + 2.2
     height = top_h + nr * row_h + bottom_h
-    fig = plt.figure(figsize=(width, height), dpi=100)
+    fig = plt.figure(figsize=(width, height), dpi=110)
     cmap, norm = _cmap(), Normalize(*LOG2_LIM)
     scmap = plt.get_cmap("Purples").with_extremes(bad="#ffffff", under="#ffffff")
     snorm = Normalize(*SHARE_LIM)
@@ -584,20 +598,21 @@ def draw(records, out_path, layout=False):
     sax.legend(fontsize=6, loc="best")
     sax.grid(alpha=0.3)
     # colour bars with fp16's range marked
-    cax = fig.add_axes([(width - 1.0) / width, y0 + h * 0.45, 0.12 / width, h * 0.5])
+    cax = fig.add_axes([(width - 1.8) / width, y0 + h * 0.45, 0.12 / width, h * 0.5])
     cb = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, extend="both")
-    for v, text in ((-24, "2^-24 smallest subnormal"), (-14, "2^-14 smallest normal"),
-                    (FP16_LOG2_MAX, "65504 max")):
+    for v in (-25, -14, FP16_LOG2_MAX):
         cb.ax.axhline(v, color="k", lw=1.2)
-    cb.set_ticks([-30, -24, -14, 0, 8, 16, 20])
+    cb.set_ticks([-30, -25, -14, 0, 8, 16, 20])
+    cb.set_ticklabels(["-30", "-25: fp16 zero below", "-14: fp16 subnormal below", "0", "8", "16: fp16 max 65504",
+                       "20"])
     cb.ax.tick_params(labelsize=6)
-    cb.set_label("log2 max |x| (lines: fp16's 2^-24, 2^-14, 65504)", fontsize=6)
-    sc = fig.add_axes([(width - 1.0) / width, y0, 0.12 / width, h * 0.35])
+    cb.set_label("log2 max |x|", fontsize=7)
+    sc = fig.add_axes([(width - 1.8) / width, y0, 0.12 / width, h * 0.35])
     cb2 = fig.colorbar(matplotlib.cm.ScalarMappable(norm=snorm, cmap=scmap), cax=sc)
     cb2.set_ticks([-6, -4, -2, 0])
     cb2.set_ticklabels(["1e-6", "1e-4", "1%", "100%"])
     cb2.ax.tick_params(labelsize=6)
-    cb2.set_label("share < 2^-14 in fp16 (zero or subnormal)", fontsize=6)
+    cb2.set_label("underflow share: < 2^-14 in fp16 (zero or subnormal)", fontsize=6)
     last = records[-1]
     view = "fp16 what-if" if last["whatif"] else "fp16 as run"
     fig.text(0.01, 1 - 0.25 / height, f"amp report: {last['amp']}", fontsize=8, va="top")
