@@ -1,10 +1,10 @@
-"""The training loop, evaluation and prediction every script shares: `main(SEGMENTOR_CFG, build_model, argv)`.
+"""The training loop and the run set-up every script shares: `main(SEGMENTOR_CFG, build_model, argv)`.
 
 The recipe is ssseg's (spec §7): SGD lr 0.01 / momentum 0.9 / wd 5e-4 on every parameter, poly lr (power 0.9, floor
 1e-4) set before each step from the number of finished iterations, 130 epochs x len(loader) iterations at a total
-batch of 16, loss = CE(out) + 0.4 CE(aux). Where the upsampling happens is decided here, once (spec §5, §8):
+batch of 16, loss = CE(out) + 0.4 CE(aux). Where the upsampling happens (spec §5, §8):
   train: the model returns low-resolution logits; seg_cross_entropy upsamples both to the crop size before the CE;
-  eval:  low-resolution logits are resized straight to the ORIGINAL image size, then argmax (no intermediate size).
+  eval:  common/infer.py resizes low-resolution logits straight to the ORIGINAL image size, then argmax.
 One step code path for every AMP mode (`with amp.autocast()`, `amp.backward`, `amp.step`): the loop never asks
 which kind it has. A non-finite gradient never reaches the weights (amp.step skips), a skipped step puts the BN
 running stats back (common/guard.py), and a run that keeps overflowing stops with a message instead of silently
@@ -20,16 +20,13 @@ import sys
 import time
 import traceback
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import checkpoint, config, data, dist, errors, fold, layers, report, runs, visualize
+from . import checkpoint, config, data, dist, errors, fold, infer, layers, report, runs
 from .amp_report import AmpReport
 from .errors import UserError
 from .guard import BufferGuard
-from .tta import augmented_logits
 
 # ----------------------------------------------------------------------------------------------------------------
 # schedule
@@ -97,144 +94,6 @@ def peak_memory_gb(device):
 def _progress(it, total, width=20):
     done = int(width * it / total)
     return "[" + "#" * done + "." * (width - done) + "]"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# evaluation and prediction
-
-
-def slide_logits(model, image, crop, stride):
-    """mmseg-style sliding window: (1, 3, H, W) -> (1, K, H, W) average of window logits upsampled to window size."""
-    H, W = image.shape[-2:]
-    (ch, cw), (sh, sw) = crop, stride
-    ny, nx = max(math.ceil((H - ch) / sh), 0) + 1, max(math.ceil((W - cw) / sw), 0) + 1
-    logits, count = None, image.new_zeros(1, 1, H, W)
-    for i in range(ny):
-        for j in range(nx):
-            y2, x2 = min(i * sh + ch, H), min(j * sw + cw, W)
-            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
-            out = model(image[..., y1:y2, x1:x2])["out"].float()
-            out = F.interpolate(out, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
-            if logits is None:
-                logits = image.new_zeros(1, out.shape[1], H, W)
-            logits[..., y1:y2, x1:x2] += out
-            count[..., y1:y2, x1:x2] += 1
-    return logits / count
-
-
-@torch.no_grad()
-def predict_logits(model, image, size, cfg, amp=None, tta=False):
-    """(1, 3, h, w) resized input -> (1, K, H, W) fp32 logits at the original size `size` (spec §8).
-
-    tta: common/tta.py's flip + multi-scale views, averaged at the original size (the reference's test.py with
-    `inference.tta` set); otherwise the one view the reference's evaluations use."""
-    def forward(x):
-        with amp.autocast() if amp is not None else torch.autocast("cpu", enabled=False):
-            if cfg.get("inference_mode", "whole") == "slide":
-                return slide_logits(model, x, cfg["slide_crop"], cfg["slide_stride"])
-            return model(x)["out"]  # (1, K, h/8, w/8)
-
-    if tta:
-        return augmented_logits(forward, image, size)
-    # straight from the low-resolution logits to the original H x W, no stop at the resized-input size (spec §10.6)
-    return F.interpolate(forward(image).float(), size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def precision(amp, model=None):
-    """What evaluation arithmetic ran in, for the eval line: 'fp32', 'bf16 autocast', 'bf16 folded weights', ..."""
-    if amp is None or amp.kind == "none":
-        dtype = getattr(model, "dtype", torch.float32)  # common.fold.Folded: the copy is in its own dtype
-        return {torch.float16: "fp16 folded weights", torch.bfloat16: "bf16 folded weights"}.get(dtype, "fp32")
-    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}[amp.dtype]
-    if amp.use_autocast or amp.nvidia is not None:
-        return f"{half} autocast"
-    return f"{half} weights (apex {amp.opt_level})" if amp.cast_model is not None else "fp32"
-
-
-@torch.no_grad()
-def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, log=print, classes=None, tta=False,
-             pictures=0):
-    """Whole-split confusion matrix (all ranks) -> {'aAcc', 'mIoU', 'mAcc', 'IoU', 'Acc'}; logs mmseg's per-class
-    table. pictures=N adds 'pictures': image | ground truth | prediction of this rank's first N images."""
-    from .metrics import ConfusionMatrix
-    cfg = cfg or {}
-    model = dist.unwrap(model)  # DDP's forward would broadcast buffers: ranks run different image counts here
-    was_training = model.training
-    model.eval()
-    device = torch.device(device)
-    cm = ConfusionMatrix(num_classes, ignore_index=data.IGNORE_INDEX)
-    classes = classes or data.CLASSES
-    shown = []
-    t0 = time.time()
-    for image, label in loader:  # batch 1 (spec §2.3): images keep their own sizes
-        image = image.to(device, non_blocking=True)
-        if cfg.get("channels_last"):
-            image = image.contiguous(memory_format=torch.channels_last)
-        label = label.to(device, non_blocking=True)  # (1, H, W) original resolution, 255 = ignore
-        pred = predict_logits(model, image, label.shape[-2:], cfg, amp, tta).argmax(1)
-        cm.update(pred, label)
-        if len(shown) < pictures:  # the input at the original size (the loader only holds the resized one)
-            y = label[0].cpu().numpy()
-            rgb = cv2.resize(visualize.denormalize(image), y.shape[::-1], interpolation=cv2.INTER_LINEAR)
-            shown.append(visualize.compare_picture(rgb, y, pred[0].cpu().numpy(), classes))
-    cm.reduce()
-    res = cm.compute()
-    model.train(was_training)
-    mode = cfg.get("inference_mode", "whole")
-    log(f"eval: {len(loader)} images/rank in {time.time() - t0:.1f} s | {precision(amp, model)} | {mode} | "
-        f"tta {'flip + 6 scales' if tta else 'off'} | mIoU {100 * res['mIoU']:.2f} | mAcc {100 * res['mAcc']:.2f} | "
-        f"aAcc {100 * res['aAcc']:.2f} | {sum(not math.isnan(v) for v in res['IoU'])} of {num_classes} classes "
-        "present (the others are absent from prediction and label: not counted)")
-    for line in cm.format(classes, res=res).splitlines()[:-1]:  # the last line would repeat the numbers above
-        log("  " + line)
-    out = {k: res[k] for k in ("aAcc", "mIoU", "mAcc", "IoU", "Acc")}
-    out["precision"] = precision(amp, model)
-    if pictures:
-        out["pictures"] = shown
-    return out
-
-
-DEMO_NOTE = (f"note: a model trained on the demo dataset has seen only {len(data.DEMO_CLASSES)} of ADE20k's 150 "
-             f"classes ({', '.join(data.DEMO_CLASSES)}); any other class in its pictures is noise")
-
-
-@torch.no_grad()
-def predict(model, items, out_dir, cfg, device, amp=None, log=print, tta=False):
-    """For each image path (or (image, annotation) pair) in items: common/visualize.py's pictures in out_dir.
-
-    An image that cannot be read is reported and skipped; returns (written, skipped)."""
-    model = dist.unwrap(model).eval()
-    transform = data.test_transform(scale=tuple(cfg["scale"]))
-    if cfg.get("data") == "demo":
-        log(DEMO_NOTE)
-    written = skipped = 0
-    for item in items:
-        path, ann = item if isinstance(item, tuple) else (item, None)
-        try:
-            image = data.read_image(path)  # (H, W, 3) RGB uint8
-            label = cv2.LUT(data.read_label(ann), data.REDUCE_ZERO_LABEL) if ann else None
-        except (OSError, ValueError) as e:  # read_image/read_label name the file and the problem
-            log(f"WARNING: predict: skipping {path}: {e}")
-            skipped += 1
-            continue
-        x, _ = transform(image, np.zeros(image.shape[:2], np.uint8))  # the label slot is unused here
-        pred = predict_logits(model, x[None].to(device), image.shape[:2], cfg, amp, tta).argmax(1)[0].cpu().numpy()
-        visualize.write(out_dir, os.path.splitext(os.path.basename(path))[0], image, pred, label)
-        written += 1
-    kinds = "mask, _overlay" + (", _compare" if any(isinstance(i, tuple) for i in items) else "")
-    log(f"predict: wrote {written}, skipped {skipped} ({kinds} PNGs in {out_dir})")
-    return written, skipped
-
-
-def image_paths(path):
-    exts = (".jpg", ".jpeg", ".png", ".bmp")
-    if os.path.isdir(path):
-        paths = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(exts))
-    else:
-        paths = [path]
-    if not paths or not all(os.path.isfile(p) for p in paths):
-        raise errors.MissingFile(f"--predict {path!r}: no image file (or folder of {'/'.join(exts)} files) there")
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,7 +166,7 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             optimizer.zero_grad(set_to_none=True)
             guard.snapshot()
             scale = None if settled else amp.loss_scale  # (a host sync: only until the scale settles)
-            with reporter.step(it, images, targets) as report:  # hooks only on --amp_report steps
+            with reporter.step(it, images, targets) as watch:  # hooks only on --amp_report steps
                 with amp.autocast():
                     out = model(images)  # {'out': (B, K, H/8, W/8), 'aux': (B, K, H/8, W/8)}
                     loss, loss_cls, loss_aux = criterion(out, targets)
@@ -320,7 +179,7 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
                     settled, skipped_run = True, 0
                 elif settled or not 1.0 <= amp.loss_scale < scale:
                     skipped_run += 1
-                report.outcome(skipped, stop=skipped_run >= cfg["max_skipped_steps"])  # diagnosed on exit
+                watch.outcome(skipped, stop=skipped_run >= cfg["max_skipped_steps"])  # diagnosed on exit
             it += 1
             # bookkeeping
             if not bool((targets != data.IGNORE_INDEX).any()):
@@ -357,7 +216,7 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             tb = getattr(log, "tb", None)
             from .tboard import NUM_PICTURES
             net, eval_amp = fold.for_eval(model, cfg, amp, log)  # a folded copy: the training model is untouched
-            metrics = evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log,
+            metrics = infer.evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log,
                                pictures=NUM_PICTURES if tb is not None else 0)
             if hasattr(log, "record"):
                 log.record(kind="eval", iteration=it, epoch=ep, **{k: metrics[k] for k in (
@@ -503,14 +362,14 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
             if cfg["eval_amp"] and cfg["amp"] != "none" else None  # autocast (O1) or a half folded copy
         net, eval_amp = fold.for_eval(model, cfg, half, log)
         if cfg["predict"]:
-            _, skipped = predict(net, image_paths(cfg["predict"]), pred_dir, cfg, device, eval_amp, log=log,
-                                 tta=cfg["tta"])
+            _, skipped = infer.predict(net, infer.image_paths(cfg["predict"]), pred_dir, cfg, device, eval_amp,
+                                       log=log, tta=cfg["tta"])
             if skipped:
                 raise SystemExit(1)  # the warnings above name each file; the rest were written
             return None
         val_loader = _val_loader(cfg, root)
-        metrics = evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log, tta=cfg["tta"])
-        _save_predictions(model, cfg, val_loader, pred_dir, device, half, log, cfg["tta"])
+        metrics = infer.evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log, tta=cfg["tta"])
+        infer.save_predictions(model, cfg, val_loader, pred_dir, device, half, log, cfg["tta"])
         return metrics
     if cfg["tta"]:
         log("tta: --tta applies to --eval and --predict (the reference's test.py); evaluations during training run "
@@ -581,16 +440,8 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
         if dist.is_main():
             from .plot import write_curves
             write_curves(cfg["run_dir"], log)
-    _save_predictions(model, cfg, val_loader, os.path.join(cfg["run_dir"], "pred"), device, amp, log)
+    infer.save_predictions(model, cfg, val_loader, os.path.join(cfg["run_dir"], "pred"), device, amp, log)
     return metrics
-
-
-def _save_predictions(model, cfg, val_loader, out_dir, device, amp, log, tta=False):
-    """Pictures of the first --save_predictions val images, with their ground truth beside the prediction."""
-    if cfg["save_predictions"] and dist.is_main():
-        n = min(cfg["save_predictions"], len(val_loader.dataset))
-        net, eval_amp = fold.for_eval(model, cfg, amp, log)  # the same folded copy as the evaluation's (cached)
-        predict(net, [val_loader.dataset.paths(i) for i in range(n)], out_dir, cfg, device, eval_amp, log, tta)
 
 
 # the schedule keys whose change on --resume changes the lr curve (poly over max_iters) or the data order

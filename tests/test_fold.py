@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import common.layers as layers
-from common import fold, train
+from common import fold, infer
 
 NAMES = ["fcn", "pspnet", "deeplabv3", "deeplabv3plus"]
 UNITS = {"fcn": 58, "pspnet": 61, "deeplabv3": 62, "deeplabv3plus": 70}  # conv-BN pairs: every BN of the model
@@ -87,8 +87,8 @@ def test_slide_inference_folded_matches_unfolded(models, name):
     model = models[name]
     cfg = dict(inference_mode="slide", slide_crop=(16, 16), slide_stride=(12, 12))
     x = torch.randn(1, 3, 28, 36)  # 2 x 3 windows, the last ones clipped to the image
-    want = train.predict_logits(model, x, (28, 36), cfg)
-    got = train.predict_logits(fold.Folded(model), x, (28, 36), cfg)
+    want = infer.predict_logits(model, x, (28, 36), cfg)
+    got = infer.predict_logits(fold.Folded(model), x, (28, 36), cfg)
     assert (got - want).abs().max() <= 2e-5 * want.abs().max()
 
 

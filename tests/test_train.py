@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common import checkpoint, config, data, runs, train
+from common import checkpoint, config, data, infer, runs, train
 from common.amp import Amp
 from common.errors import BadFileError
 
@@ -259,7 +259,7 @@ def test_evaluate_resizes_low_res_logits_straight_to_label_size():
     samples = [(torch.randn(1, 3, 32, 48), torch.randint(0, k, (1, 45, 70))),
                (torch.randn(1, 3, 40, 24), torch.randint(0, k, (1, 81, 50)))]
     samples[0][1][0, :5] = 255
-    res = train.evaluate(net, samples, num_classes=k, log=lambda m: None, classes=['a', 'b', 'c'])
+    res = infer.evaluate(net, samples, num_classes=k, log=lambda m: None, classes=['a', 'b', 'c'])
     mat = torch.zeros(k, k, dtype=torch.int64)
     for x, y in samples:  # independent reference: resize the (1, K, h/8, w/8) logits to H x W, argmax, count
         logits = nn.functional.interpolate(net(x)['out'], size=y.shape[-2:], mode='bilinear', align_corners=False)
@@ -276,7 +276,7 @@ def test_slide_inference_covers_every_pixel_once_averaged():
     net, x = PixelNet(stride=1).eval(), torch.randn(1, 3, 37, 53)
     whole = net(x)['out']
     with torch.no_grad():
-        slide = train.slide_logits(net, x, crop=(16, 20), stride=(10, 13))  # overlapping, ragged last windows
+        slide = infer.slide_logits(net, x, crop=(16, 20), stride=(10, 13))  # overlapping, ragged last windows
     assert torch.allclose(slide, whole, atol=1e-6)
 
 

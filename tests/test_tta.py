@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import checkpoint, config, train, tta
+from common import checkpoint, config, infer, train, tta
 from common.amp import Amp
 
 
@@ -35,7 +35,7 @@ def brute_force(net, image, size, cfg):
         for mirror in (False, True):
             v = torch.from_numpy(np.ascontiguousarray(x.numpy()[..., ::-1])) if mirror else x
             if cfg['inference_mode'] == 'slide':
-                out = train.slide_logits(net, v, cfg['slide_crop'], cfg['slide_stride'])
+                out = infer.slide_logits(net, v, cfg['slide_crop'], cfg['slide_stride'])
             else:
                 out = net(v)['out']
             if mirror:
@@ -50,9 +50,9 @@ def test_tta_matches_brute_force(mode):
     image, size = torch.randn(1, 3, 30, 44), (57, 83)  # the resized input and the original (label) size
     cfg = dict(inference_mode=mode, slide_crop=(16, 20), slide_stride=(10, 13))
     with torch.no_grad():
-        got = train.predict_logits(net, image, size, cfg, tta=True)
+        got = infer.predict_logits(net, image, size, cfg, tta=True)
         ref = brute_force(net, image, size, cfg)
-        plain = train.predict_logits(net, image, size, cfg)
+        plain = infer.predict_logits(net, image, size, cfg)
     assert got.shape == (1, 3, *size) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert (got - plain).abs().max() > 1e-2  # the views do change the answer: the test can fail
@@ -65,7 +65,7 @@ def test_one_view_is_plain_inference():
         def forward(x):
             return net(x)['out']
         one = tta.augmented_logits(forward, image, (50, 70), scales=(1,), flip=False)
-        plain = train.predict_logits(net, image, (50, 70), dict(inference_mode='whole'))
+        plain = infer.predict_logits(net, image, (50, 70), dict(inference_mode='whole'))
     assert torch.equal(one, plain)
 
 
@@ -76,18 +76,18 @@ def _loader(k=3):
 
 def test_eval_line_names_precision_and_tta():
     net, lines = ContextNet(), []
-    res = train.evaluate(net, _loader(), 3, log=lines.append, classes=['a', 'b', 'c'], tta=True)
+    res = infer.evaluate(net, _loader(), 3, log=lines.append, classes=['a', 'b', 'c'], tta=True)
     assert '| fp32 | whole | tta flip + 6 scales |' in lines[0] and res['precision'] == 'fp32'
     assert lines[1].split()[:3] == ['class', 'IoU', 'Acc'] and 0 <= res['mAcc'] <= 1 and len(res['Acc']) == 3
     amp = Amp('torch', dtype=torch.bfloat16, device='cpu')
     lines.clear()
-    res = train.evaluate(net, _loader(), 3, amp=amp, log=lines.append, classes=['a', 'b', 'c'])
+    res = infer.evaluate(net, _loader(), 3, amp=amp, log=lines.append, classes=['a', 'b', 'c'])
     assert '| bf16 autocast | whole | tta off |' in lines[0] and res['precision'] == 'bf16 autocast'
-    res = train.evaluate(net, _loader(), 3, log=lines.append, classes=['a', 'b', 'c'], pictures=1)
+    res = infer.evaluate(net, _loader(), 3, log=lines.append, classes=['a', 'b', 'c'], pictures=1)
     pic = res['pictures'][0]  # image | truth | prediction at the label's size (47 x 61), titled, with a legend
     assert len(res['pictures']) == 1 and pic.shape[0] >= 26 + 47 and pic.shape[1] > 3 * 61 and pic.dtype == np.uint8
-    assert train.precision(Amp('none', device='cpu')) == 'fp32'
-    assert train.precision(Amp('apex', opt_level='O0', dtype=torch.float16, device='cpu')) == 'fp32'
+    assert infer.precision(Amp('none', device='cpu')) == 'fp32'
+    assert infer.precision(Amp('apex', opt_level='O0', dtype=torch.float16, device='cpu')) == 'fp32'
 
 
 # --------------------------------------------------------------------------------------------------------------
