@@ -426,3 +426,60 @@ def test_command_errors_and_the_flag(tmp_path):
         config.parse(None, ["--amp_report", "-1"], "x")
     assert config.parse(None, ["--amp_report", "50"], "x")["amp_report"] == 50
     assert config.DEFAULTS["amp_report"] == 0
+
+# ----------------------------------------------------------------------------------------------------------------
+# --compile (the report step is an eager replay before the compiled step) and DDP (each rank records, rank 0 writes)
+
+
+def _compiled_check(tmp_path):
+    from pathlib import Path
+    tmp_path = Path(tmp_path)
+    from common.compile import compile_module
+    runs = {}
+    for every in (0, 2):
+        torch.manual_seed(0)
+        cfg = dict(config.DEFAULTS, num_classes=2, max_iters=4, batch_size=2, num_workers=0, log_interval=1,
+                   eval_interval_epochs=0, save_interval_epochs=0, work_dir=str(tmp_path / str(every)),
+                   kernels="torch", amp_report=every)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        amp = Amp("none", device="cpu")
+        model, opt = amp.initialize(model, opt)
+        compile_module(model, "default", log=lambda *a: None, backend="aot_eager")
+        loader = data.train_loader(Toy(), 2, 0, seed=0, num_items=4)
+        train.fit(cfg, model, opt, amp, loader, None, 0, "cpu", train.Logger(cfg["work_dir"]))
+        assert model._compiled_call_impl is not None  # still compiled after the replays
+        runs[every] = (_state(model, opt), _losses(tmp_path / str(every)))
+    recs = _reports(tmp_path / "2")
+    assert [(r["iteration"], r["trigger"]) for r in recs] == [(2, "every 2, eager replay (--compile)"),
+                                                              (4, "every 2, eager replay (--compile)")]
+    assert any(e["name"] == "bn2" and e["phase"] == "grad" for e in recs[0]["entries"])
+    assert runs[2][1] == runs[0][1]
+    for k, v in runs[0][0].items():
+        assert torch.equal(runs[2][0][k], v), k
+
+
+def test_compiled_model_reports_by_an_eager_replay_and_trains_identically(tmp_path):
+    # in a child process: a backward through a compiled graph starts autograd threads, after which the fork-based
+    # 2-rank tests (here and in tests/test_dist.py) could not fork
+    code = f"import test_amp_report as t; t._compiled_check({str(tmp_path)!r})"
+    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ROOT, "tests"), capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_two_ranks_each_record_rank_0_writes_and_training_is_unchanged(tmp_path):
+    from test_dist import _argv, _free_port, _worker_trainer, spawn
+    root = str(tmp_path / "ade")
+    data.make_demo_ade20k(root, num_train=8, num_val=5, seed=0)
+    on, off = str(tmp_path / "on"), str(tmp_path / "off")
+    runs = [_argv(root, off, "--eval_interval_epochs", "0"), _argv(root, on, "--eval_interval_epochs", "0",
+                                                                   "--amp_report", "2")]
+    spawn(_worker_trainer, tmp_path, [_free_port() for _ in runs], runs)
+    from common import runs as run_folders
+    (off,), (on,) = run_folders.runs(off), run_folders.runs(on)
+    recs = _reports(__import__("pathlib").Path(on))
+    assert [r["iteration"] for r in recs] == [2, 4]  # written once (rank 0), not once per rank
+    a = torch.load(os.path.join(off, "checkpoint-final.pth"), weights_only=False)["model"]
+    b = torch.load(os.path.join(on, "checkpoint-final.pth"), weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
