@@ -300,7 +300,7 @@ def summary(record):
                grad_max_log2=max((_log2(e["max"] * gs) for e in grads), default=float("nan")),
                grad_overflow=tot(grads, "of"), grad_underflow=tot(grads, "uf") + tot(grads, "sub"),
                grad_scale=record["grad_scale"], nonfinite=sum(e["nonfinite"] for e in record["entries"]))
-    return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in out.items()}
+    return {k: (round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def _log2(v):
@@ -394,9 +394,11 @@ class AmpReport:
             timing = (f" | report step {record['step_s']:.2f} s vs {record['normal_step_s']:.2f} s normal "
                       f"({record['step_s'] / record['normal_step_s']:.2f}x)")
         view = "fp16" + (" what-if" if record["whatif"] else "")
-        self.log(f"amp report it {record['iteration']} ({record['trigger']}): {view}: largest output 2^"
-                 f"{s['fwd_max_log2']:.1f} (fp16 max 2^{FP16_LOG2_MAX:.1f}), gradients x {record['grad_scale']:g}: "
-                 f"largest 2^{s['grad_max_log2']:.1f}, {100 * s['grad_underflow']:.2g}% of gradient elements "
+        def p2(v):
+            return "-" if v is None else f"2^{v:.1f}"
+        self.log(f"amp report it {record['iteration']} ({record['trigger']}): {view}: largest output "
+                 f"{p2(s['fwd_max_log2'])} (fp16 max 2^{FP16_LOG2_MAX:.1f}), gradients x {record['grad_scale']:g}: "
+                 f"largest {p2(s['grad_max_log2'])}, {100 * s['grad_underflow']:.2g}% of gradient elements "
                  f"underflow | {describe_culprit(record)}{timing}")
         try:
             draw(read_records(path), os.path.join(self.folder, "amp_report.png"))

@@ -294,6 +294,26 @@ def test_the_first_skipped_step_is_diagnosed_and_names_the_planted_layer(tmp_pat
     assert os.path.getsize(tmp_path / "amp_report.png") > 5000
 
 
+def test_summary_scalars_reach_tensorboard(tmp_path):
+    got = []
+
+    class FakeWriter:  # the tensorboard package is optional; common.tboard.Writer.record's interface
+        def record(self, kv):
+            got.append(kv)
+    log = train.Logger()
+    log.work_dir, log.tb = str(tmp_path), FakeWriter()
+    rec = _one_step(Chain(nn.Identity()), Amp("none", device="cpu"))
+    rep = amp_report.AmpReport({"amp_report": 1}, nn.Linear(1, 1), Amp("none", device="cpu"), None, str(tmp_path),
+                               log, None)
+    rep.write(rec)
+    assert [g["kind"] for g in got] == ["amp_report"]
+    s = got[0]
+    assert s["iteration"] == 1 and s["nonfinite"] == 0 and s["grad_scale"] == rec["grad_scale"]
+    assert s["fwd_max_log2"] == pytest.approx(max(math.log2(e["max"]) for e in rec["entries"] if e["phase"] == "fwd"),
+                                              abs=1e-5)
+    assert 0 <= s["grad_underflow"] < 1 and s["fwd_overflow"] == 0
+
+
 def test_the_stop_for_too_many_skipped_steps_is_diagnosed(tmp_path):
     # apex O2 bf16: a half model; steps 2, 3, 4 all overflow in the planted layer -> stop after the 3rd skip
     _, _, err = _fit(tmp_path, Amp("apex", opt_level="O2", dtype=torch.bfloat16, device="cpu"), skip_iters=(2, 3, 4),
