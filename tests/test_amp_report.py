@@ -168,7 +168,8 @@ def test_a_planted_forward_overflow_in_fp16_is_named():
     rows = {(e["name"], e["phase"]): e for e in rec["entries"]}
     assert rows[("backbone_net.0", "fwd")]["dtype"] == "float16"  # the autocast conv output, as computed
     assert rows[("backbone_net.0", "fwd")]["nonfinite"] == 0
-    assert rows[("middle", "fwd")]["of"] == pytest.approx(rows[("middle", "fwd")]["nonfinite"] / (2 * 4 * 64), rel=1e-3)  # 4 digits in the jsonl
+    mid = rows[("middle", "fwd")]
+    assert mid["of"] == pytest.approx(mid["nonfinite"] / (2 * 4 * 64), rel=1e-3)  # 4 digits in the jsonl
     # the same model in fp32: finite everywhere, but the what-if says fp16 would overflow there
     torch.manual_seed(0)
     rec = _one_step(Chain(Amplify(1e5)), Amp("none", device="cpu"))
