@@ -4,7 +4,6 @@ The shares against a brute-force count; a planted forward overflow and a planted
 first non-finite module; the automatic report on the first skipped step and on the stop; training bit-identical
 with and without reports (hooked steps and replays); the picture drawn from the jsonl, checked pixel by pixel.
 """
-import copy
 import json
 import math
 import os
