@@ -240,7 +240,8 @@ def build_record(rec, iteration, scale, amp, trigger, **extra):
         first = next((r for r in out if r["nonfinite"]), None)
     culprit = None
     if first is not None:
-        culprit = dict(name=first["name"], phase=first["phase"], max=first["max"], nonfinite=first["nonfinite"],
+        culprit = dict(name=first["name"], phase=first["phase"], order=first["order"], max=first["max"],
+                       nonfinite=first["nonfinite"],
                        nan=first["nan"], numel=first["numel"], dtype=first["dtype"],
                        by=_producers(first, rec.consumers, out))
     return dict(kind="amp_report", iteration=iteration, trigger=trigger,
@@ -272,17 +273,18 @@ def describe_culprit(record):
     if c is None:
         return "no inf/NaN in any module output, gradient or parameter on this batch"
     what = "NaN" if c["nan"] == c["nonfinite"] else "inf" if c["nan"] == 0 else "inf/NaN"
+    where = f"rank {c['rank']}: " if c.get("rank") is not None else ""  # DDP: rank 0's step was finite
     share = f"{c['nonfinite']} of {c['numel']} elements"
     if c["phase"] == "fwd":
-        return f"first {what} in forward: output of {c['name']} ({c['dtype']}, {share}; max finite |x| {c['max']:.3g})"
+        return f"{where}first {what} in forward: output of {c['name']} ({c['dtype']}, {share}; max finite |x| {c['max']:.3g})"
     if c["phase"] == "param":
-        return f"first {what} in a parameter: {c['name']} ({share})"
+        return f"{where}first {what} in a parameter: {c['name']} ({share})"
     scale = record["loss_scale"]
     g = f"max finite |g| {c['max']:.3g}" + (f" (gradients x loss scale {scale:g})" if scale != 1 else "")
     if c["phase"] == "pgrad":
-        return f"first {what} in backward: gradient of the parameter {c['name']} ({share}; {g})"
+        return f"{where}first {what} in backward: gradient of the parameter {c['name']} ({share}; {g})"
     by = " or ".join(c["by"]) if c["by"] else "the loss"
-    return f"first {what} in backward: grad of {c['name']} output, from the backward of {by} ({share}; {g})"
+    return f"{where}first {what} in backward: grad of {c['name']} output, from the backward of {by} ({share}; {g})"
 
 
 def summary(record):
@@ -372,11 +374,14 @@ class AmpReport:
     def write(self, record, step_s=None):
         """Gather the ranks' culprits, append the record, redraw the picture, log a line and the scalars."""
         if dist.world_size() > 1:
+            # the earliest over the ranks (forward before backward, then execution order): with SyncBN one rank's
+            # inf reaches the others' statistics, so rank 0's own first inf may be a consequence
             firsts = dist.all_gather_object(record["first_nonfinite"])
             record["ranks_first_nonfinite"] = firsts
-            bad = next((r for r, f in enumerate(firsts) if f is not None), None)
-            if bad is not None and record["first_nonfinite"] is None:
-                record["first_nonfinite"] = dict(firsts[bad], rank=bad)
+            found = [(f["phase"] not in ("fwd", "param"), f["order"], r) for r, f in enumerate(firsts) if f]
+            if found and min(found)[2] != dist.rank():
+                r = min(found)[2]
+                record["first_nonfinite"] = dict(firsts[r], rank=r)
         if step_s is not None:
             normal = statistics.median(self.step_times) if self.step_times else None
             record.update(step_s=round(step_s, 4), normal_step_s=round(normal, 4) if normal else None)
@@ -394,6 +399,7 @@ class AmpReport:
             timing = (f" | report step {record['step_s']:.2f} s vs {record['normal_step_s']:.2f} s normal "
                       f"({record['step_s'] / record['normal_step_s']:.2f}x)")
         view = "fp16" + (" what-if" if record["whatif"] else "")
+
         def p2(v):
             return "-" if v is None else f"2^{v:.1f}"
         self.log(f"amp report it {record['iteration']} ({record['trigger']}): {view}: largest output "
@@ -463,9 +469,10 @@ class _Step:
             record = build_record(rec, self.n, float(self.scale), rep.amp, why + " (replayed)", skipped=True)
             rep.write(record)
         if record is not None and self.skipped and why:
-            warm = "" if rep.clean_seen or not rep.amp.loss_scale >= 1 else \
-                "; before any clean step: the loss scale may still be looking for its level"
-            rep.log(f"skipped step at it {self.n} (loss scale {float(self.scale):g} -> {rep.amp.loss_scale:g}): "
+            after = rep.amp.loss_scale
+            warm = "; before any clean step: the loss scale may still be looking for its level" \
+                if not rep.clean_seen and 1 <= after < float(self.scale) else ""
+            rep.log(f"skipped step at it {self.n} (loss scale {float(self.scale):g} -> {after:g}): "
                     f"{describe_culprit(record)}{warm} (amp_report.jsonl / amp_report.png in {rep.folder})")
         return False
 

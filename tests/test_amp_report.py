@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common import amp_report, config, data, layers, train
+from common import amp_report, config, data, dist, layers, train
 from common.amp import Amp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -503,3 +503,35 @@ def test_two_ranks_each_record_rank_0_writes_and_training_is_unchanged(tmp_path)
     a = torch.load(os.path.join(off, "checkpoint-final.pth"), weights_only=False)["model"]
     b = torch.load(os.path.join(on, "checkpoint-final.pth"), weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _worker_planted(port, argv):
+    from test_dist import TinySeg
+
+    class Planted(TinySeg):  # rank 1 only: inf logits in its 3rd training forward and the replay of that step
+        calls = 0
+
+        def forward(self, x):
+            out = super().forward(x)
+            if self.training:
+                Planted.calls += 1
+                if dist.rank() == 1 and Planted.calls in (3, 4):
+                    out = dict(out, out=out["out"] * float("inf"))
+            return out
+    os.environ["MASTER_PORT"] = str(port)
+    train.main({}, lambda cfg=None, num_classes=150: Planted(num_classes), argv, name="tiny")
+
+
+def test_two_ranks_the_skipped_step_line_names_the_rank_that_overflowed(tmp_path):
+    from test_dist import _argv, _free_port, spawn
+    root = str(tmp_path / "ade")
+    data.make_demo_ade20k(root, num_train=8, num_val=5, seed=0)
+    spawn(_worker_planted, tmp_path, _free_port(), _argv(root, str(tmp_path / "w"), "--eval_interval_epochs", "0"))
+    from common import runs as run_folders
+    (run,) = run_folders.runs(str(tmp_path / "w"))
+    with open(os.path.join(run, "log.txt")) as f:
+        log = f.read()
+    assert "skipped step at it 3 (loss scale 1 -> 1): rank 1: first" in log
+    assert "in forward: output of model[out]" in log
+    (rec,) = _reports(__import__("pathlib").Path(run))
+    assert rec["first_nonfinite"]["rank"] == 1 and rec["ranks_first_nonfinite"][1]["name"] == "model[out]"
