@@ -342,10 +342,13 @@ def _losses(tmp_path):
 
 MODES = [("none", "O1", torch.float32, "torch"), ("torch", "O1", torch.bfloat16, "torch"),
          ("apex", "O2", torch.bfloat16, "torch"), ("torch", "O1", torch.float16, "torch"),
-         ("none", "O1", torch.float32, "fused")]
+         ("apex", "O1", torch.float16, "torch"), ("apex", "O2", torch.float16, "torch"),
+         ("apex", "O3", torch.float16, "torch"), ("none", "O1", torch.float32, "fused"),
+         ("torch", "O1", torch.bfloat16, "fused"), ("apex", "O2", torch.float16, "fused")]
 
 
-@pytest.mark.parametrize("kind,opt_level,dtype,kernels", MODES)
+@pytest.mark.parametrize("kind,opt_level,dtype,kernels", MODES,
+                         ids=[f"{k}-{o}-{str(d)[6:]}-{n}" for k, o, d, n in MODES])
 def test_training_is_bit_identical_with_and_without_reports(tmp_path, monkeypatch, kind, opt_level, dtype, kernels):
     """Three runs with a skipped step at it 3: no report at all (the replay switched off), the automatic replay
     only, and --amp_report 1 (hooks on every step). Same losses, weights, BN buffers, momentum, loss scale."""
@@ -368,6 +371,8 @@ def test_training_is_bit_identical_with_and_without_reports(tmp_path, monkeypatc
             runs[name] = (_state(model, opt), _losses(folder))
         assert [s for _, s, _ in runs["plain"][1]] == [0, 0, 1, 1]  # (the running total)
         assert len(_reports(tmp_path / "hooks")) == 4 and len(_reports(tmp_path / "replay")) == 1
+        conv2 = next(e for e in _reports(tmp_path / "hooks")[0]["entries"] if e["name"] == "conv2")
+        assert conv2["dtype"] == str(dtype)[6:]  # what the mode computes: fp32, autocast's or the half model's type
         for name in ("replay", "hooks"):
             assert runs[name][1] == runs["plain"][1], name
             for k, v in runs["plain"][0].items():
