@@ -161,6 +161,7 @@ def validate(cfg, num_palette=150):
     for key in ('max_iters', 'stop_iters', 'num_workers', 'num_train_images', 'num_val_images',
                 'eval_interval_epochs', 'save_interval_epochs', 'keep_checkpoints', 'save_predictions'):
         need(cfg[key] >= 0, key, "must be >= 0 (0 = " + ("never" if 'interval' in key else "off / all") + ")")
+    need(cfg.get('amp_report', 0) >= 0, 'amp_report', "must be >= 0 (0 = off; N = a report every N iterations)")
     for key in ('log_interval', 'max_skipped_steps'):
         need(cfg[key] >= 1, key, "must be at least 1")
     need(1 <= cfg['num_classes'] <= num_palette, 'num_classes', f"must be 1..{num_palette} (ADE20k's classes)")

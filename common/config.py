@@ -120,6 +120,9 @@ DEFAULTS = dict(
     amp='apex',  # none | torch | apex (the reference trains with apex O1, spec §1; ours implements its semantics)
     opt_level='O1',  # apex opt level O0 | O1 | O2 | O3 (ignored unless amp=apex)
     amp_dtype='auto',  # auto | float16 | bfloat16; auto = float16 on CUDA (the reference), common.amp's CPU pick on CPU
+    # every N iterations one step records per-layer fp16/bf16 overflow and underflow (common/amp_report.py) into
+    # RUN_DIR/amp_report.jsonl + .png; 0 = off (a skipped step is still diagnosed, automatically)
+    amp_report=0,
     # --- data
     data='ade20k',  # ade20k | demo (a synthetic ADE-layout dataset generated on first use, no download)
     data_root='',  # folder holding ADEChallengeData2016 ('' = ./ADE20k, ssseg's default); with demo: its cache folder

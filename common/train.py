@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, config, data, dist, errors, fold, infer, layers, report, runs
+from .amp_report import AmpReport
 from .errors import UserError
 from .guard import BufferGuard
 
@@ -127,6 +128,12 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
     window = dict(loss=0.0, cls=0.0, aux=0.0, n=0, images=0, t=time.time())
     model.train()
 
+    def criterion(out, targets):  # spec §6; common/amp_report.py replays it on a batch it diagnoses
+        loss_cls = layers.seg_cross_entropy(out["out"], targets, data.IGNORE_INDEX)  # upsampled to crop
+        loss_aux = layers.seg_cross_entropy(out["aux"], targets, data.IGNORE_INDEX)
+        return loss_cls + cfg["aux_weight"] * loss_aux, loss_cls, loss_aux
+    reporter = AmpReport(cfg, model, amp, optimizer, folder, log, criterion)  # --amp_report, skipped-step diagnosis
+
     def save(tag):
         rng = dist.all_gather_object(checkpoint.rng_state())  # every rank's generators (rank r resumes from rng[r])
         if dist.is_main():
@@ -159,25 +166,25 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             optimizer.zero_grad(set_to_none=True)
             guard.snapshot()
             scale = None if settled else amp.loss_scale  # (a host sync: only until the scale settles)
-            with amp.autocast():
-                out = model(images)  # {'out': (B, K, H/8, W/8), 'aux': (B, K, H/8, W/8)}
-                loss_cls = layers.seg_cross_entropy(out["out"], targets, data.IGNORE_INDEX)  # upsampled to crop
-                loss_aux = layers.seg_cross_entropy(out["aux"], targets, data.IGNORE_INDEX)
-                loss = loss_cls + cfg["aux_weight"] * loss_aux
-            amp.backward(loss, optimizer)
-            bad_buffers = not guard.finite()  # BN saw an inf/NaN (or overflowed its variance) in this forward
-            skipped = amp.step(optimizer, skip=bad_buffers)
-            if skipped:
-                guard.restore()
+            with reporter.step(it, images, targets) as watch:  # hooks only on --amp_report steps
+                with amp.autocast():
+                    out = model(images)  # {'out': (B, K, H/8, W/8), 'aux': (B, K, H/8, W/8)}
+                    loss, loss_cls, loss_aux = criterion(out, targets)
+                amp.backward(loss, optimizer)
+                bad_buffers = not guard.finite()  # BN saw an inf/NaN (or overflowed its variance) in this forward
+                skipped = amp.step(optimizer, skip=bad_buffers)
+                if skipped:
+                    guard.restore()
+                if not skipped:
+                    settled, skipped_run = True, 0
+                elif settled or not 1.0 <= amp.loss_scale < scale:
+                    skipped_run += 1
+                watch.outcome(skipped, stop=skipped_run >= cfg["max_skipped_steps"])  # diagnosed on exit
             it += 1
             # bookkeeping
             if not bool((targets != data.IGNORE_INDEX).any()):
                 empty_total += 1  # the reference's mean CE would be NaN here; ours is 0 (spec §6 edge case)
             skipped_total += int(skipped)
-            if not skipped:
-                settled, skipped_run = True, 0
-            elif settled or not 1.0 <= amp.loss_scale < scale:
-                skipped_run += 1
             window["loss"] += loss.item()
             window["cls"] += loss_cls.item()
             window["aux"] += loss_aux.item()
