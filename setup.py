@@ -6,6 +6,7 @@
     TORCH_CUDA_ARCH_LIST="8.0;9.0" (default)     # the cards we target: A100, H100/H200
     DEBUG=1                                      # -O0 -g (and -lineinfo for nvcc)
     MAX_JOBS=N                                   # parallel compile jobs (ninja)
+    SEG_BUILD_TEMP=DIR                           # object directory (default build/temp.<platform>-<python>)
 """
 import glob
 import os
@@ -84,12 +85,14 @@ class PersistentBuildExt(BuildExtension):
     """torch's BuildExtension with a fixed object directory, build/temp.<platform>-<python>, so that ninja's
     incremental build applies across installs. `pip install -e .` otherwise compiles in a fresh temp folder each
     time (setuptools' editable_wheel sets one), i.e. everything from scratch; ninja still recompiles what changed
-    (sources, included headers via the depfiles, and any changed compile command)."""
+    (sources, included headers via the depfiles, and any changed compile command). SEG_BUILD_TEMP names another
+    one (tools/build_for_device.sh: its CUDA objects do not overwrite those of a CPU-only build for the same Python)."""
 
     def finalize_options(self):
         super().finalize_options()
         plat = sysconfig.get_platform()
-        self.build_temp = os.path.join(here, "build", f"temp.{plat}-{sys.implementation.cache_tag}")
+        self.build_temp = (os.environ.get("SEG_BUILD_TEMP")
+                           or os.path.join(here, "build", f"temp.{plat}-{sys.implementation.cache_tag}"))
 
 
 setup(

@@ -6,6 +6,7 @@ switch changes no parameter and no state-dict key: a checkpoint trained with one
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 KERNELS = "torch"  # 'torch' | 'fused'; set once at start-up by set_kernels(), logged by the trainer
 
@@ -142,9 +143,14 @@ def upsample_concat(inputs, size):
     if KERNELS == "fused":
         from . import ops
         return ops.upsample_concat(list(inputs), size, align_corners=False)
-    # a map already at `size` is taken as is (the reference does not resize it; bilinear at scale 1 would copy it)
-    outs = [t if tuple(t.shape[-2:]) == size else F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-            for t in inputs]
+    # a map already at `size` is taken as is (the reference does not resize it; bilinear at scale 1 would copy it).
+    # Under dynamic shapes (the compiled eval copy) a plain `==` here becomes a guard on the image size: a pyramid
+    # bin's (6, 6) == (h, w) guards h != 6 on torch 2.11 (on h alone) and (h, w) != (6, 6) on 2.14, and an image
+    # whose feature map has that size compiled again. statically_known_true adds no guard: it is true only for a map
+    # that is at `size` for every image (the decoder's own input); a map that just happens to match is interpolated,
+    # which at scale 1 is a copy.
+    outs = [t if all(statically_known_true(a == b) for a, b in zip(t.shape[-2:], size))
+            else F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in inputs]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 

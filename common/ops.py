@@ -190,6 +190,16 @@ def upsample_cross_entropy(logits, target, ignore_index=255):
     return loss
 
 
+# One gradient per argument the op was CALLED with, not one per schema argument: the dispatcher drops trailing
+# arguments equal to their schema default (align_corners=False, ignore_index=255) before autograd sees the call, so
+# the same op arrives with 2 or 3 arguments (setup_context still gets them all: torch fills the defaults back in).
+# torch 2.14 trims surplus None gradients; torch 2.11 refuses them for an op with a Tensor[] argument ("Expected the
+# return from backward to be of the same structure as the inputs"). ctx.needs_input_grad has one entry per argument
+# passed on both.
+def _per_input(ctx, *grads):
+    return grads[:len(ctx.needs_input_grad)]
+
+
 def _uc_setup(ctx, inputs, output):
     tensors, _size, align_corners = inputs
     ctx.shapes = ([t.shape[1] for t in tensors], [t.shape[2] for t in tensors], [t.shape[3] for t in tensors])
@@ -198,7 +208,7 @@ def _uc_setup(ctx, inputs, output):
 
 def _uc_backward(ctx, grad):
     grads = torch.ops.segfp16.upsample_concat_backward(grad, *ctx.shapes, ctx.align_corners)
-    return list(grads), None, None
+    return _per_input(ctx, list(grads), None, None)
 
 
 def _ce_setup(ctx, inputs, output):
@@ -210,7 +220,7 @@ def _ce_setup(ctx, inputs, output):
 def _ce_backward(ctx, grad_loss, _grad_lse):
     logits, target, lse = ctx.saved_tensors
     grad = torch.ops.segfp16.upsample_cross_entropy_backward(grad_loss, logits, target, lse, ctx.ignore_index)
-    return grad, None, None
+    return _per_input(ctx, grad, None, None)
 
 
 def _uc_fake(inputs, size, align_corners=False):

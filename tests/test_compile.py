@@ -200,11 +200,13 @@ def test_adaptive_pool_op_is_aten_with_a_gradient():
 @pytest.mark.parametrize("build", [tiny_pspnet, tiny_deeplabv3], ids=["pspnet", "deeplabv3"])
 def test_inductor_eval_copy_compiles_once_for_all_sizes(build):
     # inductor itself (not aot_eager): its lowering of adaptive pooling specializes on the input size, which is why
-    # the models pool through an opaque op; three sizes (a square one first), one graph, the eager values
+    # the models pool through an opaque op; four sizes (a square one first), one graph, the eager values. 48x36 and
+    # 48x48 give 6x5 and 6x6 feature maps, the size of PSPNet's 6x6 pyramid bin: a size comparison in the graph that
+    # guards (torch 2.11 guarded on the height alone, 2.14 on both) would compile again there
     model = build().eval()
     lines = []
     net, _ = fold.for_eval(model, dict(fold=True, compile="default"), None, log=lines.append)
-    one_graph_for_all_sizes(net, model, ((32, 32), (40, 56), (48, 36)), lines)
+    one_graph_for_all_sizes(net, model, ((32, 32), (40, 56), (48, 36), (48, 48)), lines)
 
 
 @pytest.mark.skipif(os.environ.get("SEGFP16_INDUCTOR_TESTS") != "1",

@@ -208,6 +208,31 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x: ops.upsample_cross_entropy(x, target), (logits.requires_grad_(),))
 
 
+def test_backward_returns_one_gradient_per_argument_passed():
+    # The dispatcher drops a trailing argument equal to its schema default (align_corners=False, ignore_index=255)
+    # before autograd sees the call, so each op arrives with 2 or 3 arguments. torch 2.11 rejects a backward that
+    # returns a gradient for the dropped one (torch 2.14 trims it, so the count is checked directly below as well).
+    xs = [t.requires_grad_() for t in make_inputs([(2, 3, 4), (1, 1, 1)], 2, torch.float64, "contig")]
+    concat = torch.ops.segfp16.upsample_concat
+    for call in (lambda *a: concat(list(a), [5, 3]), lambda *a: concat(list(a), [5, 3], False),
+                 lambda *a: concat(list(a), [5, 3], True)):
+        assert torch.autograd.gradcheck(call, xs)
+    logits, target = make_ce((2, 4, 3, 4, 7, 9), torch.float64, "contig")
+    ce = torch.ops.segfp16.upsample_cross_entropy
+    other = target.clamp(max=3)  # labels 0..3, and 1 is the ignored one
+    for call in (lambda x: ce(x, target)[0], lambda x: ce(x, target, 255)[0], lambda x: ce(x, other, 1)[0]):
+        assert torch.autograd.gradcheck(call, (logits.requires_grad_(),))
+
+    class Ctx:  # what autograd hands the backward: one needs_input_grad entry per argument passed
+        shapes, align_corners, ignore_index = ([2, 1], [3, 1], [4, 1]), False, 255
+        saved_tensors = (logits, target, torch.zeros(2, 7, 9, dtype=torch.float64))
+
+    for passed in (2, 3):
+        Ctx.needs_input_grad = (True,) + (False,) * (passed - 1)
+        assert len(ops._uc_backward(Ctx, torch.randn(2, 3, 5, 3, dtype=torch.float64))) == passed
+        assert len(ops._ce_backward(Ctx, torch.tensor(1.0, dtype=torch.float64), None)) == passed
+
+
 def test_opcheck():
     for layout in ("contig", "cl"):
         for rg in (False, True):
