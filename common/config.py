@@ -119,7 +119,9 @@ DEFAULTS = dict(
     # --- AMP (mixed precision)
     amp='apex',  # none | torch | apex (the reference trains with apex O1, spec §1; ours implements its semantics)
     opt_level='O1',  # apex opt level O0 | O1 | O2 | O3 (ignored unless amp=apex)
-    amp_dtype='auto',  # auto | float16 | bfloat16; auto = float16 on CUDA (the reference), common.amp's CPU pick on CPU
+    # auto | float16 | bfloat16; auto = float16 on CUDA (the reference); on CPU bfloat16 where the CPU has bf16
+    # instructions (AVX512-BF16 / AMX), else --amp torch and apex O1 run fp32 arithmetic (common/cpu.py; the log says)
+    amp_dtype='auto',
     # --- data
     data='ade20k',  # ade20k | demo (a synthetic ADE-layout dataset generated on first use, no download)
     data_root='',  # folder holding ADEChallengeData2016 ('' = ./ADE20k, ssseg's default); with demo: its cache folder
