@@ -145,6 +145,12 @@ def test_main_log_names_what_ran_on_a_cpu_without_bf16(tmp_path, monkeypatch, ca
     if dtype == "auto":
         assert "fp32 arithmetic" in amp_lines[0] and "no AVX512-BF16 or AMX-BF16" in amp_lines[0]
         assert not warnings and metrics["precision"] == "fp32"
+        # --eval --eval_amp asks for the half type: the same choice, and a line that says so
+        metrics = train.main(_seg_cfg(), lambda cfg=None, num_classes=150: _Tiny(num_classes),
+                             argv + ['--eval', str(tmp_path), '--eval_amp'], name='tiny')
+        out = capsys.readouterr().out
+        assert "eval_amp: amp=torch (bf16 mode with torch.autocast('cpu') off: fp32 arithmetic" in out
+        assert metrics["precision"] == "fp32"
     else:
         assert "torch.autocast('cpu', torch.bfloat16)" in amp_lines[0] and len(warnings) == 1
         assert "no AVX512-BF16 or AMX-BF16" in warnings[0] and metrics["precision"] == "bf16 folded weights"
