@@ -22,7 +22,9 @@ _BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE"
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # bf16 where oneDNN cannot use bf16 instructions, against fp32: the demo's PSPNet training step (batch 4, 64x64, one
 # thread, process CPU time, median) on our AMD EPYC with AVX512-BF16, torch 2.14.1: fp32 0.99 s, bf16 autocast 0.79 s
-# natively; with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2: fp32 1.31 s, bf16 15.3 s
+# natively; with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2: fp32 1.31 s, bf16 15.3 s; with
+# ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI (AVX-512 without BF16, where oneDNN emulates bf16): fp32 1.08 s, bf16 1.56 s.
+# So fp32 is the faster choice on every CPU without bf16 instructions, by 1.4x to 12x.
 SLOW = "a bf16 training step took ~12x fp32's time on AVX2"
 
 
@@ -40,8 +42,6 @@ def _cpu_flags():
 
 def _onednn_bf16():
     """oneDNN's own answer (None: this torch has no such query)."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -55,10 +55,10 @@ def _x86():
 @functools.lru_cache(maxsize=None)
 def native_bf16():
     """(True, what) where bf16 convolutions run on bf16 instructions here; else (False, why), one phrase each."""
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    onednn = _onednn_bf16()
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False, "oneDNN (mkldnn) is off in this torch, so convolutions take ATen's reference path"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    onednn = _onednn_bf16()
     if not _x86():
         return (True, f"oneDNN reports bf16 support on this {platform.machine()} CPU") if onednn else \
             (False, f"oneDNN reports no bf16 support on this {platform.machine()} CPU")
