@@ -90,9 +90,10 @@ def amp_plan(requested, device_type, kind, opt_level):
     """
     if device_type != "cpu":
         return (torch.float16 if requested == "auto" else getattr(torch, requested)), None, None
-    dtype = torch.bfloat16 if requested == "auto" else getattr(torch, requested)
-    if kind == "none" or (kind == "apex" and opt_level == "O0"):
-        return dtype, None, None  # fp32 arithmetic anyway
+    from .amp import cpu_half_dtype
+    dtype = cpu_half_dtype() if requested == "auto" else getattr(torch, requested)
+    if kind == "none" or (kind == "apex" and opt_level == "O0") or dtype != torch.bfloat16:
+        return dtype, None, None  # fp32 arithmetic anyway, or fp16 (asked for: never fast on CPU, common/amp.py)
     native, why = native_bf16()
     if requested == "bfloat16" and not native:
         return dtype, None, (f"WARNING: --amp_dtype bfloat16 on a CPU without native bf16 ({why}): bf16 "
