@@ -77,7 +77,9 @@ PREFER_NVIDIA_APEX = True  # use NVIDIA's apex.amp when importable; tests set Fa
 # fp32 (no fast fp16 conv kernels on this path), fine for a 3-iteration test, useless for the demo run.
 # On the R50-D8 segmentors themselves bf16 does not pay on this CPU (bench/results/2026-11-27-cpu-2core-train.md,
 # crop 128, batch 2: PSPNet 0.7x and DeepLabV3 0.14x of fp32; the dilated ASPP convs have a slow bf16 path), but it
-# is still the only usable half type here, so --amp torch|apex on CPU means bf16.
+# is still the only usable half type here, so --amp torch|apex on CPU means bf16. That box had bf16 instructions
+# (AVX512-BF16); without them bf16 convolutions are ~12x slower than fp32, so common/cpu.py runs the autocast modes
+# in fp32 arithmetic on such a CPU (see there).
 CPU_HALF_DTYPE = torch.bfloat16
 
 
@@ -212,7 +214,7 @@ class Amp:
     """See the module docstring. API: initialize, autocast, backward, step, loss_scale, state_dict, describe."""
 
     def __init__(self, kind, opt_level="O1", dtype=torch.float16, device="cuda", init_scale=2.**16,
-                 scale_window=2000, min_loss_scale=None, max_loss_scale=2.**24):
+                 scale_window=2000, min_loss_scale=None, max_loss_scale=2.**24, fp32_math=None):
         if kind not in KINDS:
             raise ValueError(f"common/amp.py: amp kind must be one of {KINDS}, got {kind!r}")
         if opt_level not in OPT_LEVELS:
@@ -232,6 +234,13 @@ class Amp:
 
         # per-mode switches: what autocasts, what the model is cast to, who scales
         self.use_autocast = kind == "torch" or (kind == "apex" and opt_level == "O1")
+        # fp32_math (a reason, common/cpu.py): an autocast mode with autocast off, on a CPU without fast bf16; the
+        # rest of the mode (its dtype's scaling, the non-finite check, skipped steps) is unchanged
+        self.fp32_math = fp32_math
+        if fp32_math:
+            if not self.use_autocast or self.device_type != "cpu" or self.dtype != torch.bfloat16:
+                raise ValueError("common/amp.py: fp32_math applies to the CPU bf16 autocast modes (torch, apex O1)")
+            self.use_autocast = False
         self.cast_model = self.dtype if kind == "apex" and opt_level in ("O2", "O3") else None
         self.keep_bn_fp32 = kind == "apex" and opt_level == "O2"
         self.master_weights = kind == "apex" and opt_level == "O2"
@@ -516,6 +525,10 @@ class Amp:
         if self.kind == "none":
             return "amp=none (fp32, no autocast, no loss scaling)"
         dt = _dtype_name(self.dtype)
+        if self.fp32_math:  # the one line that says what ran instead of the half type, and why
+            what = f"amp=torch ({dt} mode" if self.kind == "torch" else f"amp=apex O1 ({self.impl_note}; {dt} mode"
+            return (f"{what} with torch.autocast('{self.device_type}') off: fp32 arithmetic, no loss scaling, "
+                    f"non-finite steps skipped; {self.fp32_math})")
         if self.kind == "torch":
             scaling = (f"torch.amp.GradScaler('{self.device_type}') init scale {self.loss_scale:g}"
                        if self.grad_scaler is not None else "no loss scaling (bf16)")

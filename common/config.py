@@ -119,7 +119,9 @@ DEFAULTS = dict(
     # --- AMP (mixed precision)
     amp='apex',  # none | torch | apex (the reference trains with apex O1, spec §1; ours implements its semantics)
     opt_level='O1',  # apex opt level O0 | O1 | O2 | O3 (ignored unless amp=apex)
-    amp_dtype='auto',  # auto | float16 | bfloat16; auto = float16 on CUDA (the reference), common.amp's CPU pick on CPU
+    # auto | float16 | bfloat16; auto = float16 on CUDA (the reference); on CPU bfloat16 where the CPU has bf16
+    # instructions (AVX512-BF16 / AMX), else --amp torch and apex O1 run fp32 arithmetic (common/cpu.py; the log says)
+    amp_dtype='auto',
     # every N iterations one step records per-layer fp16/bf16 overflow and underflow (common/amp_report.py) into
     # RUN_DIR/amp_report.jsonl + .png; 0 = off (a skipped step is still diagnosed, automatically)
     amp_report=0,
@@ -201,7 +203,10 @@ CHOICES = dict(amp=('none', 'torch', 'apex'), opt_level=('O0', 'O1', 'O2', 'O3')
 # `--data demo`: a CPU-sized run of the full recipe (a ResNet-50-D8 from scratch) on the synthetic dataset: small
 # crops, a short schedule, eval only at the end, a few prediction PNGs. Measured on our 2-core CPU box (Xeon with
 # AVX512-BF16, nearly idle): `python pspnet.py --amp torch --data demo` 260 s wall, ~1 s/iteration (bf16 autocast),
-# mIoU 58.1 % / aAcc 88.5 % over the 8 demo classes (100 iterations gave 32.2 %).
+# mIoU 58.1 % / aAcc 88.5 % over the 8 demo classes (100 iterations gave 32.2 %). On a CPU without bf16 instructions
+# --amp torch runs fp32 arithmetic (common/cpu.py): the command took 2m52s wall on our 2-core AMD EPYC with oneDNN
+# limited to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, load average 0.4-2), mIoU 64.5 %; bf16 autocast there had taken 15 s of CPU
+# per iteration (one thread), ~1 h for the 250 iterations alone.
 DEMO_PRESET = dict(
     crop_size=(64, 64), scale=(512, 128), batch_size=4, num_workers=1, max_iters=250, lr=0.02,
     eval_interval_epochs=1000, save_interval_epochs=1000, log_interval=10, pretrained='none', save_predictions=4,

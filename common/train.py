@@ -278,12 +278,15 @@ def _kernels(kind, log):
     return f"fused ({common.build_info()})" if kind == "fused" else kind
 
 
-def _amp_dtype(cfg, device):
-    if cfg["amp_dtype"] != "auto":
-        return getattr(torch, cfg["amp_dtype"])
-    # the reference uses fp16 on GPUs; on CPU, the half type common.amp measured to run best there
-    from .amp import cpu_half_dtype
-    return torch.float16 if device.type == "cuda" else cpu_half_dtype()
+def _amp(cfg, device, log, **kw):
+    """The run's Amp: fp16 on GPUs (the reference); on CPU bf16, in fp32 arithmetic where the CPU has no native bf16
+    (common/cpu.py says which, and why, in the amp line or a warning)."""
+    from .amp import Amp
+    from .cpu import amp_plan
+    dtype, fp32_math, note = amp_plan(cfg["amp_dtype"], device.type, cfg["amp"], kw.get("opt_level", "O1"))
+    if note:
+        log(note)
+    return Amp(cfg["amp"], dtype=dtype, device=device.type, fp32_math=fp32_math, **kw)
 
 
 def seed_everything(seed):
@@ -329,7 +332,6 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
 
 
 def _run(cfg, segmentor_cfg, build_model, device, log, stack):
-    from .amp import Amp
     from .compile import compile_module
     # system set-up (spec §7 steps 3-4): TF32 off unless asked, cudnn.benchmark on
     torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
@@ -358,8 +360,9 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
         checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"], flag,
                                                           log), log)
         model.to(device, memory_format=memory_format).eval()
-        half = Amp(cfg["amp"], dtype=_amp_dtype(cfg, device), device=device.type) \
-            if cfg["eval_amp"] and cfg["amp"] != "none" else None  # autocast (O1) or a half folded copy
+        half = _amp(cfg, device, log) if cfg["eval_amp"] and cfg["amp"] != "none" else None  # autocast or a half copy
+        if half is not None and half.fp32_math:
+            log(f"eval_amp: {half.describe()}")  # --eval_amp asked for the half type: say why it is fp32
         net, eval_amp = fold.for_eval(model, cfg, half, log)
         if cfg["predict"]:
             _, skipped = infer.predict(net, infer.image_paths(cfg["predict"]), pred_dir, cfg, device, eval_amp,
@@ -397,7 +400,7 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     # SGD over every parameter in one group: weight decay on BN and bias too (spec §1, §10.7)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
-    amp = Amp(cfg["amp"], opt_level=cfg["opt_level"], dtype=_amp_dtype(cfg, device), device=device.type)
+    amp = _amp(cfg, device, log, opt_level=cfg["opt_level"])
     model, optimizer = amp.initialize(model, optimizer)  # before DDP, as apex requires
     compile_module(model, cfg["compile"], log)  # in place: same module, keys and parameters (common/compile.py)
     start_iter = 0
