@@ -223,6 +223,8 @@ def build_record(rec, iteration, scale, amp, trigger, **extra):
     entries = rec.entries
     stats = torch.stack([e["stats"] for e in entries]).cpu().tolist() if entries else []
     kind, dtype = getattr(amp, "kind", "none"), getattr(amp, "dtype", torch.float32)  # (tests pass stand-ins)
+    if kind == "none" or getattr(amp, "fp32_math", None):  # (a bf16 mode run in fp32 arithmetic: common/cpu.py)
+        kind, dtype = "none", torch.float32
     fp16_run = dtype == torch.float16 and kind != "none"
     grads = [s for e, s in zip(entries, stats) if e["phase"] in ("grad", "pgrad")]
     gmax = max((s[4] for s in grads), default=0.0)
@@ -246,7 +248,7 @@ def build_record(rec, iteration, scale, amp, trigger, **extra):
                        by=_producers(first, rec.consumers, out))
     return dict(kind="amp_report", iteration=iteration, trigger=trigger,
                 amp=amp.describe() if hasattr(amp, "describe") else type(amp).__name__,
-                dtype=str(dtype).replace("torch.", "") if kind != "none" else "float32",
+                dtype=str(dtype).replace("torch.", ""),
                 loss_scale=float(scale), grad_scale=float(scale) * 2.0 ** k, whatif=not fp16_run,
                 first_nonfinite=culprit, entries=out, **extra)
 

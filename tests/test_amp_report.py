@@ -177,6 +177,16 @@ def test_a_planted_forward_overflow_in_fp16_is_named():
     assert rows[("middle", "fwd")]["of"] > 0.1 and rows[("backbone_net.1", "fwd")]["of"] == 0
 
 
+def test_a_bf16_mode_run_in_fp32_arithmetic_is_reported_as_fp32_with_the_fp16_what_if():
+    # a CPU without native bf16 runs --amp torch with autocast off (common/cpu.py): the record must not say bf16
+    amp = Amp("torch", dtype=torch.bfloat16, device="cpu", fp32_math="no native bf16 (test)")
+    torch.manual_seed(0)
+    rec = _one_step(Chain(Amplify(1e5)), amp)
+    assert rec["dtype"] == "float32" and rec["whatif"]
+    rows = {(e["name"], e["phase"]): e for e in rec["entries"]}
+    assert rows[("backbone_net.0", "fwd")]["dtype"] == "float32" and rows[("middle", "fwd")]["of"] > 0.1
+
+
 def test_a_planted_backward_overflow_is_named():
     torch.manual_seed(0)
     model = Chain(BadBackward())
