@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
 
 from common import amp_report, config, data, dist, layers, train
 from common.amp import Amp
+from test_faults import Toy  # 8 seeded 16x16 images (the loader reseeds its transform)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,22 +213,6 @@ def test_a_container_own_op_and_the_loss_are_named():
 
 # ----------------------------------------------------------------------------------------------------------------
 # the loop: automatic report on the first skipped step and at the stop; bit-identical training
-
-
-class Toy(Dataset):
-    class T:
-        def reseed(self, seed):
-            self.g = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
-
-    def __init__(self):
-        self.transform = Toy.T()
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        x = torch.randn(3, 16, 16, generator=self.transform.g)
-        return x, (x[0] > 0).long()
 
 
 class Net(nn.Module):
