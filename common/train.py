@@ -217,7 +217,7 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             from .tboard import NUM_PICTURES
             net, eval_amp = fold.for_eval(model, cfg, amp, log)  # a folded copy: the training model is untouched
             metrics = infer.evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log,
-                               pictures=NUM_PICTURES if tb is not None else 0)
+                                     pictures=NUM_PICTURES if tb is not None else 0)
             if hasattr(log, "record"):
                 log.record(kind="eval", iteration=it, epoch=ep, **{k: metrics[k] for k in (
                     "mIoU", "mAcc", "aAcc", "precision", "IoU", "Acc")})
