@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
 
-from train import (MODELS, construct, cpu_name, csv, fmt, git_commit, md_table, sync,  # noqa: E402 (bench/train.py)
+from train import (MODELS, construct, cpu_name, csv, error_line, fmt, git_commit, md_table, sync,  # noqa: E402 (bench/train.py)
                    write_tables)
 
 VARIANTS = ("unfolded", "folded", "compiled")
@@ -116,8 +115,7 @@ def time_variants(fns, x, reps, warmup, device):
 
 def error_row(rows, what, e, **row):
     """Log the exception being handled and add a row saying so (the run goes on, main exits non-zero)."""
-    traceback.print_exc()
-    row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    row.update(error=error_line(e, 160))
     rows.append(row)
     print(f"{what}: {row['error']}", flush=True)
 

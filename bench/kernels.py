@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,8 +21,8 @@ FAILED = []
 
 def failed(what, e):
     """Log the exception being handled (traceback), remember it, return the one line the table shows."""
-    traceback.print_exc()
-    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    from train import error_line  # bench/train.py
+    msg = error_line(e, 120)
     FAILED.append(f"{what}: {msg}")
     return f"error: {msg}"
 

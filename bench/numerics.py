@@ -31,7 +31,6 @@ import math
 import os
 import sys
 import time
-import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -290,9 +289,8 @@ def main(argv=None):
         try:
             recs.append(train_one(mode, args))
         except (Exception, SystemExit) as e:  # a user-error Exit is a SystemExit: still one mode's failure
-            traceback.print_exc()
-            first = str(e).splitlines()[0] if str(e) else ""
-            recs.append(dict(mode=mode, status=f"error: {type(e).__name__}: {first}"))
+            from train import error_line  # bench/train.py
+            recs.append(dict(mode=mode, status="error: " + error_line(e)))
         md = write(args, head, recs)
         import gc
 

@@ -23,7 +23,6 @@ import re
 import shutil
 import sys
 import time
-import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -166,9 +165,7 @@ def main(argv=None):
         try:
             results.append(profile_one(kernels, args, device))
         except Exception as e:  # logged; the other kernel set is still profiled
-            traceback.print_exc()
-            first = str(e).splitlines()[0] if str(e) else ""
-            results.append(dict(kernels=kernels, error=f"{type(e).__name__}: {first}"))
+            results.append(dict(kernels=kernels, error=bench_train.error_line(e)))
         finally:
             from common.layers import set_kernels
             set_kernels("torch")

@@ -55,6 +55,14 @@ MODES = {
     "apex-O2": dict(kind="apex", opt_level="O2"),
 }
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def error_line(e, width=None):
+    """Print the traceback of the exception being handled; return 'Type: its first line' for a row or a log line
+    (every bench logs a failing row this way and goes on, exiting non-zero at the end)."""
+    traceback.print_exc()
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first[:width]}"
 AUX_WEIGHT = 0.4  # ssseg loss_aux scale_factor (spec §6)
 # dense (no 2:4 sparsity) fp16/bf16 tensor-core peaks in TFLOP/s, perf_anchors.md §5.1; first match on the device
 # name wins. H100/H200 NVL and anything else not listed gets no MFU rather than a guessed one.
@@ -215,8 +223,7 @@ def run_row(row, args, device):
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:  # recorded and shown; the run goes on and exits non-zero at the end
-        traceback.print_exc()
-        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        row["status"] = "error: " + error_line(e)
     finally:
         from common.layers import set_kernels
         set_kernels("torch")
