@@ -5,7 +5,7 @@
 // also the readable spec of the CUDA kernels (csrc/bn_relu_cuda.cu): same passes, same formulas.
 //
 // Measured: bench/kernels.py --only bn_relu (R50-D8's maps) and --only bn_relu_demo (the CPU demo's maps, batch 4);
-// numbers in bench/results/ and the README.
+// numbers in bench/results/ and docs/kernels.md.
 //
 // Layouts: see bn_relu.h. A map with one value per channel and image (the 1x1 pyramid bins, image pooling) is [N, C]
 // in memory in either layout; viewed as channels_last rows, the loops run over C (vectorised) instead of over N * C
