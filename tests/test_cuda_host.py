@@ -13,6 +13,9 @@ Tolerances (elementwise ops are bitwise equal to the twin: same formula, same op
   fp64 vs an exact sum (numpy longdouble): every op within 1e-14 relative to the sum of |terms| (test_fp64_accuracy).
 """
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,6 +27,7 @@ from torch.utils._pytree import tree_map
 import cuda_host_build
 from common import ops
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 EPS_OUT = {torch.float32: 2e-6, torch.float64: 1e-13, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
@@ -32,7 +36,8 @@ EPS_OUT = {torch.float32: 2e-6, torch.float64: 1e-13, torch.float16: 2 ** -10, t
 @pytest.fixture(scope="session")
 def H():
     ops.require("bn_stats", "upsample_concat")  # the CPU twins (common._C)
-    ns = cuda_host_build.load("ieee")
+    # ieee; the sanitizer runs at the end of this file rerun it in a process of their own with their flavour
+    ns = cuda_host_build.load(os.environ.get("SEGFP16_CUDAHOST_FLAVOUR", "ieee"))
     ns.set_schedule("in_order", False, False, 0, 132, False)
     return ns
 
@@ -573,3 +578,56 @@ def test_fast_math_flavour_within_tolerance(H):
             grad = Fm.upsample_cross_entropy_backward(torch.tensor(1.0, dtype=acc), logits, target, lse, 255)
             torch.testing.assert_close(grad.double(), want_grad, atol=4 * EPS_OUT[dtype] * want_grad.abs().max().item()
                                        + (1e-7 if acc == torch.float32 else 1e-15), rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sanitizer flavours, the host's memcheck (asan: AddressSanitizer + UBSan) and racecheck (tsan: ThreadSanitizer).
+# A read past a tensor or past the launch's shared memory whose value the result never uses, a misaligned pack, or two
+# threads touching one shared word without a barrier between them but with the same outcome, pass every comparison
+# above; under these builds the first such access ends the process with its report.
+
+def run_sanitized(flavour, args, timeout):
+    env = cuda_host_build.sanitizer_env(flavour)
+    if env is None:
+        pytest.skip(f"GCC's {flavour} runtime (lib{flavour}.so) is not installed")
+    return subprocess.run([sys.executable, *args], env=env, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,report", [
+    ("global", "AddressSanitizer: heap-buffer-overflow"),
+    ("shared", "AddressSanitizer: use-after-poison"),  # the arena past the launch's bytes is poisoned
+    ("static_shared", "index 32 out of bounds for type 'float [32]'"),
+    ("misaligned", "misaligned address"),
+])
+def test_sanitizer_asan_reports(where, report):
+    """The memcheck can fail: each memory error of the test kernel (csrc/cuda_host/library.cpp) ends the process
+    with its report."""
+    code = f"import torch, cuda_host_build; cuda_host_build.load('asan').test_out_of_bounds(torch.randn(8), {where!r})"
+    r = run_sanitized("asan", ["-c", code], 900)
+    assert r.returncode != 0 and report in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sanitizer_tsan_reports_a_missing_barrier():
+    """The racecheck can fail: the block tree-sum is clean with its barriers and a data race without them."""
+    code = ("import torch, cuda_host_build; H = cuda_host_build.load('tsan'); x = torch.arange(256.0)\n"
+            "print('with barriers:', H.test_block_sum(x, True).item(), flush=True)\n"
+            "H.test_block_sum(x, False)")
+    r = run_sanitized("tsan", ["-c", code], 900)
+    assert "with barriers: 32640.0" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode != 0 and "ThreadSanitizer: data race" in r.stderr and "block_sum_kernel" in r.stderr, \
+        r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", ["asan", "tsan"])
+def test_kernels_clean_under_sanitizer(flavour):
+    """Every test of this file but the slow ones, on the kernels built with the sanitizer: no report. Under tsan, not
+    the two runner tests that launch a barrier-less block sum on purpose. (-s: a report goes to stderr, not into
+    pytest's capture, which dies with the process.)"""
+    deselect = ["-k", "not missing_barrier and not divergent_barrier"] if flavour == "tsan" else []
+    r = run_sanitized(flavour, ["-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-m", "not slow", *deselect,
+                                __file__], 1800)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and " passed" in out, out[-4000:]

@@ -3,6 +3,8 @@
 // knobs and launch record for the tests.
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <sstream>
 #include <string>
 
@@ -64,9 +66,50 @@ at::Tensor test_block_sum(const at::Tensor& x, bool barrier, bool diverge, int64
   return out;
 }
 
+// The memory errors of a kernel that the asan flavour must report (the other flavours read whatever lies there):
+// "global" reads one element past x, "shared" one float past the launch's dynamic shared memory, "static_shared"
+// one past a static __shared__ array, "misaligned" a 16-byte pack at a 4-byte offset (on the card: memcheck's
+// invalid __global__ / __shared__ reads, and a misaligned-address fault).
+struct alignas(16) Pack4 {
+  float v[4];
+};
+
+__global__ void out_of_bounds_kernel(const float* x, int64_t n, float* out, int where) {
+  SEGFP16_DYNAMIC_SMEM(float, sh);
+  __shared__ float st[32];
+  sh[threadIdx.x] = 1.f;
+  st[threadIdx.x] = 2.f;
+  __syncthreads();
+  float v = sh[threadIdx.x] + st[threadIdx.x];
+  if (threadIdx.x == 0) {
+    if (where == 0) v = x[n];
+    else if (where == 1) v = sh[blockDim.x];
+    else if (where == 2) v = st[blockDim.x];
+    else v = reinterpret_cast<const Pack4*>(x + 1)->v[0];
+  }
+  out[threadIdx.x] = v;
+}
+
+at::Tensor test_out_of_bounds(const at::Tensor& x, const std::string& where) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() >= 8,
+              "test_out_of_bounds: x must be at least 8 contiguous floats");
+  const std::array<std::string, 4> kinds{"global", "shared", "static_shared", "misaligned"};
+  const int w = static_cast<int>(std::find(kinds.begin(), kinds.end(), where) - kinds.begin());
+  TORCH_CHECK(w < 4, "test_out_of_bounds: where must be global, shared, static_shared or misaligned, got ", where);
+  constexpr unsigned kBlock = 32;  // = the static array's length
+  at::Tensor out = at::empty({kBlock}, x.options());
+  launch::launch<out_of_bounds_kernel>(1, kBlock, kBlock * sizeof(float), x.const_data_ptr<float>(), x.numel(),
+                                       out.mutable_data_ptr<float>(), w);
+  return out;
+}
+
 std::string flavour() {
-#ifdef SEGFP16_HOST_FAST_MATH
+#if defined(SEGFP16_HOST_FAST_MATH)
   return "fast";
+#elif defined(__SANITIZE_ADDRESS__)
+  return "asan";
+#elif defined(__SANITIZE_THREAD__)
+  return "tsan";
 #else
   return "ieee";
 #endif
@@ -84,9 +127,13 @@ SEGFP16_HOST_LIBRARY(SEGFP16_HOST_LIB, m) {
   m.def("launch_log(bool clear) -> str");
   m.def("flavour() -> str");
   m.def("test_block_sum(Tensor x, bool barrier, bool diverge=False, int block=256) -> Tensor");
+  m.def("test_out_of_bounds(Tensor x, str where) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(SEGFP16_HOST_LIB, CPU, m) { m.impl("test_block_sum", &segfp16::host::test_block_sum); }
+TORCH_LIBRARY_IMPL(SEGFP16_HOST_LIB, CPU, m) {
+  m.impl("test_block_sum", &segfp16::host::test_block_sum);
+  m.impl("test_out_of_bounds", &segfp16::host::test_out_of_bounds);
+}
 
 TORCH_LIBRARY_IMPL(SEGFP16_HOST_LIB, CatchAll, m) {
   m.impl("set_schedule", &segfp16::host::set_schedule);

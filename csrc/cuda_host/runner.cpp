@@ -22,6 +22,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/asan_interface.h>
+#endif
+
 #if defined(SEGFP16_HOST_FAST_MATH) && defined(__x86_64__)
 #include <xmmintrin.h>
 #endif
@@ -204,6 +208,11 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, const std:
     } else {
       b.bar.emplace(nthreads);
     }
+#ifdef __SANITIZE_ADDRESS__
+    // the asan flavour: the arena past this launch's bytes is unaddressable, as it is on the card
+    ASAN_UNPOISON_MEMORY_REGION(smem_arena, smem);
+    ASAN_POISON_MEMORY_REGION(smem_arena + smem, kSmemLimit - smem);
+#endif
     std::memset(smem_arena, 0xFF, smem);
     const uint3 bidx{static_cast<unsigned>(bid % grid.x), static_cast<unsigned>((bid / grid.x) % grid.y),
                      static_cast<unsigned>(bid / (int64_t(grid.x) * grid.y))};

@@ -17,8 +17,8 @@ struct Schedule {
   bool serial = false;           // one thread at a time between barriers, in `perm` order
   bool permute_threads = false;  // a seeded permutation of the threads (the start / turn order), new for each block
   uint64_t seed = 0;
-  int sms = 132;
-  bool dry_run = false;          // check and record launches, run nothing (the launch-limit test at real sizes)                 // what cudaDevAttrMultiProcessorCount returns (H100 / H200 SXM)
+  int sms = 132;                 // what cudaDevAttrMultiProcessorCount returns (H100 / H200 SXM)
+  bool dry_run = false;          // check and record launches, run nothing (the launch-limit test at real sizes)
 };
 
 Schedule& schedule();
