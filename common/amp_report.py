@@ -40,13 +40,13 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import torch
 
 from . import dist
 from .guard import BufferGuard
+from .plot import cli_paths, read_jsonl
 
 FP16_MAX = 65504.0
 FP16_INF_AT = 65520.0  # 65504 + half an ulp: rounds to inf (ties to even)
@@ -485,16 +485,7 @@ class _Step:
 
 def read_records(path):
     """amp_report.jsonl -> records in file order (a partial last line of a killed run is skipped, with a note)."""
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"common/amp_report.py: {path} line {n} is not JSON; skipped", file=sys.stderr)
-    return out
+    return read_jsonl(path, "common/amp_report.py")
 
 
 LOG2_LIM = (-30.0, 20.0)  # colour range of the log2 max |x| panels
@@ -688,16 +679,12 @@ def main(argv=None):
     p.add_argument("--out", default="", help="output PNG (default RUN_DIR/amp_report.png)")
     p.add_argument("--top", type=int, default=10, help="how many layers each list shows")
     args = p.parse_args(argv)
-    path = args.run_dir
-    if os.path.isdir(path):
-        path = os.path.join(path, "amp_report.jsonl")
-    if not os.path.isfile(path):
-        p.error(f"{path}: no such file (train with --amp_report N, or wait for a skipped step)")
+    path, out = cli_paths(p, args.run_dir, args.out, "amp_report.jsonl", "amp_report.png",
+                          "train with --amp_report N, or wait for a skipped step")
     records = read_records(path)
     if not records:
         p.exit(1, f"python -m common.amp_report: {path} holds no report yet\n")
     print(format_top(records, args.top))
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "amp_report.png")
     try:
         print(f"wrote {draw(records, out)}")
     except ImportError:

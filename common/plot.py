@@ -13,21 +13,37 @@ import sys
 SMOOTHING = 0.6  # TensorBoard's default exponential smoothing of the loss curves
 
 
-def read_records(path):
-    """metrics.jsonl -> (train records, eval records), each sorted by iteration. A resumed run appends records for
-    iterations it repeats; the later record of an iteration wins, as the resumed run is the one that continued."""
-    by_kind = {"train": {}, "eval": {}}
+def read_jsonl(path, who):
+    """A .jsonl file's records in file order. A run killed mid-write leaves a partial last line: it is skipped, and
+    WHO (the reading module) says so on stderr."""
+    out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line: skip it, say so
-                print(f"common/plot.py: {path} line {n} is not JSON; skipped", file=sys.stderr)
-                continue
-            if rec.get("kind") in by_kind and "iteration" in rec:
-                by_kind[rec["kind"]][rec["iteration"]] = rec
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"{who}: {path} line {n} is not JSON; skipped", file=sys.stderr)
+    return out
+
+
+def cli_paths(parser, given, out, name, png, hint):
+    """The run-folder CLIs (common.plot, common.amp_report): GIVEN (a run's folder, or its NAME file itself) -> the
+    file and the PNG to write (OUT, else PNG beside the file). A missing file is a usage error naming HINT."""
+    path = os.path.join(given, name) if os.path.isdir(given) else given
+    if not os.path.isfile(path):
+        parser.error(f"{path}: no such file ({hint})")
+    return path, out or os.path.join(os.path.dirname(os.path.abspath(path)), png)
+
+
+def read_records(path):
+    """metrics.jsonl -> (train records, eval records), each sorted by iteration. A resumed run appends records for
+    iterations it repeats; the later record of an iteration wins, as the resumed run is the one that continued."""
+    by_kind = {"train": {}, "eval": {}}
+    for rec in read_jsonl(path, "common/plot.py"):
+        if rec.get("kind") in by_kind and "iteration" in rec:
+            by_kind[rec["kind"]][rec["iteration"]] = rec
     return tuple([r[i] for i in sorted(r)] for r in (by_kind["train"], by_kind["eval"]))
 
 
@@ -112,12 +128,8 @@ def main(argv=None):
     p.add_argument("work_dir", help="a run's folder (holding metrics.jsonl), or the metrics.jsonl file itself")
     p.add_argument("--out", default="", help="output PNG (default RUN_DIR/curves.png)")
     args = p.parse_args(argv)
-    path = args.work_dir
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
-    if not os.path.isfile(path):
-        p.error(f"{path}: no such file (give a run's work_dir, e.g. work_dirs/pspnet_resnet50os8_apexfp16_ade20k_demo)")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "curves.png")
+    path, out = cli_paths(p, args.work_dir, args.out, "metrics.jsonl", "curves.png",
+                          "give a run's work_dir, e.g. work_dirs/pspnet_resnet50os8_apexfp16_ade20k_demo")
     try:
         print(f"wrote {plot(path, out)}")
     except ImportError:
