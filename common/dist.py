@@ -130,6 +130,14 @@ def barrier():
         dist.barrier(device_ids=[local_rank()] if torch.cuda.is_available() else None)
 
 
+def collective_device():
+    """Where a tensor must be for a collective: this rank's GPU when the group has NCCL, else the CPU. On GPUs our
+    group is "cpu:gloo,cuda:nccl", which routes each call by the tensor's device, so ranks that pass tensors on
+    different devices enter different backends and wait for each other until the timeout."""
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "gloo"
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "mean": dist.ReduceOp.SUM}
 
 

@@ -36,9 +36,7 @@ class BufferGuard:
         # one flag per buffer, summed on the buffers' device: a single device-to-host sync
         bad = torch.stack([(~torch.isfinite(b)).any() for b in self.floating]).sum().float().reshape(1)
         if dist.world_size() > 1:
-            if torch.distributed.get_backend() != "nccl":
-                bad = bad.cpu()
-            bad = dist.all_reduce(bad)
+            bad = dist.all_reduce(bad.to(dist.collective_device()))
         return not bool(bad.item())
 
 

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from . import dist as segdist
+
 
 class ConfusionMatrix:
     """mat[t, p] = number of valid pixels with label t predicted as p (int64 [K, K], rows = target)."""
@@ -42,8 +44,8 @@ class ConfusionMatrix:
     def reduce(self):
         """Sum the matrix over all ranks (call once, after the last update); a no-op in a single process."""
         if dist.is_available() and dist.is_initialized():
-            if dist.get_backend() == "nccl" and self.mat.device.type != "cuda":
-                self.mat = self.mat.cuda()  # a rank that saw no image still holds its CPU zeros
+            # a rank that saw no image still holds its CPU zeros: all ranks must reduce on the same device
+            self.mat = self.mat.to(segdist.collective_device())
             dist.all_reduce(self.mat)
         return self
 

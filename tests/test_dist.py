@@ -258,6 +258,15 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
         dist.init()
 
 
+def test_collective_device_follows_the_backend(monkeypatch):
+    assert dist.collective_device() == torch.device("cpu")  # no group
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    for backend, want in [("gloo", "cpu"), ("nccl", "cuda:3"), ("cpu:gloo,cuda:nccl", "cuda:3")]:
+        monkeypatch.setattr(dist.dist, "get_backend", lambda group=None, b=backend: b)
+        assert dist.collective_device() == torch.device(want), backend
+
+
 # ---- a rank that hangs ends the job with a clear error within the timeout
 
 def _worker_timeout():

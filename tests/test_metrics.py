@@ -154,12 +154,33 @@ def _reduce_worker(rank, world, init_file, k, pairs, out):
     dist.destroy_process_group()
 
 
-def test_reduce_sums_over_two_gloo_ranks(tmp_path):
+@pytest.mark.parametrize("n", [3, 1])  # 1: rank 1 sees no image (a val split smaller than the world)
+def test_reduce_sums_over_two_gloo_ranks(tmp_path, n):
     import torch.multiprocessing as mp
     k = 5
-    pairs = random_pairs(k, n=3, seed=1)
+    pairs = random_pairs(k, n=n, seed=1)
     mp.spawn(_reduce_worker, args=(2, str(tmp_path / "init"), k, pairs, str(tmp_path / "mat.pt")), nprocs=2)
     single = ConfusionMatrix(k)
     for pred, label in pairs:
         single.update(torch.from_numpy(pred), torch.from_numpy(label))
     assert torch.equal(torch.load(tmp_path / "mat.pt"), single.mat)
+
+
+@pytest.mark.cuda
+def test_reduce_moves_an_empty_ranks_matrix_to_the_gpu(tmp_path):
+    """Our GPU group is cpu:gloo + cuda:nccl, routed by the tensor's device: a rank that saw no image (CPU zeros)
+    must still reduce on the GPU, or it enters gloo while the others wait in NCCL."""
+    import torch.distributed as dist
+    from common import dist as segdist
+    torch.cuda.set_device(0)
+    dist.init_process_group("cpu:gloo,cuda:nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    try:
+        assert segdist.collective_device() == torch.device("cuda", 0)
+        empty = ConfusionMatrix(3).reduce()
+        assert empty.mat.device.type == "cuda" and empty.mat.sum().item() == 0
+        cm = ConfusionMatrix(3)
+        cm.update(torch.tensor([0, 1, 2], device="cuda"), torch.tensor([0, 1, 1], device="cuda"))
+        assert cm.reduce().mat.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
+    finally:
+        dist.destroy_process_group()
