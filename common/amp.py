@@ -152,6 +152,12 @@ class LossScaler:
 # gradient and model helpers
 
 
+def _fused_unscale(device, dtype):
+    """Whether torch's fused unscale kernel takes this group: its CUDA kernel has no bfloat16 (pytorch#127176), and
+    O3 in bf16 makes bf16 gradients."""
+    return not (device.type == "cuda" and dtype == torch.bfloat16)
+
+
 def _unscale_and_check(grads, inv_scale):
     """grads *= inv_scale in place; True if any element was inf/NaN. One fused call per (device, dtype) group.
 
@@ -162,10 +168,15 @@ def _unscale_and_check(grads, inv_scale):
         if g is not None:
             groups.setdefault((g.device, g.dtype), []).append(g)
     flags = []
-    for (device, _), gs in groups.items():
-        found = torch.zeros(1, dtype=torch.float32, device=device)
-        inv = torch.full((1,), inv_scale, dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(gs, found, inv)  # the kernel GradScaler.unscale_ uses
+    for (device, dtype), gs in groups.items():
+        if _fused_unscale(device, dtype):
+            found = torch.zeros(1, dtype=torch.float32, device=device)
+            inv = torch.full((1,), inv_scale, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, found, inv)  # the kernel GradScaler.unscale_ uses
+        else:  # the same contract, composed: the flag before the multiply, every gradient multiplied
+            found = torch.stack([(~torch.isfinite(g)).any() for g in gs]).any().float().reshape(1)
+            if inv_scale != 1.0:
+                torch._foreach_mul_(gs, inv_scale)
         flags.append(found.cpu())
     return bool(sum(flags).item()) if flags else False  # one device-to-host sync per device
 

@@ -4,6 +4,7 @@ Everything runs on CPU with tiny conv+BN nets; fp16 and bf16 both work there (am
 lists differ from CUDA's (amp_spec trap 6), so the CUDA dtype checks are a separate `cuda`-marked test.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -82,7 +83,8 @@ def same(a, b):
 
 MODES = [("none", "O1", torch.float16), ("torch", "O1", torch.float16), ("torch", "O1", torch.bfloat16),
          ("apex", "O0", torch.float16), ("apex", "O1", torch.float16), ("apex", "O1", torch.bfloat16),
-         ("apex", "O2", torch.float16), ("apex", "O2", torch.bfloat16), ("apex", "O3", torch.float16)]
+         ("apex", "O2", torch.float16), ("apex", "O2", torch.bfloat16), ("apex", "O3", torch.float16),
+         ("apex", "O3", torch.bfloat16)]
 
 # -----------------------------------------------------------------------------
 # the scaler rule, number by number (amp_spec §2.5)
@@ -407,6 +409,29 @@ def test_state_dict_formats_and_mismatch_errors():
         make("torch")[2].load_state_dict(sd)
     with pytest.raises(ValueError, match="no state"):
         make("none")[2].load_state_dict(sd)
+
+
+@pytest.mark.parametrize("inv_scale", [1.0, 2.0 ** -10])
+def test_composed_unscale_matches_the_fused_kernel(monkeypatch, inv_scale):
+    """The path CUDA bf16 gradients take (O3 in bf16: torch's fused kernel has no CUDA bf16) against the kernel."""
+    assert not amp_mod._fused_unscale(torch.device("cuda"), torch.bfloat16)
+    assert amp_mod._fused_unscale(torch.device("cuda"), torch.float16)
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(5, 3, generator=g) * 1e3 for _ in range(4)]
+    for poison in (None, math.inf, math.nan):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            grads = [b.to(dtype) for b in base]
+            if poison is not None:
+                grads[2][1, 1] = poison
+            fused = [t.clone() for t in grads]
+            found_fused = amp_mod._unscale_and_check(fused, inv_scale)
+            monkeypatch.setattr(amp_mod, "_fused_unscale", lambda device, dtype: False)
+            composed = [t.clone() for t in grads]
+            found_composed = amp_mod._unscale_and_check(composed + [None], inv_scale)
+            monkeypatch.undo()
+            assert found_fused is found_composed is (poison is not None), (poison, dtype)
+            for a, b in zip(fused, composed):
+                assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
 def test_gradient_accumulation_unscales_each_backward():
