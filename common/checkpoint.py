@@ -64,7 +64,9 @@ def set_rng_state(state):
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving machine had: a machine with fewer GPUs restores those it has
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -188,6 +188,18 @@ def test_rng_state_round_trip():
     assert (random.random(), np.random.rand(), torch.rand(1)) == a
 
 
+def test_cuda_rng_states_of_more_gpus_than_visible_restore_those_that_exist(monkeypatch):
+    # a checkpoint of an 8-GPU node resumed on a 1-GPU machine: torch's set_rng_state_all would index past the GPUs
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda s, i: calls.append((int(s[0]), i)))
+    state = checkpoint.rng_state()
+    state['cuda'] = [torch.tensor([g], dtype=torch.uint8) for g in (10, 11, 12, 13)]
+    checkpoint.set_rng_state(state)
+    assert calls == [(10, 0), (11, 1)]
+
+
 def test_main_writes_config_jsonl_and_eval(tmp_path):
     def build(cfg=None, num_classes=150):
         net = TinyNet()
