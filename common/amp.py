@@ -158,27 +158,32 @@ def _fused_unscale(device, dtype):
     return not (device.type == "cuda" and dtype == torch.bfloat16)
 
 
-def _unscale_and_check(grads, inv_scale):
-    """grads *= inv_scale in place; True if any element was inf/NaN. One fused call per (device, dtype) group.
-
-    With inv_scale == 1.0 the multiply is exact, so this doubles as a bit-preserving non-finite check.
-    """
+def unscale_flags(tensors, inv_scale=1.0):
+    """tensors *= inv_scale in place; one float32 (1,) flag per device, > 0 where an element was inf/NaN (before the
+    multiply), no host sync. One fused call per (device, dtype) group; with inv_scale == 1.0 the multiply is exact,
+    so this doubles as a bit-preserving non-finite check (common/guard.py's, over the BN buffers)."""
     groups = {}
-    for g in grads:
-        if g is not None:
-            groups.setdefault((g.device, g.dtype), []).append(g)
-    flags = []
-    for (device, dtype), gs in groups.items():
+    for t in tensors:
+        if t is not None:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    flags = {}
+    for (device, dtype), ts in groups.items():
         if _fused_unscale(device, dtype):
             found = torch.zeros(1, dtype=torch.float32, device=device)
             inv = torch.full((1,), inv_scale, dtype=torch.float32, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(gs, found, inv)  # the kernel GradScaler.unscale_ uses
-        else:  # the same contract, composed: the flag before the multiply, every gradient multiplied
-            found = torch.stack([(~torch.isfinite(g)).any() for g in gs]).any().float().reshape(1)
+            torch._amp_foreach_non_finite_check_and_unscale_(ts, found, inv)  # the kernel GradScaler.unscale_ uses
+        else:  # the same contract, composed: the flag before the multiply, every tensor multiplied
+            found = torch.stack([(~torch.isfinite(t)).any() for t in ts]).any().float().reshape(1)
             if inv_scale != 1.0:
-                torch._foreach_mul_(gs, inv_scale)
-        flags.append(found.cpu())
-    return bool(sum(flags).item()) if flags else False  # one device-to-host sync per device
+                torch._foreach_mul_(ts, inv_scale)
+        flags[device] = flags[device] + found if device in flags else found
+    return flags
+
+
+def _unscale_and_check(grads, inv_scale):
+    """grads *= inv_scale in place; True if any element was inf/NaN (one device-to-host sync per device)."""
+    flags = [f.cpu() for f in unscale_flags(grads, inv_scale).values()]
+    return bool(sum(flags).item()) if flags else False
 
 
 def _optimizer_params(optimizer):

@@ -172,6 +172,34 @@ def test_inf_in_a_bn_input_skips_the_step_and_leaves_every_tensor(tmp_path, kind
         assert not v.is_floating_point() or torch.isfinite(v).all(), k
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_buffer_guard_finds_each_non_finite_buffer_and_restores_every_bit(device):
+    """BufferGuard directly: fp32 / fp16 / bf16 (O2, O3) and int64 buffers, a poison in any one of them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(3), nn.BatchNorm2d(5)).to(device)
+    model[1].half()
+    model[2].bfloat16()
+    for bn in model:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(1e-6, 1e4)
+    guard = train.BufferGuard(model)
+    assert len(guard.buffers) == 9 and len(guard.floating) == 6
+    good = {k: v.clone() for k, v in model.named_buffers()}
+    guard.snapshot()
+    assert guard.finite()
+    for name in ("0.running_mean", "1.running_var", "2.running_mean"):
+        for poison in (float("inf"), float("-inf"), float("nan")):
+            with torch.no_grad():
+                for v in model.buffers():
+                    v.add_(1)  # every buffer moves, as a forward moves them
+                model.get_buffer(name)[1] = poison
+            assert not guard.finite(), (name, poison)
+            guard.restore()
+            for k, v in model.named_buffers():
+                assert torch.equal(v, good[k]), (name, poison, k)
+            assert guard.finite()
+
+
 @pytest.mark.parametrize("kind,dtype", [("none", "float16"), ("torch", "bfloat16")])
 def test_a_huge_finite_input_that_overflows_running_var_is_a_skipped_step(tmp_path, kind, dtype):
     """fp32 / bf16: a 1e30 activation gives a finite loss (BN normalises it) but an inf running_var."""
