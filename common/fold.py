@@ -11,8 +11,9 @@ re-folded in place from the current weights at every call, so a compiled copy is
 Checkpoints are written from the training model, so they always hold the reference's unfolded keys.
 
 Epilogue (behind --kernels): with `fused` on CUDA one cuDNN call per unit, torch.cudnn_convolution_relu /
-torch.cudnn_convolution_add_relu (cuDNN's fused conv-bias-activation); everywhere else conv2d with bias, then an
-in-place add and ReLU on its output. On our CPU (AMD EPYC, AVX2, 2 cores) oneDNN's fused conv+ReLU
+torch.cudnn_convolution_add_relu (cuDNN's fused conv-bias-activation), except under torch.compile and where cuDNN
+refuses a configuration (the log names it); everywhere else conv2d with bias, then an in-place add and ReLU on its
+output. On our CPU (AMD EPYC, AVX2, 2 cores) oneDNN's fused conv+ReLU
 (torch.ops.mkldnn._convolution_pointwise, NCHW or channels_last) was not consistently faster than conv2d + relu_ on
 R50-D8's conv shapes (0.7x-1.2x, single-conv timings side by side), and has no bf16 path on AVX2, so the CPU runs the
 plain form under both kernel sets.
@@ -38,12 +39,31 @@ def bare(model):
         model = inner
 
 
+def _cudnn_epilogue(x, relu):
+    return layers.KERNELS == "fused" and x.is_cuda and relu and x.dtype in (torch.float16, torch.float32)
+
+
+REFUSED = {}  # conv configuration -> cuDNN's error, for each one its fused call refused (Folded logs them)
+
+
 def folded_conv(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True):
-    """relu(conv2d(x, weight, bias) + residual): one cuDNN call (--kernels fused, CUDA), else conv2d + in place."""
-    if layers.KERNELS == "fused" and x.is_cuda and relu and x.dtype in (torch.float16, torch.float32):
-        if residual is None:
-            return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
-        return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
+    """relu(conv2d(x, weight, bias) + residual): one cuDNN call (--kernels fused, CUDA), else conv2d + in place.
+
+    Under torch.compile the plain form: the cuDNN ops have no fake kernel, so dynamo would break the graph at every
+    unit, and inductor fuses the epilogue itself. A configuration cuDNN has no fused engine for (pytorch#62926) runs
+    the plain form too, and Folded.forward logs it."""
+    if _cudnn_epilogue(x, relu) and not torch.compiler.is_compiling():
+        # what cuDNN's support depends on (not the image size: one refusal, not one per val image)
+        key = (tuple(weight.shape), str(x.dtype)[6:], "NCHW" if x.is_contiguous() else "NHWC", tuple(stride),
+               tuple(dilation), groups, residual is not None)
+        if key not in REFUSED:
+            try:
+                if residual is None:
+                    return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+                return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation,
+                                                        groups)
+            except RuntimeError as e:
+                REFUSED[key] = str(e).strip().splitlines()[0][:200]
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         y = y.add_(residual)  # y is fresh and nothing saves it: in place is safe (no autograd at inference)
@@ -148,6 +168,7 @@ class Folded(nn.Module):
         self.net.to(memory_format=memory_format)
         self.dtype, self.memory_format = dtype, memory_format
         self.source = weakref.ref(src)
+        self.log, self.refusals_logged = print, 0
         self.refresh()
 
     @torch.no_grad()
@@ -170,7 +191,14 @@ class Folded(nn.Module):
 
     def forward(self, x):
         with torch.inference_mode():
-            return self.net(x.to(dtype=self.dtype, memory_format=self.memory_format))
+            out = self.net(x.to(dtype=self.dtype, memory_format=self.memory_format))
+        while len(REFUSED) > self.refusals_logged:  # rare: a line per configuration, once per process
+            (weight, dtype, layout, stride, dilation, groups, add), err = list(REFUSED.items())[self.refusals_logged]
+            self.log(f"fold: cuDNN's fused conv+bias{'+add' if add else ''}+ReLU refused weight {weight} {dtype} "
+                     f"{layout} stride {stride} dilation {dilation} groups {groups} ({err}): those units run "
+                     f"conv2d + {'add + ' if add else ''}relu")
+            self.refusals_logged += 1
+        return out
 
 
 _CACHE = weakref.WeakKeyDictionary()  # training model -> its Folded copy
@@ -200,6 +228,7 @@ def for_eval(model, cfg, amp=None, log=print):
         return hit[1], None
     t0 = time.time()
     net = Folded(src, dtype, fmt)
+    net.log = log
     log(f"fold: {len(net.units)} conv-BN units folded into single convs ({str(dtype)[6:]}, "
         f"{'channels_last' if fmt is torch.channels_last else 'NCHW'}, kernels {layers.KERNELS}) in "
         f"{time.time() - t0:.1f} s")

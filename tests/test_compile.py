@@ -141,10 +141,15 @@ def one_graph_for_all_sizes(net, model, sizes, lines):
     assert sum("compile: eval forward compiled" in m for m in lines) == 1
 
 
-def test_eval_sizes_do_not_recompile_per_size():
+@pytest.mark.parametrize("cudnn_branch", [False, True])
+def test_eval_sizes_do_not_recompile_per_size(monkeypatch, cudnn_branch):
     # the folded eval copy is compiled with dynamic shapes: four image sizes, one graph (a square one first: with
-    # duck shaping H and W would share a symbol and the next non-square size would compile again)
+    # duck shaping H and W would share a symbol and the next non-square size would compile again).
+    # cudnn_branch: the units' CUDA branch taken on the CPU (cuDNN's fused epilogue has no fake kernel: traced, it
+    # would break the graph at every unit; compiled, the units take the plain form)
     fused_or_skip()
+    if cudnn_branch:
+        monkeypatch.setattr(fold, "_cudnn_epilogue", lambda x, relu: relu)
     model = tiny_pspnet().eval()
     lines = []
     net, amp = fold.for_eval(model, dict(fold=True, compile="none"), None, log=lines.append)

@@ -3,6 +3,7 @@ eval forward), on all four segmentors, NCHW and channels_last, whole and slide i
 state dict are never touched; the demo mIoU of one checkpoint is the same folded and unfolded."""
 import copy
 import importlib
+import re
 
 import pytest
 import torch
@@ -189,3 +190,59 @@ def test_cudnn_fused_epilogue_matches_composition(dtype):
         tol = 1e-3 if dtype == torch.float32 else 2e-2
         assert (got.float() - y.relu()).abs().max() <= tol * y.abs().max()
         assert (got_r.float() - (y + r.float()).relu()).abs().max() <= tol * y.abs().max()
+
+
+def test_a_configuration_cudnn_refuses_runs_the_plain_form_and_is_logged_once(models, monkeypatch):
+    """The fused branch forced on the CPU, with a stand-in cuDNN that refuses every dilated conv: the same logits,
+    one log line per refused configuration, and cuDNN is not asked again for it at another image size."""
+    asked = []
+
+    def conv(x, w, r, b, stride, padding, dilation, groups):
+        asked.append(tuple(dilation))
+        if dilation[0] > 1:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED\n(the rest of cuDNN's message)")
+        y = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+        return (y if r is None else y + r).relu_()
+
+    model = models["pspnet"]
+    x = torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    want = fold.Folded(model)(x)["out"]
+    monkeypatch.setattr(fold, "REFUSED", {})
+    monkeypatch.setattr(fold, "_cudnn_epilogue", lambda x, relu: relu)
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", lambda x, w, b, *a: conv(x, w, None, b, *a))
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", lambda x, w, r, alpha, b, *a: conv(x, w, r, b, *a))
+    net, lines = fold.Folded(model), []
+    net.log = lines.append
+    torch.testing.assert_close(net(x)["out"], want)
+    assert asked and {d for d in asked if d[0] > 1}, "the stand-in cuDNN was never asked"
+    refused = list(fold.REFUSED)
+    assert refused and all(dilation[0] > 1 for _, _, _, _, dilation, _, _ in refused)
+    assert len(lines) == len(refused)
+    assert all(re.match(r"fold: cuDNN's fused conv\+bias(\+add)?\+ReLU refused weight \(.*\) float32 NCHW .*"
+                        r"dilation \((2|4), \2\) .*CUDNN_STATUS_NOT_SUPPORTED\): those units run conv2d", l)
+               for l in lines), lines
+    asked.clear()
+    net(torch.randn(1, 3, 56, 40))
+    assert asked and all(d[0] == 1 for d in asked)  # refused configurations are not tried again, at any size
+    assert len(lines) == len(refused)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", NAMES)
+def test_every_unit_of_each_model_takes_cudnns_fused_call(models, name):
+    """The models' real conv configurations (stem, 1x1, dilated up to 36, depthwise) in fp16 and fp32, NCHW and
+    channels_last: cuDNN's fused epilogue must take every one (REFUSED stays empty) and match the unfolded model."""
+    fold.REFUSED.clear()
+    model = copy.deepcopy(models[name]).cuda()
+    x = torch.randn(1, 3, 160, 216, device="cuda")
+    try:
+        layers.set_kernels("fused")
+        with torch.no_grad():
+            want = model(x)["out"].double()
+        for dtype in (torch.float32, torch.float16):
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                got = fold.Folded(model, dtype, fmt)(x)["out"].double()
+                assert (got - want).abs().max() <= 2e-2 * want.abs().max(), (dtype, fmt)
+    finally:
+        layers.set_kernels("torch")
+    assert not fold.REFUSED, f"cuDNN refused {len(fold.REFUSED)} configuration(s): {fold.REFUSED}"
