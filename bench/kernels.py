@@ -484,6 +484,11 @@ def conv_section(args, device):
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 rows.append(row)
+                # each row as it ends: the table is written at the section's end, and a run cut short keeps these
+                ms = lambda pn, fn: f"{row[f'{pn}_{fn}_ms']:.3f}" if f"{pn}_{fn}_ms" in row else "-"  # noqa: E731
+                times = " ".join(f"{pn} {ms(pn, 'nchw')}/{ms(pn, 'nhwc')}" for pn in ("fwd", "dgrad", "wgrad"))
+                print(f"conv #{i} {p['C']}x{p['H']}x{p['W']}->{p['K']} {p['R']}x{p['S']} d{p['dilation']} "
+                      f"g{p['groups']} {dname}: {times} ms (nchw/nhwc) {row.get('note', '')}", flush=True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before
     md = conv_markdown(rows, device, models, batch, crop)
