@@ -474,8 +474,13 @@ class _Step:
             after = rep.amp.loss_scale
             warm = "; before any clean step: the loss scale may still be looking for its level" \
                 if not rep.clean_seen and 1 <= after < float(self.scale) else ""
+            culprit = describe_culprit(record)
+            if record.get("first_nonfinite") is None and (not self.scheduled or self.replayed is not None):
+                culprit = ("the replay of this batch stayed finite, so the overflow did not reproduce"
+                           + (" (CUDA kernels are not bit-reproducible: cuDNN's autotuned algorithms, atomic-add "
+                              "backward passes)" if rep.amp.device_type == "cuda" else ""))
             rep.log(f"skipped step at it {self.n} (loss scale {float(self.scale):g} -> {after:g}): "
-                    f"{describe_culprit(record)}{warm} (amp_report.jsonl / amp_report.png in {rep.folder})")
+                    f"{culprit}{warm} (amp_report.jsonl / amp_report.png in {rep.folder})")
         return False
 
 

@@ -244,7 +244,18 @@ class PlantAt:
         module.factor = float("inf") if self.opt_ref and self.opt_ref[0].param_groups[0]["lr"] in self.lrs else 1.0
 
 
-def _fit(tmp_path, amp, skip_iters=(), **over):
+class PlantOnce(PlantAt):
+    """The real step overflows and its replay does not (what GPU non-determinism can do to a marginal overflow)."""
+    planted = False
+
+    def __call__(self, module, args):
+        super().__call__(module, args)
+        if module.factor != 1.0:
+            module.factor = 1.0 if self.planted else module.factor
+            self.planted = True
+
+
+def _fit(tmp_path, amp, skip_iters=(), plant=PlantAt, **over):
     torch.manual_seed(0)
     cfg = dict(config.DEFAULTS, num_classes=2, max_iters=4, batch_size=2, num_workers=0, log_interval=1,
                eval_interval_epochs=0, save_interval_epochs=0, work_dir=str(tmp_path), kernels="torch",
@@ -255,7 +266,7 @@ def _fit(tmp_path, amp, skip_iters=(), **over):
                           weight_decay=cfg["weight_decay"])
     opt_ref = []
     lrs = {train.poly_lr(i - 1, cfg["max_iters"], cfg["lr"], cfg["power"], cfg["min_lr"]) for i in skip_iters}
-    model.planted.register_forward_pre_hook(PlantAt(opt_ref, lrs))
+    model.planted.register_forward_pre_hook(plant(opt_ref, lrs))
     model, opt = amp.initialize(model, opt)
     opt_ref.append(opt)
     loader = data.train_loader(Toy(), 2, 0, seed=0, num_items=4)
@@ -286,6 +297,14 @@ def test_the_first_skipped_step_is_diagnosed_and_names_the_planted_layer(tmp_pat
     assert [(r["iteration"], r["trigger"], r["skipped"]) for r in recs] == [(2, "first skipped step (replayed)", True)]
     assert recs[0]["first_nonfinite"]["by"] == ["planted"]
     assert os.path.getsize(tmp_path / "amp_report.png") > 5000
+
+
+def test_a_skip_whose_replay_stays_finite_says_it_did_not_reproduce(tmp_path):
+    _, _, err = _fit(tmp_path, Amp("none", device="cpu"), skip_iters=(2,), plant=PlantOnce)
+    assert err is None
+    assert ("skipped step at it 2 (loss scale 1 -> 1): the replay of this batch stayed finite, so the overflow did "
+            "not reproduce (amp_report.jsonl") in _log(tmp_path)  # (the CUDA note only on CUDA)
+    assert _reports(tmp_path)[0]["first_nonfinite"] is None
 
 
 def test_summary_scalars_reach_tensorboard(tmp_path):
