@@ -478,7 +478,7 @@ class _Step:
             if record.get("first_nonfinite") is None and (not self.scheduled or self.replayed is not None):
                 culprit = ("the replay of this batch stayed finite, so the overflow did not reproduce"
                            + (" (CUDA kernels are not bit-reproducible: cuDNN's autotuned algorithms, atomic-add "
-                              "backward passes)" if rep.amp.device_type == "cuda" else ""))
+                              "backward passes)" if self.images.device.type == "cuda" else ""))
             rep.log(f"skipped step at it {self.n} (loss scale {float(self.scale):g} -> {after:g}): "
                     f"{culprit}{warm} (amp_report.jsonl / amp_report.png in {rep.folder})")
         return False
