@@ -125,7 +125,7 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
     # --max_skipped_steps counts consecutive skips, except the dynamic loss scale's warm-up: until the first clean
     # step, a skip that halves the scale and leaves it >= 1 is the scale looking for its level (fp16: 65536 -> ~4096)
     settled = start_iter > 0
-    window = dict(loss=0.0, cls=0.0, aux=0.0, n=0, images=0, t=time.time())
+    window = dict(sums=0.0, n=0, images=0, t=time.time())
     model.train()
 
     def criterion(out, targets):  # spec §6; common/amp_report.py replays it on a batch it diagnoses
@@ -181,18 +181,17 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
                     skipped_run += 1
                 watch.outcome(skipped, stop=skipped_run >= cfg["max_skipped_steps"])  # diagnosed on exit
             it += 1
-            # bookkeeping
-            if not bool((targets != data.IGNORE_INDEX).any()):
-                empty_total += 1  # the reference's mean CE would be NaN here; ours is 0 (spec §6 edge case)
+            # bookkeeping, summed on the device and read at the log interval: no host sync per step. An empty
+            # batch (no labelled pixel): the reference's mean CE would be NaN here; ours is 0 (spec §6 edge case)
+            empty = (targets == data.IGNORE_INDEX).all()
+            window["sums"] = window["sums"] + torch.stack([loss.detach().double(), loss_cls.detach().double(),
+                                                           loss_aux.detach().double(), empty.double()])
             skipped_total += int(skipped)
-            window["loss"] += loss.item()
-            window["cls"] += loss_cls.item()
-            window["aux"] += loss_aux.item()
             window["n"] += 1
             window["images"] += images.shape[0]
             if it % cfg["log_interval"] == 0 or it == stop:
-                _log_progress(log, window, it, max_iters, epoch, max_epochs, lr, amp, skipped_total, skipped_run,
-                              empty_total, device)
+                empty_total += _log_progress(log, window, it, max_iters, epoch, max_epochs, lr, amp, skipped_total,
+                                             skipped_run, empty_total, device)
             if skipped_run >= cfg["max_skipped_steps"]:
                 last_ckpt = checkpoint.latest(folder)
                 msg = (f"stopping at iteration {it}: the last {skipped_run} steps were all skipped for non-finite "
@@ -228,10 +227,12 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
 
 
 def _log_progress(log, w, it, max_iters, epoch, max_epochs, lr, amp, skipped, skipped_run, empty, device):
+    """The window's line and record; returns the window's empty batches (over all ranks)."""
     # losses averaged over the window and over ranks (spec §6: logged losses are all-reduced)
-    t = torch.tensor([w["loss"], w["cls"], w["aux"], w["n"], w["images"]], dtype=torch.float64,
-                     device=device if device.type == "cuda" else "cpu")
-    loss, cls, aux, n, images = dist.all_reduce(t).tolist()
+    t = torch.cat([w["sums"].to(dist.collective_device()),
+                   torch.tensor([w["n"], w["images"]], dtype=torch.float64, device=dist.collective_device())])
+    loss, cls, aux, new_empty, n, images = dist.all_reduce(t).tolist()
+    empty += int(new_empty)
     elapsed = time.time() - w["t"]
     ips = images / max(elapsed, 1e-9)
     eta = (max_iters - it) * elapsed / max(w["n"], 1)
@@ -243,7 +244,8 @@ def _log_progress(log, w, it, max_iters, epoch, max_epochs, lr, amp, skipped, sk
         log.record(kind="train", iteration=it, epoch=epoch + 1, loss=loss / n, loss_cls=cls / n, loss_aux=aux / n,
                    lr=lr, loss_scale=float(amp.loss_scale), skipped=skipped, empty_batches=empty, img_s=ips,
                    mem_gb=mem)
-    w.update(loss=0.0, cls=0.0, aux=0.0, n=0, images=0, t=time.time())
+    w.update(sums=0.0, n=0, images=0, t=time.time())
+    return int(new_empty)
 
 
 def _jsonable(cfg):
