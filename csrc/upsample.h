@@ -147,6 +147,10 @@ inline void check_ce_backward(const at::Tensor& grad_loss, const at::Tensor& log
   const auto acc = at::toOpMathType(logits.scalar_type());
   TORCH_CHECK(lse.scalar_type() == acc && lse.sizes() == target.sizes(),
               "segfp16::upsample_cross_entropy_backward: lse must be ", acc, " ", target.sizes(), ", got ", lse.scalar_type(), " ", lse.sizes());
+  // the kernel reads lse by pointer: on another GPU that would be another device's memory
+  TORCH_CHECK(lse.device() == logits.device() && grad_loss.device() == logits.device(),
+              "segfp16::upsample_cross_entropy_backward: lse on ", lse.device(), " and grad_loss on ", grad_loss.device(),
+              ", logits on ", logits.device());
 }
 
 }  // namespace segfp16
