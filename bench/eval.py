@@ -96,6 +96,7 @@ def time_variants(fns, x, reps, warmup, device):
     """{variant: (median ms, min ms, max ms, first-call s)}; repetitions interleaved over the variants."""
     first = {}
     for k, fn in fns.items():
+        sync(device)  # the previous variant's warm-up calls are not this one's first call
         t0 = time.perf_counter()
         fn(x)
         sync(device)
