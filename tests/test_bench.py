@@ -167,6 +167,20 @@ def test_eval_quick_rows(tmp_path):
     assert "load average" in (tmp_path / "eval.md").read_text()
 
 
+def test_eval_sizes_quick_and_its_break_even(tmp_path):
+    out = run(["bench/eval_sizes.py", "--quick"], tmp_path)
+    rows = json.loads((tmp_path / "eval_sizes.json").read_text())["rows"]
+    assert [(r["benchmark"], r["widths"]) for r in rows] == [("off", "40-56"), ("on", "48-64")]  # disjoint sizes
+    assert all(r["new_ms"] > 0 and r["repeat_ms"] > 0 for r in rows) and "VERDICT: new size on" in out
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from eval_sizes import verdict_line
+    # (new ms, repeat ms) with benchmark on, then off; cost(k) = new + (k - 1) repeat for a size seen k times
+    assert verdict_line((900, 30), (60, 35)) == "benchmark on is faster from 169.0 images per size"
+    assert verdict_line((50, 40), (60, 35)) == "benchmark on is faster up to 3.0 images per size"
+    assert verdict_line((50, 30), (60, 35)) == "benchmark on is faster at any images per size"
+    assert verdict_line((900, 40), (60, 35)) == "benchmark on is never faster"
+
+
 # ---- bench/numerics.py: the check logic on made-up curves (each check can fail), then a tiny CPU run end to end
 
 def _numerics():

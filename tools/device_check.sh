@@ -12,9 +12,10 @@
 #    5 bench_train  batch 16 at 512x512: ours fp16 fused / torch x NCHW (the trainer's default) / channels_last,
 #                   our fp32 base (the reference's setting), the torchvision peer (img/s, memory, MFU)
 #    6 profile      torch.profiler of fp16 PSPNet steps, torch vs fused kernels (bench/step_profile.py)
-#    7 bench_kernels, 8 sanitizer_memcheck / racecheck, 9 bench_eval (unfolded, folded), bench_eval_compiled,
-#      bench_train_compile (inductor compiles take the longest, so they come last)
-# Every stage runs under `timeout`; a failing stage never stops the next. The limits add up to 515 s,
+#    7 bench_kernels, 8 sanitizer_memcheck / racecheck, 9 bench_eval (unfolded, folded), bench_eval_sizes
+#      (cudnn.benchmark on / off at new image sizes), bench_eval_compiled, bench_train_compile (inductor compiles
+#      take the longest, so they come last)
+# Every stage runs under `timeout`; a failing stage never stops the next. The limits add up to 535 s,
 # + 120 s only when the extension has to be built here. The whole run is also held to DEVICE_CHECK_BUDGET seconds
 # (default 540, under the device tool's 600 s per command): a stage that no longer fits gets the time that is left,
 # or is skipped, so the stages at the end (the least needed) are the ones that give way.
@@ -72,7 +73,7 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.
       f"cuDNN {torch.backends.cudnn.version()}, device: {dev}  ")
 EOF
   [ $CUDA = 1 ] || echo "no CUDA device: a dry run (CPU-sized stages; the CUDA-only ones say why they skip)  "
-  echo -n "stage limits sum to 515 s (+120 s for a build here), x${SCALE}; run budget ${BUDGET} s"
+  echo -n "stage limits sum to 535 s (+120 s for a build here), x${SCALE}; run budget ${BUDGET} s"
   echo "${DEVICE_CHECK_STAGES:+; only: $DEVICE_CHECK_STAGES}"
   echo
   echo "| stage | exit | seconds | verdict |"
@@ -265,12 +266,14 @@ fi
 if [ $CUDA = 1 ]; then
   stage bench_eval 20 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half,fp32 --variants unfolded,folded \
     --reps 5 --warmup 2 --kernels fused --out "$LOGS/eval"
+  stage bench_eval_sizes 20 $PY bench/eval_sizes.py --sizes 4 --out "$LOGS/eval_sizes"
   stage bench_eval_compiled 35 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half \
     --variants folded,compiled --reps 5 --warmup 2 --kernels fused --out "$LOGS/eval_compiled"
   stage bench_train_compile 30 $PY bench/train.py --models pspnet --modes fp16 --kernels fused --formats nhwc \
     --compile default --peers tv_deeplabv3 --no-baseline --batch 16 --steps 5 --warmup 2 --out "$LOGS/compile"
 else
   stage bench_eval 20 $PY bench/eval.py --quick --variants unfolded,folded --out "$LOGS/eval"
+  stage bench_eval_sizes 20 $PY bench/eval_sizes.py --quick --out "$LOGS/eval_sizes"
   skip bench_eval_compiled "$NO_CUDA; the compiled copy is timed on the card (inductor on a CPU box takes minutes)"
   skip bench_train_compile "$NO_CUDA; the compiled rows time the card (inductor on a CPU box takes minutes)"
 fi
