@@ -22,12 +22,14 @@ class BufferGuard:
 
     # fused multi-tensor kernels: a few launches per step instead of one or three per buffer (an R50-D8 has ~200)
     def snapshot(self):
-        with torch.no_grad():
-            torch._foreach_copy_(self.saved, self.buffers)
+        if self.buffers:  # (foreach ops refuse empty lists: a model without BN)
+            with torch.no_grad():
+                torch._foreach_copy_(self.saved, self.buffers)
 
     def restore(self):
-        with torch.no_grad():
-            torch._foreach_copy_(self.buffers, self.saved)
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.saved)
 
     def finite(self):
         """True if every floating buffer is finite on every rank (the ranks must agree on skipping)."""

@@ -198,6 +198,10 @@ def test_buffer_guard_finds_each_non_finite_buffer_and_restores_every_bit(device
             for k, v in model.named_buffers():
                 assert torch.equal(v, good[k]), (name, poison, k)
             assert guard.finite()
+    empty = train.BufferGuard(nn.Conv2d(1, 1, 1))  # no buffers at all
+    empty.snapshot()
+    empty.restore()
+    assert empty.finite()
 
 
 @pytest.mark.parametrize("kind,dtype", [("none", "float16"), ("torch", "bfloat16")])
