@@ -452,6 +452,8 @@ def conv_section(args, device):
         for p, users in problems:
             kinds.setdefault((p["R"], p["dilation"], p["groups"] > 1), (p, users))
         problems = list(kinds.values())
+    # the most step time first (FLOPs x uses): a run cut short by its time limit loses the least important rows
+    problems.sort(key=lambda pu: -pu[0]["flops"] * sum(pu[1].values()))
     skip = {}  # dtype -> why it is not measured here
     if device.type == "cpu":
         skip["tf32"] = "TF32 is a tensor-core mode (CUDA only)"

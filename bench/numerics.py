@@ -270,7 +270,9 @@ def parse_args(argv=None):
         p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
     if "fp32" not in args.modes:
         p.error("--modes: fp32 is the reference every check compares with; include it")
-    args.modes = ["fp32"] + [m for m in args.modes if m != "fp32"]  # first: a run cut short still has its base
+    # fp32 first, then its yardstick: a run cut short still has the base and the band every check needs
+    first = ["fp32"] + [YARDSTICK] * (YARDSTICK in args.modes)
+    args.modes = first + [m for m in args.modes if m not in first]
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

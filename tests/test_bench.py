@@ -235,6 +235,8 @@ def test_numerics_cpu_run(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "out" / "numerics.jsonl").read_text().splitlines()]
     assert recs[0]["kind"] == "header" and recs[0]["torch"] == torch.__version__
     assert [r["mode"] for r in recs[1:]] == ["fp32", "bf16"]  # fp32 first, whatever the order asked
+    order = _numerics().parse_args(["--out", "x", "--device", "cpu", "--modes", "bf16,fp32-seed1,fp16,fp32"]).modes
+    assert order == ["fp32", "fp32-seed1", "bf16", "fp16"]  # then the yardstick: the band needs it
     for r in recs[1:]:
         assert r["status"] == "ok" and r["iteration"] == [1, 2] and r["checks"] == []
         assert 0 <= r["mIoU"] <= 1 and "amp=" in r["amp"]
