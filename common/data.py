@@ -482,7 +482,7 @@ class SeededSamples(Dataset):
         return self.dataset[index]
 
 
-def train_loader(dataset, total_batch, num_workers=2, seed=0, num_items=0):
+def train_loader(dataset, total_batch, num_workers=2, seed=0, num_items=0, pin_memory=False):
     """Shuffled, drop_last batches of total_batch // world_size per rank (spec §2.3), exactly resumable:
     loader.sampler.set_epoch(epoch, start_batch). num_items > 0 trains on the first num_items images only."""
     rank, world = _rank_world()
@@ -491,7 +491,7 @@ def train_loader(dataset, total_batch, num_workers=2, seed=0, num_items=0):
     n = min(num_items, len(dataset)) if num_items > 0 else len(dataset)
     sampler = ResumableSampler(n, total_batch // world, seed, rank, world)
     return DataLoader(SeededSamples(dataset, seed), batch_size=total_batch // world, sampler=sampler,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
                       worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
                       persistent_workers=num_workers > 0)
 
@@ -509,11 +509,11 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.n, self.world))
 
 
-def test_loader(dataset, num_workers=2):
+def test_loader(dataset, num_workers=2, pin_memory=False):
     """Batch 1, in order; each rank gets an exact, non-padded shard."""
     rank, world = _rank_world()
     return DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), rank, world), num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
+                      pin_memory=pin_memory, worker_init_fn=seed_worker,
                       persistent_workers=num_workers > 0)
 
 

@@ -149,6 +149,20 @@ def predict(model, items, out_dir, cfg, device, amp=None, log=print, tta=False):
     return written, skipped
 
 
+def predict_paths(model, paths, out_dir, cfg, device, amp=None, log=print, tta=False):
+    """--predict: predict() over paths; returns how many were skipped (on every rank). Under torchrun rank r takes
+    paths r, r + world, ... (each file is written once, by one rank) and rank 0 logs every rank's lines."""
+    if dist.world_size() == 1:
+        return predict(model, paths, out_dir, cfg, device, amp, log, tta)[1]
+    lines = []
+    _, skipped = predict(model, paths[dist.rank()::dist.world_size()], out_dir, cfg, device, amp, lines.append, tta)
+    gathered = dist.all_gather_object((lines, skipped))
+    for r, (rank_lines, _) in enumerate(gathered):
+        for line in rank_lines:
+            log(f"rank {r}: {line}")
+    return sum(s for _, s in gathered)
+
+
 def image_paths(path):
     exts = (".jpg", ".jpeg", ".png", ".bmp")
     if os.path.isdir(path):

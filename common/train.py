@@ -311,6 +311,8 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
         device = _device(cfg["device"])
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", local_rank)
+        if device.index is not None:  # --device cuda:N: the current GPU is the run's (pinned memory, cuDNN handles)
+            torch.cuda.set_device(device)
         for note in notes:
             log(note)
         with contextlib.ExitStack() as stack:
@@ -367,12 +369,12 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
             log(f"eval_amp: {half.describe()}")  # --eval_amp asked for the half type: say why it is fp32
         net, eval_amp = fold.for_eval(model, cfg, half, log)
         if cfg["predict"]:
-            _, skipped = infer.predict(net, infer.image_paths(cfg["predict"]), pred_dir, cfg, device, eval_amp,
-                                       log=log, tta=cfg["tta"])
+            skipped = infer.predict_paths(net, infer.image_paths(cfg["predict"]), pred_dir, cfg, device, eval_amp,
+                                          log=log, tta=cfg["tta"])
             if skipped:
                 raise SystemExit(1)  # the warnings above name each file; the rest were written
             return None
-        val_loader = _val_loader(cfg, root)
+        val_loader = _val_loader(cfg, root, device)
         metrics = infer.evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log, tta=cfg["tta"])
         infer.save_predictions(model, cfg, val_loader, pred_dir, device, half, log, cfg["tta"])
         return metrics
@@ -421,9 +423,10 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
 
     train_set = data.ADE20k(root, "train", data.train_transform(crop_size=tuple(cfg["crop_size"]),
                                                                 scale=tuple(cfg["scale"])))
+    # pinned batches only for a GPU run: the pin thread opens a context on the current GPU, whatever the run's device
     loader = data.train_loader(train_set, cfg["batch_size"], cfg["num_workers"], cfg["seed"],
-                                         cfg["num_train_images"])
-    val_loader = _val_loader(cfg, root)
+                               cfg["num_train_images"], pin_memory=device.type == "cuda")
+    val_loader = _val_loader(cfg, root, device)
     if ckpt is not None and _finished(ckpt, path, cfg, loader, log):
         return None  # nothing to do, nothing written
     # this run's own folder (common/runs.py): new, or the resumed checkpoint's; locked until the end
@@ -489,8 +492,8 @@ def _open_run(cfg, resume_path, log, stack):
     return folder
 
 
-def _val_loader(cfg, root):
+def _val_loader(cfg, root, device):
     val_set = data.ADE20k(root, "val", data.test_transform(scale=tuple(cfg["scale"])))
     if cfg["num_val_images"]:
         val_set.ids = val_set.ids[:cfg["num_val_images"]]
-    return data.test_loader(val_set, num_workers=min(cfg["num_workers"], 2))
+    return data.test_loader(val_set, num_workers=min(cfg["num_workers"], 2), pin_memory=device.type == "cuda")

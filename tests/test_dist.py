@@ -448,6 +448,29 @@ def test_trainer_two_ranks_resume_exactly_and_shard_eval_exactly(tmp_path, demo_
     assert _ckpt(os.path.join(one, "checkpoint-final.pth"))[2] == 4
 
 
+def _worker_predict(argv):
+    import contextlib
+    import io
+
+    from common import train
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # --predict logs to stdout only
+        train.main({}, build_tiny, argv, name="tiny")
+    return out.getvalue()
+
+
+def test_predict_on_two_ranks_writes_each_picture_once(tmp_path, demo_root):
+    from common import checkpoint
+    ckpt = str(tmp_path / "net.pth")
+    checkpoint.save(ckpt, {"model": build_tiny().state_dict()})
+    images = os.path.join(demo_root, "ADEChallengeData2016", "images", "validation")
+    out = spawn(_worker_predict, tmp_path, _argv(demo_root, str(tmp_path / "w"), "--predict", images, "--ckpt", ckpt))
+    assert "rank 0: predict: wrote 3, skipped 0" in out[0] and "rank 1: predict: wrote 2, skipped 0" in out[0]
+    assert out[1] == ""  # rank 0 logs for both
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(images))
+    assert sorted(os.listdir(tmp_path / "w" / "pred")) == sorted(f"{n}{s}.png" for n in names for s in ("", "_overlay"))
+
+
 # ---- under torchrun itself (slow: each run starts fresh interpreters)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -200,17 +200,24 @@ def test_cuda_rng_states_of_more_gpus_than_visible_restore_those_that_exist(monk
     assert calls == [(10, 0), (11, 1)]
 
 
-def test_main_writes_config_jsonl_and_eval(tmp_path):
+def test_main_writes_config_jsonl_and_eval(tmp_path, monkeypatch):
     def build(cfg=None, num_classes=150):
         net = TinyNet()
         net.decoder, net.auxiliary_decoder = nn.Conv2d(4, num_classes, 1), nn.Conv2d(4, num_classes, 1)
         return net
+
+    pinned = []  # a CPU run on a machine with a GPU pins nothing (the pin thread would open a context on GPU 0)
+    for name in ('train_loader', 'test_loader'):
+        real = getattr(data, name)
+        monkeypatch.setattr(data, name, lambda *a, real=real, **k: pinned.append(k.get('pin_memory')) or real(*a, **k))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
 
     argv = ['--data', 'demo', '--amp', 'torch', '--amp_dtype', 'bfloat16', '--device', 'cpu', '--kernels', 'torch',
             '--crop_size', '(32, 32)', '--scale', '(128, 32)', '--batch_size', '2', '--num_workers', '0',
             '--num_train_images', '4', '--num_val_images', '2', '--max_iters', '3', '--log_interval', '2',
             '--save_predictions', '1', '--work_dir', str(tmp_path)]
     metrics = train.main(_seg_cfg(), build, argv, name='tiny')
+    assert pinned == [False, False]
     # everything lands in the run's own timestamped folder; the work dir holds only it and the latest pointer
     (run,) = runs.runs(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(run), 'latest'])
