@@ -16,6 +16,8 @@ the cause and what to do (never "weights_only=False").
 Exact resume needs every random draw to be a pure function of (seed, epoch, position in the epoch). The model's
 draws (dropout) come from torch's global generator, which we save. The data's come from common.data.train_loader,
 whose order and augmentation are a pure function of (seed, epoch, rank, position), so the sampler alone resumes it.
+Bit-exact on the CPU; on a GPU the arithmetic after the resume is only as reproducible as cuDNN's autotuned
+algorithms and atomic-add kernels (docs/reliability.md).
 """
 import errno
 import os
