@@ -161,12 +161,28 @@ def save(path, state, root=None):
     bad = non_finite_tensors(state.get("model", {})) + non_finite_tensors(state.get("optimizer", {}), "optimizer")
     if bad:
         raise NonFiniteState(f"{len(bad)} non-finite tensor(s), e.g. {', '.join(bad[:3])}")
+    state = _on_cpu(state)
     _replace_atomically(lambda f: torch.save(state, f), path, size_hint=_nbytes(state))
     folder = os.path.dirname(os.path.abspath(path))
     _write_pointer(folder, os.path.basename(path))
     if root is not None:  # the work dir's pointer names the newest run's checkpoint, relative to the work dir
         _write_pointer(root, os.path.relpath(os.path.abspath(path), os.path.abspath(root)))
     return path
+
+
+def _on_cpu(tree):
+    """Every tensor on the CPU (as mmcv saves weights), so that a plain torch.load works on a machine without that
+    GPU; CPU tensors are returned as they are, and a state dict keeps its _metadata (module versions)."""
+    if torch.is_tensor(tree):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        out = type(tree)((k, _on_cpu(v)) for k, v in tree.items())
+        if hasattr(tree, "_metadata"):
+            out._metadata = tree._metadata
+        return out
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_on_cpu(v) for v in tree)
+    return tree
 
 
 def older_than_newest(work_dir, keep):

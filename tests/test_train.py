@@ -188,6 +188,24 @@ def test_rng_state_round_trip():
     assert (random.random(), np.random.rand(), torch.rand(1)) == a
 
 
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)])
+def test_checkpoints_hold_cpu_tensors_and_the_state_dicts_metadata(tmp_path, device):
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 1, 3, 3, device=device)).sum().backward()
+    opt.step()
+    state = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'iteration': 1, 'pair': (torch.ones(1), 2)}
+    path = checkpoint.save(str(tmp_path / 'c.pth'), state)
+    ck = torch.load(path, weights_only=True)  # no map_location: what a user on another machine does
+    tensors = [ck['model'][k] for k in ck['model']] + [s['momentum_buffer'] for s in ck['optimizer']['state'].values()]
+    assert tensors and all(t.device.type == 'cpu' for t in tensors)
+    assert ck['model']._metadata == state['model']._metadata and ck['pair'][1] == 2
+    for k, v in state['model'].items():
+        assert torch.equal(ck['model'][k], v.cpu()), k
+    if device == 'cpu':  # nothing copied on the CPU
+        assert checkpoint._on_cpu(state)['model']['0.weight'] is state['model']['0.weight']
+
+
 def test_cuda_rng_states_of_more_gpus_than_visible_restore_those_that_exist(monkeypatch):
     # a checkpoint of an 8-GPU node resumed on a 1-GPU machine: torch's set_rng_state_all would index past the GPUs
     calls = []
