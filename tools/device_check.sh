@@ -258,7 +258,8 @@ elif [ ! -x "$SAN" ]; then
   skip sanitizer_memcheck "compute-sanitizer not found ($SAN)"; skip sanitizer_racecheck "compute-sanitizer not found"
 else
   # no caching allocator: each tensor its own allocation, so a read past one is not inside the next one's block
-  stage sanitizer_memcheck 35 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 1 --leak-check no --print-limit 20 \
+  stage sanitizer_memcheck 35 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 1 \
+    --leak-check no --print-limit 20 \
     $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_bn_relu.py tests/test_upsample_ops.py \
     -k "test_dtypes or test_split_halves or test_cuda_concat_matches_aten or test_cuda_ce_matches_aten"
   stage sanitizer_racecheck 25 "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 \
