@@ -5,7 +5,7 @@
 #    0 modules      every module / tool the stages use (tools/check_env.py): what is missing, never fatal
 #    1 extension    import the prebuilt common/_C*.so (tools/build_for_device.sh makes it), build_info, one launch;
 #                   only if that fails: build here (pip install -e ., TORCH_CUDA_ARCH_LIST=9.0), then check again
-#    2 pytest_cuda  every GPU test
+#    2 pytest_cuda  every GPU test (pytest_cuda_fold: cuDNN's fused epilogue on every unit of the four models)
 #    3 smoke_*      1-GPU torchrun runs of the four scripts x --amp torch / apex on the demo data (all 8 at once)
 #    4 numerics     PSPNet fp32 / fp16 / apex O1 / apex O2 / bf16 (+ fp32 seed 1), 200 iterations each
 #                   (bench/numerics.py): loss curves side by side, band, skipped steps, mIoU
@@ -16,7 +16,7 @@
 #      (cudnn.benchmark on / off at new image sizes), bench_eval_compiled (an inductor compile: last)
 #    DEVICE_CHECK_COMPILE_TESTS=1 adds the compiled training rows (bench_train_compile) and the compile tests: cold
 #      inductor compiles of whole training steps take minutes, more than one visit's budget leaves them
-# Every stage runs under `timeout`; a failing stage never stops the next. The limits add up to 535 s,
+# Every stage runs under `timeout`; a failing stage never stops the next. The limits add up to 540 s,
 # + 120 s only when the extension has to be built here. The whole run is also held to DEVICE_CHECK_BUDGET seconds
 # (default 540, under the device tool's 600 s per command): a stage that no longer fits gets the time that is left,
 # or is skipped, so the stages at the end (the least needed) are the ones that give way.
@@ -74,7 +74,7 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.
       f"cuDNN {torch.backends.cudnn.version()}, device: {dev}  ")
 EOF
   [ $CUDA = 1 ] || echo "no CUDA device: a dry run (CPU-sized stages; the CUDA-only ones say why they skip)  "
-  echo -n "stage limits sum to 535 s (+120 s for a build here), x${SCALE}; run budget ${BUDGET} s"
+  echo -n "stage limits sum to 540 s (+120 s for a build here), x${SCALE}; run budget ${BUDGET} s"
   echo "${DEVICE_CHECK_STAGES:+; only: $DEVICE_CHECK_STAGES}"
   echo
   echo "| stage | exit | seconds | verdict |"
@@ -158,11 +158,17 @@ fi
 
 # ---- 2: every GPU test
 if [ $CUDA = 1 ]; then
-  # the slowest tests named; a hung one prints its stack before the stage's limit ends it
-  stage pytest_cuda 60 $PY -m pytest -q -p no:cacheprovider -m cuda --durations=15 -o faulthandler_timeout=45 tests
+  # the slowest tests named; a hung one prints its stack before the stage's limit ends it. The fused-epilogue test
+  # of every model unit gets a stage of its own: cuDNN may build (even compile) a plan per unit configuration, and
+  # that must not starve the tests after it
+  FOLD_ALL=tests/test_fold.py::test_every_unit_of_each_model_takes_cudnns_fused_call
+  stage pytest_cuda 50 $PY -m pytest -q -p no:cacheprovider -m cuda --durations=15 -o faulthandler_timeout=45 \
+    --deselect "$FOLD_ALL" tests
+  stage pytest_cuda_fold 20 $PY -m pytest -q -p no:cacheprovider -m cuda --durations=5 "$FOLD_ALL"
 else  # collection only: proves the selection the card would run
-  stage pytest_cuda 60 sh -c '"$0" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests > "$2" &&
+  stage pytest_cuda 50 sh -c '"$0" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests > "$2" &&
     cat "$2" && echo "SKIP: $1; collected only: $(tail -n 1 "$2")"' "$PY" "$NO_CUDA" "$WORK/collect.txt"
+  skip pytest_cuda_fold "$NO_CUDA (collected above)"
 fi
 
 # ---- 3: 1-GPU torchrun smoke runs, all eight at once (a GPU has room; one limit for the lot)
@@ -272,7 +278,7 @@ if [ $CUDA = 1 ]; then
   stage bench_eval 20 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half,fp32 --variants unfolded,folded \
     --reps 5 --warmup 2 --kernels fused --out "$LOGS/eval"
   stage bench_eval_sizes 20 $PY bench/eval_sizes.py --sizes 4 --out "$LOGS/eval_sizes"
-  stage bench_eval_compiled 35 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half \
+  stage bench_eval_compiled 30 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half \
     --variants folded,compiled --reps 5 --warmup 2 --kernels fused --out "$LOGS/eval_compiled"
 else
   stage bench_eval 20 $PY bench/eval.py --quick --variants unfolded,folded --out "$LOGS/eval"
