@@ -143,7 +143,7 @@ def _find_units(root):
 class Folded(nn.Module):
     """The folded eval copy of a segmentor: casts the input to its dtype / memory format, runs in inference_mode."""
 
-    def __init__(self, model, dtype=torch.float32, memory_format=torch.contiguous_format):
+    def __init__(self, model, dtype=torch.float32, memory_format=torch.contiguous_format, log=print):
         super().__init__()
         src = bare(model)
         net = copy.deepcopy(src)
@@ -168,7 +168,7 @@ class Folded(nn.Module):
         self.net.to(memory_format=memory_format)
         self.dtype, self.memory_format = dtype, memory_format
         self.source = weakref.ref(src)
-        self.log, self.refusals_logged = print, 0
+        self.log, self.refusals_logged = log, 0  # log: where the refused cuDNN configurations are named
         self.refresh()
 
     @torch.no_grad()
@@ -227,8 +227,7 @@ def for_eval(model, cfg, amp=None, log=print):
         hit[1].refresh()
         return hit[1], None
     t0 = time.time()
-    net = Folded(src, dtype, fmt)
-    net.log = log
+    net = Folded(src, dtype, fmt, log)
     log(f"fold: {len(net.units)} conv-BN units folded into single convs ({str(dtype)[6:]}, "
         f"{'channels_last' if fmt is torch.channels_last else 'NCHW'}, kernels {layers.KERNELS}) in "
         f"{time.time() - t0:.1f} s")

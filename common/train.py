@@ -190,8 +190,8 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             window["n"] += 1
             window["images"] += images.shape[0]
             if it % cfg["log_interval"] == 0 or it == stop:
-                empty_total += _log_progress(log, window, it, max_iters, epoch, max_epochs, lr, amp, skipped_total,
-                                             skipped_run, empty_total, device)
+                empty_total = _log_progress(log, window, it, max_iters, epoch, max_epochs, lr, amp, skipped_total,
+                                            skipped_run, empty_total, device)
             if skipped_run >= cfg["max_skipped_steps"]:
                 last_ckpt = checkpoint.latest(folder)
                 msg = (f"stopping at iteration {it}: the last {skipped_run} steps were all skipped for non-finite "
@@ -227,10 +227,10 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
 
 
 def _log_progress(log, w, it, max_iters, epoch, max_epochs, lr, amp, skipped, skipped_run, empty, device):
-    """The window's line and record; returns the window's empty batches (over all ranks)."""
+    """The window's line and record; returns the run's empty batches so far (this window's counted over all ranks)."""
     # losses averaged over the window and over ranks (spec §6: logged losses are all-reduced)
-    t = torch.cat([w["sums"].to(dist.collective_device()),
-                   torch.tensor([w["n"], w["images"]], dtype=torch.float64, device=dist.collective_device())])
+    where = dist.collective_device()
+    t = torch.cat([w["sums"].to(where), torch.tensor([w["n"], w["images"]], dtype=torch.float64, device=where)])
     loss, cls, aux, new_empty, n, images = dist.all_reduce(t).tolist()
     empty += int(new_empty)
     elapsed = time.time() - w["t"]
@@ -245,7 +245,7 @@ def _log_progress(log, w, it, max_iters, epoch, max_epochs, lr, amp, skipped, sk
                    lr=lr, loss_scale=float(amp.loss_scale), skipped=skipped, empty_batches=empty, img_s=ips,
                    mem_gb=mem)
     w.update(sums=0.0, n=0, images=0, t=time.time())
-    return int(new_empty)
+    return empty
 
 
 def _jsonable(cfg):

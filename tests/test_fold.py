@@ -211,8 +211,8 @@ def test_a_configuration_cudnn_refuses_runs_the_plain_form_and_is_logged_once(mo
     monkeypatch.setattr(fold, "_cudnn_epilogue", lambda x, relu: relu)
     monkeypatch.setattr(torch, "cudnn_convolution_relu", lambda x, w, b, *a: conv(x, w, None, b, *a))
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu", lambda x, w, r, alpha, b, *a: conv(x, w, r, b, *a))
-    net, lines = fold.Folded(model), []
-    net.log = lines.append
+    lines = []
+    net = fold.Folded(model, log=lines.append)
     torch.testing.assert_close(net(x)["out"], want)
     assert asked and {d for d in asked if d[0] > 1}, "the stand-in cuDNN was never asked"
     refused = list(fold.REFUSED)
