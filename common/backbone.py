@@ -8,6 +8,7 @@ import os
 import torch
 import torch.nn as nn
 
+from . import dist
 from .errors import MissingFile, UserError
 from .layers import BatchNormAct2d, conv_bn_relu
 
@@ -85,7 +86,8 @@ def load_pretrained(backbone, path_or_url, log=print, ignore=PRETRAINED_IGNORE):
     src = PRETRAINED_URLS.get(path_or_url, path_or_url)
     if src.startswith(("http://", "https://")):
         try:
-            sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", progress=False)
+            with dist.local_main_first():  # under torchrun one rank per machine downloads; the others find it cached
+                sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", progress=False)
         except OSError as e:  # URLError is an OSError: no internet, proxy, 404 ...
             raise UserError(f"--pretrained: could not download the pretrained weights {src} ({e}). Download "
                                f"them elsewhere and pass the file with --pretrained PATH, or train from scratch with "

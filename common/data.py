@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import dist
 from .errors import BadFileError, MissingFile
 
 IGNORE_INDEX = 255
@@ -647,21 +648,22 @@ def demo_root(cache_dir=None, num_train=64, num_val=16, seed=0, log=None):
     cache_dir = cache_dir or os.environ.get('SEG_DATA_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
                                                                                 'segfp16')
     root = os.path.join(cache_dir, f'ade20k_demo_v{DEMO_VERSION}_{num_train}x{num_val}_s{seed}')
-    if os.path.isdir(root):  # it only ever appears by a rename of a finished generation
-        return root
-    os.makedirs(cache_dir, exist_ok=True)
-    if log is not None:
-        log(f"generating the demo dataset (first use) in {root}: {num_train} train + {num_val} val images")
-    # generate next to the target, then rename: a killed run leaves a *.tmp-* folder, never a half-written root,
-    # and two processes racing (e.g. torchrun ranks) both end up with one complete copy
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + '.tmp-', dir=cache_dir)
-    try:
-        make_demo_ade20k(tmp, num_train, num_val, seed)
+    with dist.local_main_first():  # under torchrun one rank per machine generates it; the others find it
+        if os.path.isdir(root):  # it only ever appears by a rename of a finished generation
+            return root
+        os.makedirs(cache_dir, exist_ok=True)
+        if log is not None:
+            log(f"generating the demo dataset (first use) in {root}: {num_train} train + {num_val} val images")
+        # generate next to the target, then rename: a killed run leaves a *.tmp-* folder, never a half-written root,
+        # and two processes racing (two jobs, or machines sharing the folder) both end up with one complete copy
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + '.tmp-', dir=cache_dir)
         try:
-            os.rename(tmp, root)
-        except OSError:
-            if not os.path.isdir(root):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            make_demo_ade20k(tmp, num_train, num_val, seed)
+            try:
+                os.rename(tmp, root)
+            except OSError:
+                if not os.path.isdir(root):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root

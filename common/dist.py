@@ -16,6 +16,7 @@ gradient-compression hook on the pytorch-AMP path. We do the same, with three ch
 The per-rank batch (total / world size, spec §2.3) and the exact eval shards live in common.data's train_loader and
 test_loader, the all-reduce of the confusion matrix in common.metrics.ConfusionMatrix.reduce().
 """
+import contextlib
 import datetime
 import os
 
@@ -128,6 +129,25 @@ def barrier():
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=_state["timeout_s"] or DEFAULT_TIMEOUT_S))
     else:
         dist.barrier(device_ids=[local_rank()] if torch.cuda.is_available() else None)
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """Run the body on each machine's local rank 0 first, then on the other ranks: what the body puts in a per-machine
+    cache (a download, the generated demo dataset) is made once per machine and found there by the rest. Every rank
+    must enter it, so the body decides whether to do the work, never the caller. A body that fails on local rank 0
+    still lets the others go: they try themselves (and fail with the same message, or succeed). The others wait at
+    most the collective timeout (SEG_DIST_TIMEOUT_S): raise it for a download slower than 30 min."""
+    if not is_dist():
+        yield
+        return
+    if local_rank() != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if local_rank() == 0:
+            barrier()
 
 
 def collective_device():

@@ -99,6 +99,12 @@ def _problem(path, name):
 
 def fetch(spec, flag, log=print):
     """The local file of ssseg:NAME: the hub cache's copy, else downloaded (progress bar), checked, then cached."""
+    from . import dist
+    with dist.local_main_first():  # under torchrun one rank per machine downloads; the others find it cached
+        return _fetch(spec, flag, log)
+
+
+def _fetch(spec, flag, log):
     name = lookup(spec, flag)
     url, dst = URLS[name], cache_path(name)
     if os.path.isfile(dst):

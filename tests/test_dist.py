@@ -288,6 +288,42 @@ def test_hung_rank_fails_the_barrier_within_the_timeout(tmp_path):
     assert res["seconds"] < 4.5, res
 
 
+# ---- a per-machine cache (download, demo dataset) is filled by local rank 0 while the others wait, then found
+
+def _worker_local_main_first(cache):
+    from common import data
+    rank, _, _ = dist.init(device="cpu")
+    spans = {}
+    with dist.local_main_first():
+        t0 = time.time()
+        if rank == 0:
+            time.sleep(0.5)  # a slow download: rank 1 must not start before it ends
+        spans["ok"] = (t0, time.time())
+    try:
+        with dist.local_main_first():
+            if rank == 0:
+                raise OSError("no internet")  # rank 1 is released all the same and tries itself
+            spans["after_failure"] = True
+    except OSError as e:
+        spans["error"] = str(e)
+    generated = []
+
+    def fake_make(root, *args):  # the real generator takes ~10 s; only who generates matters here
+        generated.append(rank)
+        os.makedirs(os.path.join(root, "ADEChallengeData2016"))
+    data.make_demo_ade20k = fake_make
+    spans["root"], spans["generated"] = data.demo_root(cache, num_train=2, num_val=1), generated
+    return spans
+
+
+def test_local_main_first_runs_rank_0_first_and_the_demo_is_generated_once(tmp_path):
+    r0, r1 = spawn(_worker_local_main_first, tmp_path, str(tmp_path / "cache"))
+    assert r1["ok"][0] >= r0["ok"][1], (r0, r1)  # rank 1 entered after rank 0 left
+    assert r0["error"] == "no internet" and r1["after_failure"] and "error" not in r1
+    assert r0["root"] == r1["root"] and os.path.isdir(r0["root"])
+    assert (r0["generated"], r1["generated"]) == ([0], []), (r0, r1)  # rank 1 found rank 0's copy
+
+
 # ---- DDP after AMP initialisation (apex order), for every AMP kind; fp16 gradient compression for --amp torch
 
 def _amp_run(kind, opt_level, sync_world):
