@@ -86,8 +86,12 @@ class Logger:
 
 
 def peak_memory_gb(device):
+    """The log's `mem`: on CUDA the peak allocated since the last call, i.e. over the log window (as mmengine's; the
+    first window's includes cudnn.benchmark's trials), on the CPU the process's peak RSS so far."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # host max RSS (KiB on Linux)
 
 

@@ -206,6 +206,15 @@ def test_checkpoints_hold_cpu_tensors_and_the_state_dicts_metadata(tmp_path, dev
         assert checkpoint._on_cpu(state)['model']['0.weight'] is state['model']['0.weight']
 
 
+@pytest.mark.cuda
+def test_logged_cuda_memory_is_the_peak_of_its_window():
+    device = torch.device('cuda')
+    big = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # 0.25 GB, freed before the first window ends
+    del big
+    first = train.peak_memory_gb(device)
+    assert first >= 0.25 and train.peak_memory_gb(device) < first - 0.2  # the second window never held it
+
+
 def test_cuda_rng_states_of_more_gpus_than_visible_restore_those_that_exist(monkeypatch):
     # a checkpoint of an 8-GPU node resumed on a 1-GPU machine: torch's set_rng_state_all would index past the GPUs
     calls = []
