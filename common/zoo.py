@@ -16,6 +16,7 @@ import tempfile
 
 import torch
 
+from . import dist
 from .errors import BadFileError, UserError
 
 PREFIX = "ssseg:"
@@ -99,7 +100,6 @@ def _problem(path, name):
 
 def fetch(spec, flag, log=print):
     """The local file of ssseg:NAME: the hub cache's copy, else downloaded (progress bar), checked, then cached."""
-    from . import dist
     with dist.local_main_first():  # under torchrun one rank per machine downloads; the others find it cached
         return _fetch(spec, flag, log)
 
