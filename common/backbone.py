@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import dist
+from .checkpoint import check_matches, load, model_state
 from .errors import MissingFile, UserError
 from .layers import BatchNormAct2d, conv_bn_relu
 
@@ -81,7 +82,8 @@ def load_pretrained(backbone, path_or_url, log=print, ignore=PRETRAINED_IGNORE):
 
     `path_or_url`: a local file, a key of PRETRAINED_URLS, or an http(s) URL (downloaded into the torch hub cache,
     for users with internet). Accepts {'model': sd}, {'state_dict': sd} or a bare state dict, 'backbone.' prefixed
-    (mmseg) or not. Unlike ssseg's strict=False, any other missing or unexpected key is an error naming it.
+    (mmseg) or not. Unlike ssseg's strict=False, any other missing or unexpected key, or a wrong shape, is a
+    BadFileError naming it (BN step counters may be absent).
     """
     src = PRETRAINED_URLS.get(path_or_url, path_or_url)
     if src.startswith(("http://", "https://")):
@@ -93,25 +95,26 @@ def load_pretrained(backbone, path_or_url, log=print, ignore=PRETRAINED_IGNORE):
                                f"them elsewhere and pass the file with --pretrained PATH, or train from scratch with "
                                f"--pretrained none") from e
     elif os.path.isfile(src):
-        sd = torch.load(src, map_location="cpu", weights_only=True)
+        sd = load(src)  # a damaged or foreign file: one line naming it
     else:
         raise MissingFile(f"--pretrained {path_or_url!r}: neither a file, a URL nor a key of PRETRAINED_URLS "
                                 f"(download {PRETRAINED_URLS['resnet50conv3x3stem']} and pass its path)")
-    for k in ("model", "state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
-            sd = sd[k]
-            break
+    sd = model_state(sd, f"--pretrained {path_or_url}")
     # honestly: mmseg checkpoints carry the segmentor's prefix, ImageNet ones do not; accept both
     sd = {(k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in sd.items()}
     ignored = [k for k in sd if k.startswith(tuple(ignore))]
     sd = {k: v for k, v in sd.items() if k not in set(ignored)}
     own = backbone.state_dict()
+    # files converted from other frameworks often lack BN's step counters, which momentum 0.1 never reads: ours (0 in
+    # a new model) stay, as mmcv's loader allows; any other absent key is an error
+    counters = [k for k in own if k.endswith(".num_batches_tracked") and k not in sd]
+    sd.update({k: own[k] for k in counters})
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    log(f"pretrained {path_or_url}: loaded {len(own) - len(missing)} / missing {len(missing)} {missing} / "
-        f"unexpected {len(unexpected)} {unexpected} / ignored {len(ignored)}")
-    if missing or unexpected:
-        raise RuntimeError(f"common/backbone.py: pretrained weights {path_or_url!r} do not match the backbone: "
-                           f"missing {missing}, unexpected {unexpected} (only {list(ignore)} may be skipped)")
+    log(f"pretrained {path_or_url}: loaded {len(own) - len(missing) - len(counters)} / missing {len(missing)} "
+        f"{missing} / unexpected {len(unexpected)} {unexpected} / ignored {len(ignored)}"
+        + (f" / BN step counters absent from the file, left as they are: {len(counters)}" if counters else ""))
+    check_matches(backbone, sd, f"--pretrained {path_or_url}",
+                  hint=f"not the ResNet-50 v1c ImageNet weights? only {list(ignore)} may be skipped")
     backbone.load_state_dict(sd, strict=True)  # also checks every shape
     return backbone

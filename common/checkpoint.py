@@ -311,7 +311,7 @@ def _few(names, n=5):
     return f"{len(names)} ({', '.join(names[:n])}{', ...' if len(names) > n else ''})"
 
 
-def check_matches(model, sd, path):
+def check_matches(model, sd, path, hint="another model or --num_classes?"):
     """Our key/shape report (before torch's 'Error(s) in loading state_dict'): BadFileError naming the file."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -321,7 +321,7 @@ def check_matches(model, sd, path):
     if missing or unexpected or shapes:
         parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected
                  else "", f"mismatched shapes (file vs model) {_few(shapes, 3)}" if shapes else ""]
-        raise BadFileError(f"{path}: does not match this model (another model or --num_classes?): "
+        raise BadFileError(f"{path}: does not match this model ({hint}): "
                            + "; ".join(p for p in parts if p))
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import common.layers as layers
 from common.backbone import PRETRAINED_URLS, ResNetV1c, load_pretrained
+from common.errors import BadFileError
 from common.config import BASE_SEGMENTOR_CFG, FP16_CFG_APEX, FP16_CFG_PYTORCH
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,12 +139,32 @@ def test_load_pretrained_report_and_strictness(tmp_path):
     broken["layer5.0.conv1.weight"] = torch.zeros(1)
     torch.save({"state_dict": broken}, tmp_path / "bad.pth")
     lines = []
-    with pytest.raises(RuntimeError, match=r"layer1\.0\.conv1\.weight.*layer5\.0\.conv1\.weight"):
+    with pytest.raises(BadFileError, match=r"bad\.pth: does not match.*layer1\.0\.conv1\.weight.*layer5\.0\.conv1"):
         load_pretrained(ResNetV1c(), str(tmp_path / "bad.pth"), log=lines.append)
     assert "loaded 329 / missing 1 ['layer1.0.conv1.weight'] / unexpected 1 ['layer5.0.conv1.weight']" in lines[0]
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_pretrained(backbone, str(tmp_path / "nope.pth"))
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ok0.pth").read_bytes()[:1000])
+    with pytest.raises(BadFileError, match="cut.pth: truncated or corrupt"):
+        load_pretrained(backbone, str(tmp_path / "cut.pth"))
     assert PRETRAINED_URLS["resnet50conv3x3stem"].endswith("resnet50_v1c-2cccc1ad.pth")
+
+
+def test_load_pretrained_accepts_a_file_without_bn_step_counters(tmp_path):
+    # converted ImageNet files often lack them (momentum 0.1 never reads them): kept at 0, said in the report
+    sd = {k: v for k, v in mmcv_v1c_checkpoint().items() if not k.endswith("num_batches_tracked")}
+    torch.save(sd, tmp_path / "converted.pth")
+    backbone, lines = ResNetV1c(), []
+    backbone.layer1[0].bn1.num_batches_tracked.fill_(7)  # ours stay as they are
+    load_pretrained(backbone, str(tmp_path / "converted.pth"), log=lines.append)
+    assert ("loaded 275 / missing 0 [] / unexpected 0 [] / ignored 2 / BN step counters absent from the file, left as "
+            "they are: 55") in lines[0]
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in sd.items() if not k.startswith("fc."))
+    assert int(backbone.layer1[0].bn1.num_batches_tracked) == 7
+    del sd["layer1.0.bn1.running_var"]  # any other absent key still fails
+    torch.save(sd, tmp_path / "converted.pth")
+    with pytest.raises(BadFileError, match=r"missing 1 \(layer1\.0\.bn1\.running_var\)"):
+        load_pretrained(ResNetV1c(), str(tmp_path / "converted.pth"), log=lines.append)
 
 
 # ---- geometry
