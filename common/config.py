@@ -21,6 +21,8 @@ FP16_CFG_PYTORCH = {'type': 'pytorch', 'autocast': {'dtype': torch.float16}, 'gr
 # ImageNet normalisation on the 0-255 scale, RGB order (the pipeline converts cv2's BGR first, spec §2.1 step 5)
 _NORMALIZE = ('Normalize', {'mean': [123.675, 116.28, 103.53], 'std': [58.395, 57.12, 57.375], 'to_rgb': True})
 
+# recipe() reads the crop and the scale from here; the other values run as common/data.py's defaults, held equal to
+# these by tests/test_data.py
 DATASET_CFG_ADE20k_512x512 = {
     'type': 'ADE20kDataset',
     'rootdir': 'ADE20k',  # ssseg: os.path.join(os.getcwd(), 'ADE20k'); a relative path resolves the same way at use

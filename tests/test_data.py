@@ -534,3 +534,27 @@ def test_demo_root_caches_atomically(tmp_path):
     assert D.demo_root(str(cache), num_train=2, num_val=1) == root  # second call: no regeneration
     assert os.path.getmtime(os.path.join(root, 'ADEChallengeData2016', 'images', 'training')) == stamp
     assert sorted(os.listdir(cache)) == ['ade20k_demo_v1_2x1_s0', 'ade20k_demo_v1_2x1_s0.tmp-dead']
+
+
+def test_the_recipe_dicts_and_the_pipelines_defaults_agree():
+    # config.py writes the reference's pipeline out as data, but recipe() reads only the crop and the scale from it;
+    # the rest runs as common/data.py's defaults, so an edit to one side alone must fail here, not be ignored
+    import inspect
+
+    from common import config
+    train = dict(config.DATASET_CFG_ADE20k_512x512['train']['data_pipelines'])
+    test = dict(config.DATASET_CFG_ADE20k_512x512['test']['data_pipelines'])
+    arg = {k: p.default for k, p in inspect.signature(D.TrainTransform).parameters.items()}
+    assert list(train) == ['Resize', 'RandomCrop', 'RandomFlip', 'PhotoMetricDistortion', 'Normalize', 'ToTensor',
+                           'Padding'] and list(test) == ['Resize', 'Normalize', 'ToTensor']
+    assert train['Resize'] == {'output_size': arg['scale'], 'keep_ratio': True, 'scale_range': arg['ratio_range']}
+    assert test['Resize']['output_size'] == inspect.signature(D.TestTransform).parameters['scale'].default
+    assert train['RandomCrop'] == {'crop_size': arg['crop_size'], 'one_category_max_ratio': arg['cat_max_ratio']}
+    assert train['Padding']['output_size'] == arg['crop_size']
+    pmd = {k: p.default for k, p in inspect.signature(D.photometric_lut).parameters.items() if k not in ('image', 'rng')}
+    assert train['PhotoMetricDistortion'] == {} and pmd == {  # the reference's defaults (spec §2.1 step 4)
+        'brightness_delta': 32, 'contrast_range': (0.5, 1.5), 'saturation_range': (0.5, 1.5), 'hue_delta': 18}
+    for norm in (train['Normalize'], test['Normalize']):
+        assert (tuple(norm['mean']), tuple(norm['std']), norm['to_rgb']) == (D.MEAN, D.STD, True)
+    loader = config.DATALOADER_CFG_BS16['train']
+    assert loader['num_workers_per_gpu'] == config.DEFAULTS['num_workers']
