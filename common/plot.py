@@ -69,7 +69,8 @@ def plot(metrics_path, out_path):
     it = [r["iteration"] for r in train]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7), dpi=90)
     (loss_ax, lr_ax), (scale_ax, eval_ax) = ax
-    for key, label, colour in (("loss", "total", "C0"), ("loss_cls", "cls", "C1"), ("loss_aux", "aux", "C2")):
+    for key, label, colour in (("loss", "total", "C0"), ("loss_cls", "cls", "C1"),
+                               ("loss_aux", "aux (weighted)", "C2")):
         v = [r[key] for r in train if key in r]
         if v and len(v) == len(it):
             loss_ax.plot(it, v, color=colour, alpha=0.25, lw=1)

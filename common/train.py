@@ -134,8 +134,9 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
 
     def criterion(out, targets):  # spec §6; common/amp_report.py replays it on a batch it diagnoses
         loss_cls = layers.seg_cross_entropy(out["out"], targets, data.IGNORE_INDEX)  # upsampled to crop
-        loss_aux = layers.seg_cross_entropy(out["aux"], targets, data.IGNORE_INDEX)
-        return loss_cls + cfg["aux_weight"] * loss_aux, loss_cls, loss_aux
+        # aux as the reference logs it: x aux_weight (0.4), so that total = cls + aux
+        loss_aux = cfg["aux_weight"] * layers.seg_cross_entropy(out["aux"], targets, data.IGNORE_INDEX)
+        return loss_cls + loss_aux, loss_cls, loss_aux
     reporter = AmpReport(cfg, model, amp, optimizer, folder, log, criterion)  # --amp_report, skipped-step diagnosis
 
     def save(tag):

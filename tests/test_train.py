@@ -258,7 +258,7 @@ def test_main_writes_config_jsonl_and_eval(tmp_path, monkeypatch):
     assert [r['iteration'] for r in train_recs] == [2, 3]  # every log_interval and at the end
     assert {'loss', 'loss_cls', 'loss_aux', 'lr', 'loss_scale', 'skipped', 'empty_batches', 'img_s',
             'mem_gb'} <= set(train_recs[0])
-    assert train_recs[0]['loss'] == pytest.approx(train_recs[0]['loss_cls'] + 0.4 * train_recs[0]['loss_aux'])
+    assert train_recs[0]['loss'] == pytest.approx(train_recs[0]['loss_cls'] + train_recs[0]['loss_aux'])  # aux x 0.4
     evals = [r for r in recs if r['kind'] == 'eval']
     assert len(evals) == 1 and evals[0]['mIoU'] == pytest.approx(metrics['mIoU'])
     assert evals[0]['precision'] == 'bf16 folded weights' and len(evals[0]['Acc']) == 150 and 'mAcc' in evals[0]
