@@ -60,6 +60,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from .errors import UserError
+
 KINDS = ("none", "torch", "apex")
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
 PREFER_NVIDIA_APEX = True  # use NVIDIA's apex.amp when importable; tests set False to exercise our implementation
@@ -102,6 +104,15 @@ def _parse_dtype(dtype):
 
 def _dtype_name(dtype):
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+class AmpStateError(UserError, ValueError):
+    """A checkpoint's AMP state that this run's --amp / --opt_level / --amp_dtype cannot take (it was saved by another
+    mode): one line for the user, a ValueError to older callers."""
+
+
+_RESUME_HINT = ("resume with the flags it was trained with (--amp, --opt_level, --amp_dtype; on a CPU --amp_dtype auto "
+                "is bf16), or start a new schedule from its weights with --init CHECKPOINT")
+
 
 # -----------------------------------------------------------------------------
 # apex's dynamic loss scaler
@@ -524,17 +535,27 @@ class Amp:
             return self.nvidia.load_state_dict(sd)
         if self.kind == "apex":
             if set(sd) != {"loss_scaler0"}:
-                raise ValueError(f"common/amp.py: expected apex amp state {{'loss_scaler0': ...}}, got keys "
-                                 f"{sorted(sd)} (checkpoint from another --amp kind?)")
+                raise AmpStateError(f"the checkpoint's AMP state (keys {sorted(sd)}) is not --amp apex's "
+                                    f"{{'loss_scaler0': ...}}: saved by another --amp kind; {_RESUME_HINT}")
+            saved = float(sd["loss_scaler0"]["loss_scale"])
+            if not self.scaler.dynamic and saved != self.scaler.loss_scale:  # a static scale never moves: not ours
+                raise AmpStateError(f"the checkpoint's loss scale {saved:g} comes from dynamic loss scaling (--amp "
+                                    f"apex O1/O2 in fp16); this run ({self._flags()}) has none; {_RESUME_HINT}")
             self.scaler.load_state_dict(sd["loss_scaler0"])
         elif self.grad_scaler is not None:
             if "scale" not in sd:
-                raise ValueError(f"common/amp.py: expected a torch GradScaler state, got keys {sorted(sd)} "
-                                 f"(checkpoint from another --amp kind or dtype?)")
+                raise AmpStateError(f"the checkpoint's AMP state (keys {sorted(sd)}) is not --amp torch fp16's "
+                                    f"GradScaler state: saved by another --amp kind or dtype; {_RESUME_HINT}")
             self.grad_scaler.load_state_dict(sd)
         elif sd:
-            raise ValueError(f"common/amp.py: amp={self.kind} {_dtype_name(self.dtype)} has no state, got keys "
-                             f"{sorted(sd)} (checkpoint from another --amp kind or dtype?)")
+            raise AmpStateError(f"the checkpoint holds AMP state (keys {sorted(sd)}), but this run ({self._flags()}) "
+                                f"has none: saved by another --amp kind or dtype; {_RESUME_HINT}")
+
+    def _flags(self):
+        if self.kind == "none":
+            return "--amp none"
+        level = f" --opt_level {self.opt_level}" if self.kind == "apex" else ""
+        return f"--amp {self.kind}{level}, {_dtype_name(self.dtype)}"
 
     def describe(self):
         """One line for the log: which implementation, backend, dtype and scaling ran."""

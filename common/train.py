@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, config, data, dist, errors, fold, infer, layers, report, runs
+from .amp import Amp, AmpStateError
 from .amp_report import AmpReport
 from .errors import UserError
 from .guard import BufferGuard
@@ -288,7 +289,6 @@ def _kernels(kind, log):
 def _amp(cfg, device, log, **kw):
     """The run's Amp: fp16 on GPUs (the reference); on CPU bf16, in fp32 arithmetic where the CPU has no native bf16
     (common/cpu.py says which, and why, in the amp line or a warning)."""
-    from .amp import Amp
     from .cpu import amp_plan
     dtype, fp32_math, note = amp_plan(cfg["amp_dtype"], device.type, cfg["amp"], kw.get("opt_level", "O1"))
     if note:
@@ -415,7 +415,10 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     start_iter = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        amp.load_state_dict(ckpt["amp"])
+        try:
+            amp.load_state_dict(ckpt["amp"])
+        except AmpStateError as e:
+            raise AmpStateError(f"--resume {path}: {e}") from None
         rng = ckpt["rng"]
         checkpoint.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
         start_iter = ckpt["iteration"]

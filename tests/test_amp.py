@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import common.amp as amp_mod
 from common import layers
-from common.amp import Amp, LossScaler
+from common.amp import Amp, AmpStateError, LossScaler
 
 
 @pytest.fixture(autouse=True)
@@ -403,12 +403,19 @@ def test_state_dict_formats_and_mismatch_errors():
     assert isinstance(sd["loss_scaler0"]["unskipped"], int)
     assert set(make("torch")[2].state_dict()) >= {"scale", "_growth_tracker"}
     assert make("none")[2].state_dict() == {} and make("torch", dtype=torch.bfloat16)[2].state_dict() == {}
-    with pytest.raises(ValueError, match="loss_scaler0"):
+    with pytest.raises(AmpStateError, match="loss_scaler0.*another --amp kind"):
         make("apex", "O1")[2].load_state_dict(make("torch")[2].state_dict())
-    with pytest.raises(ValueError, match="GradScaler"):
+    with pytest.raises(AmpStateError, match="GradScaler"):
         make("torch")[2].load_state_dict(sd)
-    with pytest.raises(ValueError, match="no state"):
+    with pytest.raises(AmpStateError, match="has none"):
         make("none")[2].load_state_dict(sd)
+    # a dynamic scale must not become a static one that never backs off (O3, O0, bf16 scale nothing)
+    for opt_level, dtype in (("O3", torch.float16), ("O0", torch.float16), ("O1", torch.bfloat16)):
+        amp = make("apex", opt_level, dtype)[2]
+        with pytest.raises(AmpStateError, match="loss scale 65536 comes from dynamic loss scaling.*--opt_level"):
+            amp.load_state_dict(sd)
+        assert amp.loss_scale == 1.0
+        amp.load_state_dict(amp.state_dict())  # its own state loads
 
 
 @pytest.mark.parametrize("inv_scale", [1.0, 2.0 ** -10])

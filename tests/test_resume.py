@@ -41,6 +41,17 @@ def run(work_dir, *flags):
     return checkpoint.load(checkpoint.resolve("auto", str(work_dir)))
 
 
+def test_resume_under_another_amp_mode_is_one_line_naming_the_flags(tmp_path, capsys):
+    common = ["--amp_dtype", "float16", "--max_iters", "4", "--num_workers", "0"]
+    run(tmp_path, "--amp", "apex", *common, "--stop_iters", "2")
+    for other in (["--amp", "torch"], ["--amp", "apex", "--opt_level", "O3"]):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, *other, *common, "--resume", "auto")
+        assert e.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("tiny: error: --resume ") and "checkpoint-iter-2.pth" in line and "--opt_level" in line
+
+
 # 3 batches per epoch: stopping at 4 resumes mid-epoch (batch 1 of epoch 1), after an epoch-end checkpoint.
 # fp16 for apex/torch, so that the loss scaler's state (apex's LossScaler, torch's GradScaler) is in play.
 @pytest.mark.parametrize("amp,workers", [("none", 0), ("none", 1), ("apex", 0), ("torch", 0)])
