@@ -105,6 +105,7 @@ def _parse_dtype(dtype):
 def _dtype_name(dtype):
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
+
 class AmpStateError(UserError, ValueError):
     """A checkpoint's AMP state that this run's --amp / --opt_level / --amp_dtype cannot take (it was saved by another
     mode): one line for the user, a ValueError to older callers."""
