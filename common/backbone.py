@@ -95,7 +95,7 @@ def load_pretrained(backbone, path_or_url, log=print, ignore=PRETRAINED_IGNORE):
                                f"them elsewhere and pass the file with --pretrained PATH, or train from scratch with "
                                f"--pretrained none") from e
     elif os.path.isfile(src):
-        sd = load(src)  # a damaged or foreign file: one line naming it
+        sd = load(src, instead="download it again")  # a damaged or foreign file: one line naming it
     else:
         raise MissingFile(f"--pretrained {path_or_url!r}: neither a file, a URL nor a key of PRETRAINED_URLS "
                                 f"(download {PRETRAINED_URLS['resnet50conv3x3stem']} and pass its path)")

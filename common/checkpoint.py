@@ -252,15 +252,16 @@ def resolve(path, work_dir, flag="--resume", log=print):
     return path
 
 
-def load(path, map_location="cpu"):
-    """torch.load(weights_only=True), with one line naming the file and the cause when it cannot be used."""
+def load(path, map_location="cpu", instead="use an earlier checkpoint"):
+    """torch.load(weights_only=True), with one line naming the file and the cause when it cannot be used; `instead`:
+    what to do about a damaged one."""
     if not os.path.isfile(path):
         raise NoCheckpointError(f"checkpoint {path} does not exist" + (" (a folder: pass a .pth inside it)"
                                                                         if os.path.isdir(path) else ""))
     size = os.path.getsize(path)
     if size == 0:
         raise BadFileError(f"{path}: empty file (0 bytes), not a checkpoint (a copy or save that never finished?); "
-                           f"use an earlier checkpoint")
+                           f"{instead}")
     with open(path, "rb") as f:
         head = f.read(4)
     is_zip, is_pickle = head == b"PK\x03\x04", head[:1] == b"\x80"  # torch.save's zip format; a (legacy) pickle
@@ -274,12 +275,11 @@ def load(path, map_location="cpu"):
             raise BadFileError(f"{path}: holds Python objects other than tensors and containers, which are not loaded "
                                f"(they could run code); re-save it as a dict of tensors "
                                f"(torch.save({{'model': model.state_dict()}}, path))") from e
-        raise BadFileError(f"{path}: damaged checkpoint ({size} bytes that do not unpickle); use an earlier "
-                           f"checkpoint") from e
+        raise BadFileError(f"{path}: damaged checkpoint ({size} bytes that do not unpickle); {instead}") from e
     except Exception as e:
         raise BadFileError(f"{path}: truncated or corrupt checkpoint ({size} bytes; the "
                            f"{'zip archive' if is_zip else 'pickle'} is incomplete, e.g. a copy or save that was cut "
-                           f"short); use an earlier checkpoint") from e
+                           f"short); {instead}") from e
 
 
 def load_training(path):

@@ -466,34 +466,39 @@ def _cut(fraction):
 
 
 NOT_TRAINING = r"not a training checkpoint \(no optimizer/iteration state.*use --init .* to start"
-FILE_CASES = {  # name: (make(path, good) -> path, {flag: expected cause}); flags --resume, --eval, --init
-    "zero-byte": (lambda p, g: _write(p, b""), dict.fromkeys(("--resume", "--eval", "--init"),
+FILE_CASES = {  # name: (make(path, good) -> path, {flag: expected cause}); flags --resume, --eval, --init, --pretrained
+    "zero-byte": (lambda p, g: _write(p, b""), dict.fromkeys(("--resume", "--eval", "--init", "--pretrained"),
                                                              r"empty file \(0 bytes\), not a checkpoint")),
     "random-bytes": (lambda p, g: _write(p, np.random.default_rng(0).bytes(5000)),
-                     dict.fromkeys(("--resume", "--eval", "--init"), r"not a PyTorch checkpoint \(5000 bytes")),
+                     dict.fromkeys(("--resume", "--eval", "--init", "--pretrained"),
+                                   r"not a PyTorch checkpoint \(5000 bytes")),
     "text": (lambda p, g: _write(p, b"model weights: see README\n"),
              dict.fromkeys(("--resume", "--eval"), r"not a PyTorch checkpoint")),
-    "truncated-half": (_cut(0.5), dict.fromkeys(("--resume", "--eval", "--init"),
-                                                r"truncated or corrupt checkpoint .*use an earlier checkpoint")),
+    "truncated-half": (_cut(0.5), {**dict.fromkeys(("--resume", "--eval", "--init"),
+                                                   r"truncated or corrupt checkpoint .*use an earlier checkpoint"),
+                                   "--pretrained": r"truncated or corrupt checkpoint .*download it again"}),
     "truncated-tail": (_cut(0.995), dict.fromkeys(("--resume", "--eval"), r"truncated or corrupt checkpoint")),
     "zip-header-only": (_cut(0.0005), {"--resume": r"truncated or corrupt checkpoint"}),
     "pickled-code": (lambda p, g: _torch_save(p, {"model": Code()}),
-                     dict.fromkeys(("--resume", "--eval"), r"holds Python objects other than tensors.*re-save it")),
+                     dict.fromkeys(("--resume", "--eval", "--pretrained"),
+                                   r"holds Python objects other than tensors.*re-save it")),
     "ssseg-weights-only": (lambda p, g: _torch_save(p, {"model": checkpoint.load(g[0])["model"], "cur_epoch": 130}),
                            {"--resume": NOT_TRAINING}),
     "bare-state-dict": (lambda p, g: _torch_save(p, checkpoint.load(g[0])["model"]), {"--resume": NOT_TRAINING}),
     "no-state-dict": (lambda p, g: _torch_save(p, {"epoch": 3, "note": "hello"}),
                       {"--eval": r"holds no state dict", "--init": r"holds no state dict",
-                       "--resume": NOT_TRAINING}),
+                       "--pretrained": r"holds no state dict", "--resume": NOT_TRAINING}),
     "another-model": (lambda p, g: _torch_save(p, {"model": nn.Linear(3, 2).state_dict()}),
-                      dict.fromkeys(("--eval", "--init"),
-                                    r"does not match this model .*missing \d+ \(backbone_net.*unexpected 2 \(weight, "
-                                    r"bias\)")),
+                      {**dict.fromkeys(("--eval", "--init"), r"does not match this model .*missing \d+ \(backbone_net"
+                                                             r".*unexpected 2 \(weight, bias\)"),
+                       "--pretrained": r"does not match this model \(not the ResNet-50 v1c ImageNet weights\? .*"
+                                       r"missing 5 \(0\.weight, 1\.weight.*unexpected 2 \(weight, bias\)"}),
     "wrong-shapes": (lambda p, g: g[1], dict.fromkeys(
         ("--resume", "--eval", "--init"),
         r"does not match this model .*mismatched shapes \(file vs model\) 4 \(decoder\.weight \(3, 8, 1, 1\) vs "
         r"\(150, 8, 1, 1\)")),
-    "missing": (lambda p, g: str(p), dict.fromkeys(("--resume", "--eval", "--init"), r"does not exist")),
+    "missing": (lambda p, g: str(p), {**dict.fromkeys(("--resume", "--eval", "--init"), r"does not exist"),
+                                      "--pretrained": r"neither a file, a URL nor a key of PRETRAINED_URLS"}),
 }
 CASES = [(name, flag) for name, (_, flags) in FILE_CASES.items() for flag in flags]
 
