@@ -116,5 +116,5 @@ def load_pretrained(backbone, path_or_url, log=print, ignore=PRETRAINED_IGNORE):
         + (f" / BN step counters absent from the file, left as they are: {len(counters)}" if counters else ""))
     check_matches(backbone, sd, f"--pretrained {path_or_url}",
                   hint=f"not the ResNet-50 v1c ImageNet weights? only {list(ignore)} may be skipped")
-    backbone.load_state_dict(sd, strict=True)  # also checks every shape
+    backbone.load_state_dict(sd, strict=True)
     return backbone

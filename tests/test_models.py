@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import common.layers as layers
 from common.backbone import PRETRAINED_URLS, ResNetV1c, load_pretrained
-from common.errors import BadFileError
 from common.config import BASE_SEGMENTOR_CFG, FP16_CFG_APEX, FP16_CFG_PYTORCH
+from common.errors import BadFileError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["fcn", "pspnet", "deeplabv3", "deeplabv3plus"]
@@ -151,7 +151,7 @@ def test_load_pretrained_report_and_strictness(tmp_path):
 
 
 def test_load_pretrained_accepts_a_file_without_bn_step_counters(tmp_path):
-    # converted ImageNet files often lack them (momentum 0.1 never reads them): kept at 0, said in the report
+    # converted ImageNet files often lack them (momentum 0.1 never reads them): ours stay, the report says so
     sd = {k: v for k, v in mmcv_v1c_checkpoint().items() if not k.endswith("num_batches_tracked")}
     torch.save(sd, tmp_path / "converted.pth")
     backbone, lines = ResNetV1c(), []
