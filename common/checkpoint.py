@@ -238,9 +238,11 @@ def weights_path(spec, flag, log=print):
 
 
 def resolve(path, work_dir, flag="--resume", log=print):
-    """'auto' -> the checkpoint work_dir/latest names; a folder -> its latest; ssseg:NAME -> the published model
-    (common/zoo.py); a file -> itself."""
+    """'auto' -> the checkpoint work_dir/latest names; a folder (or its latest file) -> its latest; ssseg:NAME -> the
+    published model (common/zoo.py); a file -> itself."""
     path = weights_path(path, flag, log)
+    if os.path.basename(path) == LATEST and os.path.isfile(path):  # the pointer itself, for its folder
+        return _read_pointer(path, flag)
     if path == "auto" or os.path.isdir(path):
         folder = work_dir if path == "auto" else path
         pointer = os.path.join(folder, LATEST)

@@ -7,11 +7,12 @@ import argparse
 import io
 import os
 import re
+import sys
 import tokenize
 
 import torch
 
-from .errors import UserError
+from .errors import Exit, UserError
 
 
 def flag_docs(source_file, name='DEFAULTS'):
@@ -97,6 +98,13 @@ class _Formatter(argparse.HelpFormatter):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own would print the whole (60-flag) usage block first
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
+
+    def exit(self, status=0, message=None):
+        if message:
+            self._print_message(message, sys.stderr)
+        if status == 2 and message:  # a mistake: its line travels with the exit, as common.train.main's own do
+            raise Exit(message.strip())
+        sys.exit(status)
 
 
 def show(v):

@@ -267,6 +267,10 @@ def recipe(seg_cfg):
 # what --eval / --predict take from the checkpoint's saved config unless a flag says otherwise: what the model was
 # trained on (data kind and root, classes) and how it was meant to be run (test scale, window)
 INFERENCE_KEYS = ('data', 'data_root', 'num_classes', 'scale', 'inference_mode', 'slide_crop', 'slide_stride')
+# what --resume does not take from the checkpoint's saved config (it takes every other key unless a flag says
+# otherwise): the mode, the weights it replaces, the machine (device, workers) and one invocation's stop or TTA
+NOT_RESUMED = ('resume', 'eval', 'predict', 'ckpt', 'out', 'summary', 'init', 'pretrained', 'device', 'num_workers',
+               'stop_iters', 'tta')
 
 
 def flag_docs():
@@ -279,9 +283,9 @@ def format_config(cfg):
 
 
 def parse(seg_cfg=None, argv=None, name='run', notes=None):
-    """Resolve the run config: DEFAULTS < recipe(seg_cfg) < DEMO_PRESET (with --data demo) < for --eval/--predict
-    the checkpoint's INFERENCE_KEYS < explicit flags. Any mistake: one line on stderr, exit 2. `notes` (a list)
-    receives lines for the log (what came from the checkpoint)."""
+    """Resolve the run config: DEFAULTS < recipe(seg_cfg) < DEMO_PRESET (with --data demo) < the checkpoint's saved
+    config (--eval/--predict: its INFERENCE_KEYS; --resume: all but NOT_RESUMED) < explicit flags. Any mistake: one
+    line on stderr, exit 2. `notes` (a list) receives lines for the log (what came from the checkpoint)."""
     docs, rec = flag_docs(), recipe(seg_cfg or {})
     p = cli.build_parser(name, DEFAULTS, CHOICES, docs, {**DEFAULTS, **rec}, DEMO_PRESET, description=(
         "Train, evaluate (--eval) or predict (--predict); each flag is a key of common.config.DEFAULTS. Values "
@@ -291,8 +295,10 @@ def parse(seg_cfg=None, argv=None, name='run', notes=None):
         cfg = _resolve(seg_cfg, rec, given, name, {})
         cli.validate(cfg)  # first: a mistyped path is reported before it is read
         zoo.check_flags(cfg, (seg_cfg or {}).get('type'))  # an unknown ssseg:NAME, or another model's, fails here
-        saved = _checkpoint_config(cfg) if cfg['eval'] or cfg['predict'] else {}
-        taken = {k: saved[k] for k in INFERENCE_KEYS if k in saved and k not in given}
+        keys = (INFERENCE_KEYS if cfg['eval'] or cfg['predict'] else
+                [k for k in DEFAULTS if k not in NOT_RESUMED] if cfg['resume'] else ())
+        saved = _checkpoint_config(cfg) if keys else {}
+        taken = {k: saved[k] for k in keys if k in saved and k not in given}
         if taken:
             before, cfg = cfg, _resolve(seg_cfg, rec, given, name, taken)
             changed = [f"{k} {cli.show(cfg[k])}" for k in taken if cfg[k] != before[k]]
@@ -311,7 +317,7 @@ def _resolve(seg_cfg, rec, given, name, saved):
         cfg.update(DEMO_PRESET)
     cfg.update(saved)
     cfg.update(given)
-    if 'min_lr' not in given and 'min_lr' not in (seg_cfg or {}).get('scheduler', {}):
+    if 'min_lr' not in given and 'min_lr' not in saved and 'min_lr' not in (seg_cfg or {}).get('scheduler', {}):
         cfg['min_lr'] = cfg['lr'] * 0.01  # PolyScheduler's floor follows the base lr (spec §7), also for --lr X
     if not cfg['work_dir']:
         run = (seg_cfg or {}).get('work_dir') or name
@@ -320,18 +326,38 @@ def _resolve(seg_cfg, rec, given, name, saved):
 
 
 def _checkpoint_config(cfg):
-    """The INFERENCE_KEYS of the run config saved in the --eval / --ckpt checkpoint; {} for one without (ssseg's,
-    a bare state dict) or one that does not load (the weights' load says why, later)."""
+    """The DEFAULTS keys of the run config saved in the --resume / --eval / --ckpt checkpoint; {} for one without
+    (ssseg's, a bare state dict). A checkpoint that cannot be found or read is one line here, before the data is
+    looked for: the file the user named comes first."""
     from . import checkpoint
-    flag, spec = ('eval', cfg['eval']) if cfg['eval'] else ('ckpt', cfg['ckpt'] or 'auto')
-    try:  # mmap: only the small config is read here, not the weights
-        if zoo.is_name(spec):
-            return {}  # a published ssseg file holds no run config (and is not downloaded just for this)
+    if cfg['resume']:
+        flag, spec = 'resume', cfg['resume']
+    elif cfg['eval']:
+        flag, spec = 'eval', cfg['eval']
+    else:
+        flag, spec = 'ckpt', cfg['ckpt'] or 'auto'
+    if zoo.is_name(spec):
+        return {}  # a published ssseg file holds no run config (and is not downloaded just for this)
+    try:
         path = checkpoint.resolve(spec, cfg['work_dir'], f'--{flag}')
+    except checkpoint.NoCheckpointError as e:
+        if cfg['predict'] and not cfg['ckpt']:
+            e = (f"--predict needs a checkpoint: pass --ckpt PATH (none given, and none written in {cfg['work_dir']} "
+                 f"yet)")
+        raise UserError(f"{e}{_demo_hint(cfg) if spec == 'auto' else ''}") from None
+    try:  # mmap: only the small config is read here, not the weights
         ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception:  # missing or broken: common.checkpoint names the file and the cause when the weights load
-        return {}
+    except Exception:
+        ck = checkpoint.load(path)  # the one-line cause of a damaged file; or a legacy (non-zip) one, read whole
     saved = ck.get('config') if isinstance(ck, dict) else None
     if not isinstance(saved, dict):
         return {}
-    return {k: tuple(saved[k]) if isinstance(DEFAULTS[k], tuple) else saved[k] for k in INFERENCE_KEYS if k in saved}
+    return {k: tuple(saved[k]) if isinstance(DEFAULTS[k], tuple) else saved[k] for k in DEFAULTS if k in saved}
+
+
+def _demo_hint(cfg):
+    """Where a demo run's checkpoints are, when the user looked in the ADE20k work dir beside it."""
+    demo = cfg['work_dir'].rstrip('/') + '_demo'
+    if cfg['data'] != 'demo' and os.path.isfile(os.path.join(demo, 'latest')):
+        return f"; the demo runs' checkpoints are in {demo}: add --data demo"
+    return ""

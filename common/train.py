@@ -16,6 +16,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 import traceback
@@ -442,6 +443,8 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     log.attach(cfg["run_dir"])
     if ckpt is not None:
         log(f"resume: {path} at iteration {ckpt['iteration']}")
+        if os.path.basename(path) == "checkpoint-final.pth" and dist.is_main():
+            _keep_final(path, ckpt["iteration"], log)
     if dist.is_main():
         name = "config.json" if ckpt is None else f"config-resume-{ckpt['iteration']}.json"
         with open(os.path.join(cfg["run_dir"], name), "w") as f:
@@ -483,6 +486,18 @@ def _finished(ckpt, path, cfg, loader, log):
             f"{saved or '?'} -> {max_iters} iterations): the lr curve changes from iteration {it} on, so this run "
             f"will not match an uninterrupted one")
     return False
+
+
+def _keep_final(path, it, log):
+    """A finished run resumed for a longer schedule will write a new checkpoint-final.pth: keep the old one's content
+    under its iteration (a hard link: no copy, no extra disk)."""
+    kept = os.path.join(os.path.dirname(path), f"checkpoint-iter-{it}.pth")
+    if not os.path.exists(kept):
+        try:
+            os.link(path, kept)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, kept)
+    log(f"resume: the finished run's checkpoint stays as {kept} (this longer schedule writes a new final one)")
 
 
 def _open_run(cfg, resume_path, log, stack):

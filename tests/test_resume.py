@@ -76,3 +76,42 @@ def test_resume_is_exact(tmp_path, amp, workers):
         # the comparison can fail: the same run with the augmentation of another data seed ends elsewhere
         moved = run(tmp_path / "other", *common, "--seed", "1")
         assert any(not torch.equal(v, moved["model"][k]) for k, v in straight["model"].items())
+
+
+def test_resume_takes_the_runs_flags_from_its_checkpoint_and_keeps_a_finished_final(tmp_path, capsys):
+    common = ["--amp", "torch", "--amp_dtype", "float16", "--max_iters", "6", "--lr", "0.005", "--seed", "3"]
+    straight = run(tmp_path / "straight", *common, "--num_workers", "0")
+    run(tmp_path / "split", *common, "--num_workers", "0", "--stop_iters", "4")
+    # only the resume and where: data, crop, amp, schedule, lr, seed ... come from the checkpoint's config
+    train.main(segmentor_cfg(num_classes=150), build_tiny,
+               ["--resume", "auto", "--work_dir", str(tmp_path / "split"), "--num_workers", "0"], name="tiny")
+    out = capsys.readouterr().out
+    assert "from the checkpoint's config: amp 'torch', amp_dtype 'float16', data 'demo'," in out
+    resumed = checkpoint.load(checkpoint.resolve("auto", str(tmp_path / "split")))
+    assert resumed["iteration"] == 6 and resumed["config"]["lr"] == 0.005
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    # the finished run resumed for a longer schedule: its final checkpoint stays, under its iteration
+    final = checkpoint.resolve("auto", str(tmp_path / "split"))
+    assert os.path.basename(final) == "checkpoint-final.pth"
+    train.main(segmentor_cfg(num_classes=150), build_tiny, ["--resume", os.path.join(str(tmp_path / "split"), "latest"),
+               "--num_workers", "0", "--max_iters", "7"], name="tiny")
+    kept = checkpoint.load(os.path.join(os.path.dirname(final), "checkpoint-iter-6.pth"))
+    assert kept["iteration"] == 6
+    assert torch.equal(kept["model"]["decoder.1.weight"], resumed["model"]["decoder.1.weight"])
+    assert checkpoint.load(checkpoint.resolve("auto", str(tmp_path / "split")))["iteration"] == 7
+
+
+def test_a_missing_checkpoint_is_named_before_the_data_and_points_to_the_demo_runs(tmp_path, monkeypatch, capsys):
+    from common import config
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("work_dirs/tiny_demo")
+    with open("work_dirs/tiny_demo/latest", "w") as f:
+        f.write("x/checkpoint-final.pth\n")
+    for argv, start in ((["--predict", "work_dirs"], "--predict needs a checkpoint: pass --ckpt PATH"),
+                        (["--resume", "auto"], "--resume auto: no work_dirs/tiny/latest"),
+                        (["--eval", "auto"], "--eval auto: no work_dirs/tiny/latest")):
+        with pytest.raises(SystemExit) as e:  # no ./ADE20k here either: the checkpoint is what the user named
+            config.parse(None, argv, "tiny")
+        assert str(e.value).startswith(f"tiny: error: {start}") and e.value.code == 2, str(e.value)
+        assert str(e.value).endswith("the demo runs' checkpoints are in work_dirs/tiny_demo: add --data demo")
