@@ -680,7 +680,8 @@ def format_top(records, n=10):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m common.amp_report", description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", help="a run's folder (holding amp_report.jsonl), or the amp_report.jsonl file")
+    p.add_argument("run_dir", help="a run's folder (holding amp_report.jsonl), the amp_report.jsonl file, or a work "
+                                   "dir (its newest run with a report)")
     p.add_argument("--out", default="", help="output PNG (default RUN_DIR/amp_report.png)")
     p.add_argument("--top", type=int, default=10, help="how many layers each list shows")
     args = p.parse_args(argv)

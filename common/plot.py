@@ -29,9 +29,15 @@ def read_jsonl(path, who):
 
 
 def cli_paths(parser, given, out, name, png, hint):
-    """The run-folder CLIs (common.plot, common.amp_report): GIVEN (a run's folder, or its NAME file itself) -> the
-    file and the PNG to write (OUT, else PNG beside the file). A missing file is a usage error naming HINT."""
+    """The run-folder CLIs (common.plot, common.amp_report): GIVEN (a run's folder, its NAME file itself, or a work
+    dir: its newest run with one) -> the file and the PNG to write (OUT, else PNG beside the file). A missing file is
+    a usage error naming HINT."""
     path = os.path.join(given, name) if os.path.isdir(given) else given
+    if os.path.isdir(given) and not os.path.isfile(path):
+        from .runs import runs
+        newest = [r for r in runs(given) if os.path.isfile(os.path.join(r, name))][-1:]
+        if newest:  # a work dir: its newest run that has one
+            path = os.path.join(newest[0], name)
     if not os.path.isfile(path):
         parser.error(f"{path}: no such file ({hint})")
     return path, out or os.path.join(os.path.dirname(os.path.abspath(path)), png)
@@ -69,17 +75,18 @@ def plot(metrics_path, out_path):
     it = [r["iteration"] for r in train]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7), dpi=90)
     (loss_ax, lr_ax), (scale_ax, eval_ax) = ax
+    mark = "o" if len(it) == 1 else None  # a run that logged once: a point, which a line alone would not show
     for key, label, colour in (("loss", "total", "C0"), ("loss_cls", "cls", "C1"),
                                ("loss_aux", "aux (weighted)", "C2")):
         v = [r[key] for r in train if key in r]
         if v and len(v) == len(it):
             loss_ax.plot(it, v, color=colour, alpha=0.25, lw=1)
-            loss_ax.plot(it, smooth(v), color=colour, lw=1.8, label=f"{label} (smoothed)")
+            loss_ax.plot(it, smooth(v), color=colour, lw=1.8, marker=mark, label=f"{label} (smoothed)")
     loss_ax.set_title("loss (raw: faint)")
-    lr_ax.plot(it, [r.get("lr", math.nan) for r in train], color="C3")
+    lr_ax.plot(it, [r.get("lr", math.nan) for r in train], color="C3", marker=mark)
     lr_ax.set_title("learning rate")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    scale_ax.plot(it, [r.get("loss_scale", math.nan) for r in train], color="C4", label="loss scale")
+    scale_ax.plot(it, [r.get("loss_scale", math.nan) for r in train], color="C4", marker=mark, label="loss scale")
     if any(r.get("loss_scale", 1) > 0 for r in train):
         scale_ax.set_yscale("log", base=2)
     skip_ax = scale_ax.twinx()
@@ -126,11 +133,13 @@ def write_curves(work_dir, log=print):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m common.plot", description=__doc__.split("\n")[0])
-    p.add_argument("work_dir", help="a run's folder (holding metrics.jsonl), or the metrics.jsonl file itself")
+    p.add_argument("work_dir", help="a run's folder (holding metrics.jsonl), the metrics.jsonl file itself, or a "
+                                    "work dir (its newest run)")
     p.add_argument("--out", default="", help="output PNG (default RUN_DIR/curves.png)")
     args = p.parse_args(argv)
     path, out = cli_paths(p, args.work_dir, args.out, "metrics.jsonl", "curves.png",
-                          "give a run's work_dir, e.g. work_dirs/pspnet_resnet50os8_apexfp16_ade20k_demo")
+                          "give a run's folder, e.g. work_dirs/pspnet_resnet50os8_apexfp16_ade20k_demo/<run>, or "
+                          "its work dir")
     try:
         print(f"wrote {plot(path, out)}")
     except ImportError:

@@ -122,6 +122,25 @@ def test_plot_command_errors_are_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("curves: not written")  # the end-of-training hook never raises
 
 
+def test_plot_of_a_work_dir_takes_its_newest_run(tmp_path):
+    for run in ("20261201_000000", "20261202_000000", "20261203_000000"):
+        os.makedirs(tmp_path / run)
+    for run in ("20261201_000000", "20261202_000000"):  # the newest folder has no metrics yet (a run just started)
+        _write_metrics(tmp_path / run / "metrics.jsonl")
+    path, out = plot.cli_paths(None, str(tmp_path), "", "metrics.jsonl", "curves.png", "")
+    assert path == str(tmp_path / "20261202_000000" / "metrics.jsonl")
+    assert out == str(tmp_path / "20261202_000000" / "curves.png")
+
+
+def test_a_run_that_logged_once_still_shows_its_point(tmp_path):
+    pytest.importorskip("matplotlib")
+    rec = dict(kind="train", iteration=5, loss=3.0, loss_cls=2.0, loss_aux=1.0, lr=0.01, loss_scale=1.0, skipped=0)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+    img = cv2.imread(plot.plot(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png")))
+    c1 = np.array([14, 127, 255])  # matplotlib's C1 (#ff7f0e, BGR): the cls loss, only in its marker and legend
+    assert (np.abs(img.astype(int) - c1).sum(2) < 30).sum() > 60
+
+
 def test_tensorboard_missing_package_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
     with pytest.raises(tboard.MissingTensorBoard, match=r"^--tensorboard: the tensorboard package is not installed "
