@@ -269,7 +269,7 @@ def load(path, map_location="cpu", instead="use an earlier checkpoint"):
     is_zip, is_pickle = head == b"PK\x03\x04", head[:1] == b"\x80"  # torch.save's zip format; a (legacy) pickle
     if not (is_zip or is_pickle):
         raise BadFileError(f"{path}: not a PyTorch checkpoint ({size} bytes, neither torch.save's zip format nor a "
-                           f"pickle)")
+                           f"pickle); pass a .pth file written by torch.save (ours, ssseg's or mmseg's)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

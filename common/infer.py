@@ -145,7 +145,7 @@ def predict(model, items, out_dir, cfg, device, amp=None, log=print, tta=False):
         visualize.write(out_dir, os.path.splitext(os.path.basename(path))[0], image, pred, label)
         written += 1
     kinds = "mask, _overlay" + (", _compare" if any(isinstance(i, tuple) for i in items) else "")
-    log(f"predict: wrote {written}, skipped {skipped} ({kinds} PNGs in {out_dir})")
+    log(f"predict: wrote {written}, skipped {skipped}" + (f" ({kinds} PNGs in {out_dir})" if written else ""))
     return written, skipped
 
 

@@ -121,8 +121,11 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
     max_iters = cfg["max_iters"] or cfg["max_epochs"] * ipe
     max_epochs = math.ceil(max_iters / ipe)
     stop = min(cfg.get("stop_iters") or max_iters, max_iters)
-    log(f"schedule: {max_iters} iterations = {max_epochs} epochs x {ipe} iterations/epoch at {loader.batch_size} "
-        f"images/rank x {dist.world_size()} rank(s){f'; this run stops at {stop}' if stop < max_iters else ''}")
+    epochs = f"{max_epochs} epoch{'s' if max_epochs > 1 else ''}"
+    how = (f"{epochs} x {ipe}" if max_iters == max_epochs * ipe else
+           f"--max_iters, within {epochs} of {ipe}")  # a --max_iters that ends mid-epoch
+    log(f"schedule: {max_iters} iterations = {how} iterations/epoch at {loader.batch_size} images/rank x "
+        f"{dist.world_size()} rank(s){f'; this run stops at {stop}' if stop < max_iters else ''}")
     it, metrics = start_iter, None
     # cfg['run_dir'] (set by main): this run's folder under the work dir, whose `latest` follows it too
     folder, root = (cfg["run_dir"], cfg["work_dir"]) if cfg.get("run_dir") else (cfg["work_dir"], None)
