@@ -4,6 +4,7 @@ spelling a user tries, up-front value checks, and the config printed once in a f
 Every mistake is one argparse-style line, `<script>: error: --flag value: what is wrong / what to do`, exit 2.
 """
 import argparse
+import difflib
 import io
 import os
 import re
@@ -97,6 +98,15 @@ class _Formatter(argparse.HelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own would print the whole (60-flag) usage block first
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:  # a misspelled flag: name the closest one
+            known = [o[2:] for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for token in unknown.group(1).split():
+                word = token.split("=")[0][2:] if token.startswith("--") else ""
+                close = difflib.get_close_matches(word, known, n=1, cutoff=0.75) if word else []
+                if close:
+                    message += f" (did you mean --{close[0]}?)"
+                    break
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
 
     def exit(self, status=0, message=None):

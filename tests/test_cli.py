@@ -67,6 +67,9 @@ def test_tuple_order_and_errors(capsys):
     (['--device', 'mps'], "--device 'mps': unknown device"),
     (['--predict', '/no/such/dir'], "--predict '/no/such/dir': no such image file or folder"),
     (['--tf32', 'maybe'], 'argument --tf32'),
+    (['--max_iter', '20'], 'unrecognized arguments: --max_iter 20 (did you mean --max_iters?)'),
+    (['--lr', '0.1', '--batchsize=8'], '(did you mean --batch_size?)'),
+    (['--bogus'], 'unrecognized arguments: --bogus (`pspnet --help` lists the flags)'),  # nothing close: no guess
 ])
 def test_bad_values_are_one_line_errors(capsys, argv, expect):
     assert expect in _error(capsys, argv)
