@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data, dist, errors, fold, visualize
+from .report import hms
 from .tta import augmented_logits, use_probs
 
 
@@ -72,6 +73,9 @@ def precision(amp, model=None):
     return f"{half} weights (apex {amp.opt_level})" if amp.cast_model is not None else "fp32"
 
 
+PROGRESS_S = 60  # an evaluation longer than this logs its progress about this often
+
+
 @torch.no_grad()
 def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, log=print, classes=None, tta=False,
              pictures=0):
@@ -86,8 +90,8 @@ def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, l
     cm = ConfusionMatrix(num_classes, ignore_index=data.IGNORE_INDEX)
     classes = classes or data.CLASSES
     shown = []
-    t0 = time.time()
-    for image, label in loader:  # batch 1 (spec §2.3): images keep their own sizes
+    t0 = last = time.time()
+    for i, (image, label) in enumerate(loader, 1):  # batch 1 (spec §2.3): images keep their own sizes
         image = image.to(device, non_blocking=True)
         if cfg.get("channels_last"):
             image = image.contiguous(memory_format=torch.channels_last)
@@ -98,6 +102,10 @@ def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, l
             y = label[0].cpu().numpy()
             rgb = cv2.resize(visualize.denormalize(image), y.shape[::-1], interpolation=cv2.INTER_LINEAR)
             shown.append(visualize.compare_picture(rgb, y, pred[0].cpu().numpy(), classes))
+        if time.time() - last > PROGRESS_S and i < len(loader):  # a long evaluation (--tta, a CPU) says where it is
+            last, spent = time.time(), time.time() - t0
+            log(f"eval: {i}/{len(loader)} images/rank in {spent:.0f} s, about {hms(spent * (len(loader) - i) / i)} "
+                f"to go")
     cm.reduce()
     res = cm.compute()
     model.train(was_training)

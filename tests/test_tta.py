@@ -110,6 +110,15 @@ def _loader(k=3):
     return [(torch.randn(1, 3, 24, 32), torch.randint(0, k, (1, 47, 61))) for _ in range(2)]
 
 
+def test_a_long_evaluation_logs_its_progress(monkeypatch):
+    monkeypatch.setattr(infer, "PROGRESS_S", -1)  # every image counts as long
+    lines = []
+    infer.evaluate(ContextNet(), _loader() * 2, 3, log=lines.append, classes=['a', 'b', 'c'])
+    assert [line.split(' in ')[0] for line in lines[:3]] == ['eval: 1/4 images/rank', 'eval: 2/4 images/rank',
+                                                             'eval: 3/4 images/rank']
+    assert lines[0].endswith(' to go') and lines[3].startswith('eval: 4 images/rank in ')  # then the result
+
+
 def test_eval_line_names_precision_and_tta():
     net, lines = ContextNet(), []
     res = infer.evaluate(net, _loader(), 3, log=lines.append, classes=['a', 'b', 'c'], tta=True)
