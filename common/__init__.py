@@ -1,4 +1,6 @@
 """Shared pieces of the four segmentors: data, backbone, AMP loop, metrics, checkpoints, kernel wrappers."""
+import os
+
 import torch
 
 try:  # the compiled kernels (csrc/); missing means `pip install --no-build-isolation -e .` has not been run
@@ -21,6 +23,10 @@ def build_info():
     'common._C: cpu+cuda (torch 2.14.1, CUDA 13.0, GPU no, CPU loops avx512)'."""
     if _C_ERROR is not None:
         return f"common._C: unavailable ({_C_ERROR}); build it with `{BUILD_COMMAND}`"
+    # a checkout without its own build can load another one's through that one's editable install: say whose
+    here = os.path.dirname(os.path.abspath(__file__))
+    elsewhere = "" if os.path.dirname(os.path.abspath(_C.__file__)) == here else (
+        f"; loaded from {_C.__file__}, another checkout's build: run `{BUILD_COMMAND}` here to use this one's csrc/")
     return (f"common._C: {torch.ops.segfp16.build_info()} (torch {torch.__version__}, "
             f"CUDA {torch.version.cuda or 'none'}, GPU {'yes' if torch.cuda.is_available() else 'no'}, "
-            f"CPU loops {torch.ops.segfp16.bn_cpu_isa()})")
+            f"CPU loops {torch.ops.segfp16.bn_cpu_isa()}{elsewhere})")

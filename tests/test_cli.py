@@ -265,3 +265,13 @@ def test_fused_kernels_without_the_extension_is_a_user_error(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == "tiny: error: --kernels fused needs the compiled extension common._C, " \
                                         "which lacks ['build_info']\n"
+
+
+def test_build_info_names_another_checkouts_build(monkeypatch):
+    import common
+    if not common.extension_loaded():
+        pytest.skip("common._C is not built")
+    assert "another checkout" not in common.build_info()  # this checkout's own build: nothing to say
+    monkeypatch.setattr(common._C, "__file__", "/elsewhere/common/_C.so")  # loaded through another's editable install
+    assert common.build_info().endswith("; loaded from /elsewhere/common/_C.so, another checkout's build: run "
+                                        "`pip install --no-build-isolation -e .` here to use this one's csrc/)")
