@@ -313,7 +313,7 @@ def _few(names, n=5):
     return f"{len(names)} ({', '.join(names[:n])}{', ...' if len(names) > n else ''})"
 
 
-def check_matches(model, sd, path, hint="another model or --num_classes?"):
+def check_matches(model, sd, path, hint=None):
     """Our key/shape report (before torch's 'Error(s) in loading state_dict'): BadFileError naming the file."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -323,6 +323,10 @@ def check_matches(model, sd, path, hint="another model or --num_classes?"):
     if missing or unexpected or shapes:
         parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected
                  else "", f"mismatched shapes (file vs model) {_few(shapes, 3)}" if shapes else ""]
+        if hint is None:
+            from .zoo import by_tensor_count
+            other = by_tensor_count(len(sd)) if len(sd) != len(own) else None
+            hint = f"its {len(sd)} tensors are {other}'s: run {other}.py" if other else "another model or --num_classes?"
         raise BadFileError(f"{path}: does not match this model ({hint}): "
                            + "; ".join(p for p in parts if p))
 

@@ -54,6 +54,11 @@ def lookup(spec, flag):
     raise UserError(f"{flag} {spec}: no such model in ssseg's FP16 zoo; known: {known()}")
 
 
+def by_tensor_count(n):
+    """The script whose model has n state-dict tensors (each of the four has its own count), else None."""
+    return next((name for name, (_, _, count) in MODELS.items() if count == n), None)
+
+
 def check_flags(cfg, seg_type=None):
     """Before anything runs: every ssseg:NAME in the checkpoint flags is known and fits this script's model."""
     for flag in ("eval", "ckpt", "init", "resume"):

@@ -125,6 +125,18 @@ def mmcv_v1c_checkpoint():
     return sd
 
 
+def test_another_scripts_checkpoint_names_that_script(models):
+    from common import checkpoint
+    for name, other in (("pspnet", "fcn"), ("fcn", "deeplabv3plus"), ("deeplabv3plus", "deeplabv3")):
+        with pytest.raises(BadFileError, match=rf"x\.pth: does not match this model \(its \d+ tensors are {other}'s: "
+                                               rf"run {other}\.py\)"):
+            checkpoint.check_matches(models[name], models[other].state_dict(), "x.pth")
+    sd = models["fcn"].state_dict()
+    del sd[next(iter(sd))]  # a count no script has: the usual hint
+    with pytest.raises(BadFileError, match=r"another model or --num_classes\?"):
+        checkpoint.check_matches(models["fcn"], sd, "x.pth")
+
+
 def test_load_pretrained_report_and_strictness(tmp_path):
     backbone, sd = ResNetV1c(), mmcv_v1c_checkpoint()
     for i, ckpt in enumerate([sd, {"state_dict": sd}, {"model": {"backbone." + k: v for k, v in sd.items()}}]):
