@@ -13,6 +13,7 @@ from . import data
 ALPHA = 0.5  # overlay = (1 - ALPHA) x image + ALPHA x mask, as ssseg's and mmseg's demos blend
 IGNORE_COLOUR = (0, 0, 0)  # ground-truth pixels without a label (255)
 _FONT, _ROW, _SWATCH, _PAD = cv2.FONT_HERSHEY_SIMPLEX, 22, 16, 8
+_COLUMN = 215  # a legend column: swatch + the longest ADE name ('television receiver') + ' 100.0%'
 
 
 def colorize(pred, palette=data.PALETTE):
@@ -45,16 +46,16 @@ def legend(columns, height, palette=data.PALETTE):
     """A white panel: for each (title, entries) column, a title and one row per entry (swatch, name, %)."""
     rows = max(len(e) for _, e in columns) + 1
     height = max(height, _PAD + rows * _ROW + _PAD)
-    width = _PAD + 190 * len(columns)
+    width = _PAD + _COLUMN * len(columns)
     panel = np.full((height, width, 3), 255, np.uint8)
     for k, (title, entries) in enumerate(columns):
-        x = _PAD + 190 * k
+        x = _PAD + _COLUMN * k
         _text(panel, title, x, _PAD + 15, 0.55)
         for i, (c, name, pct) in enumerate(entries):
             y = _PAD + (i + 1) * _ROW
             cv2.rectangle(panel, (x, y + 3), (x + _SWATCH, y + 3 + _SWATCH), tuple(int(v) for v in palette[c]), -1)
             cv2.rectangle(panel, (x, y + 3), (x + _SWATCH, y + 3 + _SWATCH), (90, 90, 90), 1)
-            _text(panel, f"{name[:14]} {pct:5.1f}%", x + _SWATCH + 6, y + 16)
+            _text(panel, f"{name} {pct:5.1f}%", x + _SWATCH + 6, y + 16)
     return panel
 
 
