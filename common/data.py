@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import dist
-from .errors import BadFileError, MissingFile
+from .errors import BadFileError, MissingFile, UserError
 
 IGNORE_INDEX = 255
 MEAN = (123.675, 116.28, 103.53)  # ImageNet mean/std, RGB order, 0-255 scale (spec §2.1 step 5)
@@ -158,17 +158,18 @@ def read_label(path):
 
 
 class ADE20k(Dataset):
-    """ADEChallengeData2016 under root. dataset[i] = transform(image RGB uint8 HxWx3, label uint8 HxW, 255 ignore)."""
+    """ADEChallengeData2016 under root. dataset[i] = transform(image RGB uint8 HxWx3, label uint8 HxW, 255 ignore).
+    num_classes: the model's; a label it cannot predict is a one-line error naming --num_classes and the file."""
     SPLITS = {'train': 'training', 'val': 'validation'}
 
-    def __init__(self, root, split, transform=None):
+    def __init__(self, root, split, transform=None, num_classes=len(CLASSES)):
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {list(self.SPLITS)}, got {split!r}")
         base = _find_base(root)
         folder = self.SPLITS[split]
         self.image_dir = os.path.join(base, 'images', folder)
         self.ann_dir = os.path.join(base, 'annotations', folder)
-        self.split, self.transform = split, transform
+        self.split, self.transform, self.num_classes = split, transform, num_classes
         list_file = os.path.join(base, f'{split}.txt')
         if os.path.isfile(list_file):  # the reference's prepared tarball has these lists (spec §3)
             self.ids = _ids_from_list(list_file, self.image_dir, self.ann_dir)
@@ -189,6 +190,10 @@ class ADE20k(Dataset):
         if image.shape[:2] != raw.shape:
             raise BadFileError(f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
                              f"annotation {ann_path} is {raw.shape[1]}x{raw.shape[0]}")
+        if self.num_classes < len(CLASSES) and int(raw.max()) > self.num_classes:  # raw k is class k - 1
+            raise UserError(f"--num_classes {self.num_classes}: annotation {ann_path} has class {int(raw.max()) - 1} "
+                            f"(raw value {int(raw.max())}); the model must have more classes than the largest "
+                            f"label: --num_classes {len(CLASSES)} for ADE20k")
         label = cv2.LUT(raw, REDUCE_ZERO_LABEL)  # (H, W) uint8, 0..149 or 255
         if self.transform is None:
             return image, label

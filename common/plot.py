@@ -122,6 +122,9 @@ def plot(metrics_path, out_path):
 def write_curves(work_dir, log=print):
     """The end-of-training hook: curves.png beside metrics.jsonl, or one line saying why not (never raises)."""
     path = os.path.join(work_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        log("curves: none (the run stopped before its first logged iteration)")
+        return
     try:
         log(f"curves: {plot(path, os.path.join(work_dir, 'curves.png'))}")
     except ImportError:

@@ -434,7 +434,7 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     model = dist.wrap_ddp(model, device, cfg["amp"], cfg["ddp_fp16_compress"], amp_dtype=amp.dtype)
 
     train_set = data.ADE20k(root, "train", data.train_transform(crop_size=tuple(cfg["crop_size"]),
-                                                                scale=tuple(cfg["scale"])))
+                                                                scale=tuple(cfg["scale"])), cfg["num_classes"])
     # pinned batches only for a GPU run: the pin thread opens a context on the current GPU, whatever the run's device
     loader = data.train_loader(train_set, cfg["batch_size"], cfg["num_workers"], cfg["seed"],
                                cfg["num_train_images"], pin_memory=device.type == "cuda")
@@ -519,7 +519,7 @@ def _open_run(cfg, resume_path, log, stack):
 
 
 def _val_loader(cfg, root, device):
-    val_set = data.ADE20k(root, "val", data.test_transform(scale=tuple(cfg["scale"])))
+    val_set = data.ADE20k(root, "val", data.test_transform(scale=tuple(cfg["scale"])), cfg["num_classes"])
     if cfg["num_val_images"]:
         val_set.ids = val_set.ids[:cfg["num_val_images"]]
     return data.test_loader(val_set, num_workers=min(cfg["num_workers"], 2), pin_memory=device.type == "cuda")

@@ -558,3 +558,15 @@ def test_the_recipe_dicts_and_the_pipelines_defaults_agree():
         assert (tuple(norm['mean']), tuple(norm['std']), norm['to_rgb']) == (D.MEAN, D.STD, True)
     loader = config.DATALOADER_CFG_BS16['train']
     assert loader['num_workers_per_gpu'] == config.DEFAULTS['num_workers']
+
+
+def test_labels_beyond_num_classes_are_one_line_naming_the_flag_and_file(tmp_path):
+    from common.errors import UserError
+    D.make_demo_ade20k(tmp_path, 2, 1, seed=0)
+    raw_max = max(int(D.read_label(D.ADE20k(tmp_path, 'train').paths(i)[1]).max()) for i in range(2))
+    ds = D.ADE20k(tmp_path, 'train', num_classes=raw_max - 1)  # the largest class id is raw_max - 1
+    with pytest.raises(UserError, match=rf"--num_classes {raw_max - 1}: annotation .*ADE_train_\d+\.png has class "
+                                        rf"{raw_max - 1} \(raw value {raw_max}\)"):
+        [ds[i] for i in range(2)]
+    ok = D.ADE20k(tmp_path, 'train', num_classes=raw_max)
+    assert all(int(ok[i][1][ok[i][1] != 255].max()) < raw_max for i in range(2))

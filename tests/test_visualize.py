@@ -118,8 +118,10 @@ def test_plot_command_errors_are_one_line(tmp_path):
                        text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no train or eval records" in r.stderr
     lines = []
-    plot.write_curves(str(tmp_path / "nowhere"), log=lines.append)
-    assert len(lines) == 1 and lines[0].startswith("curves: not written")  # the end-of-training hook never raises
+    plot.write_curves(str(tmp_path / "nowhere"), log=lines.append)  # the end-of-training hook never raises
+    assert lines == ["curves: none (the run stopped before its first logged iteration)"]
+    plot.write_curves(str(tmp_path), log=lines.append)  # the empty metrics.jsonl above
+    assert len(lines) == 2 and lines[1].startswith("curves: not written") and "no train or eval records" in lines[1]
 
 
 def test_plot_of_a_work_dir_takes_its_newest_run(tmp_path):
