@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import dist
-from .checkpoint import check_matches, load, model_state
+from .checkpoint import check_matches, few, load, model_state
 from .errors import MissingFile, UserError
 from .layers import BatchNormAct2d, conv_bn_relu
 
@@ -100,8 +100,15 @@ def load_pretrained(backbone, path_or_url, log=print, ignore=PRETRAINED_IGNORE):
         raise MissingFile(f"--pretrained {path_or_url!r}: neither a file, a URL nor a key of PRETRAINED_URLS "
                                 f"(download {PRETRAINED_URLS['resnet50conv3x3stem']} and pass its path)")
     sd = model_state(sd, f"--pretrained {path_or_url}")
-    # honestly: mmseg checkpoints carry the segmentor's prefix, ImageNet ones do not; accept both
-    sd = {(k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in sd.items()}
+    # a segmentor's file (mmseg's 'backbone.', ours and ssseg's 'backbone_net.'): its backbone, as mmseg's Pretrained
+    # init with a prefix takes it; ImageNet files have no prefix
+    prefix = next((p for p in ("backbone.", "backbone_net.") if any(k.startswith(p) for k in sd)), None)
+    if prefix:
+        rest = sum(not k.startswith(prefix) for k in sd)
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if rest:
+            log(f"pretrained {path_or_url}: a whole segmentor's file: its backbone only ({len(sd)} tensors; --init "
+                f"starts from all {len(sd) + rest})")
     ignored = [k for k in sd if k.startswith(tuple(ignore))]
     sd = {k: v for k, v in sd.items() if k not in set(ignored)}
     own = backbone.state_dict()
@@ -111,8 +118,8 @@ def load_pretrained(backbone, path_or_url, log=print, ignore=PRETRAINED_IGNORE):
     sd.update({k: own[k] for k in counters})
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    log(f"pretrained {path_or_url}: loaded {len(own) - len(missing) - len(counters)} / missing {len(missing)} "
-        f"{missing} / unexpected {len(unexpected)} {unexpected} / ignored {len(ignored)}"
+    log(f"pretrained {path_or_url}: loaded {len(own) - len(missing) - len(counters)} / missing {few(missing)} / "
+        f"unexpected {few(unexpected)} / ignored {len(ignored)}"
         + (f" / BN step counters absent from the file, left as they are: {len(counters)}" if counters else ""))
     check_matches(backbone, sd, f"--pretrained {path_or_url}",
                   hint=f"not the ResNet-50 v1c ImageNet weights? only {list(ignore)} may be skipped")

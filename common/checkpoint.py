@@ -309,8 +309,9 @@ def model_state(ckpt, path="checkpoint"):
     return ckpt
 
 
-def _few(names, n=5):
-    return f"{len(names)} ({', '.join(names[:n])}{', ...' if len(names) > n else ''})"
+def few(names, n=5):
+    """'3 (a, b, c)', at most n names shown; '0' for none."""
+    return f"{len(names)} ({', '.join(names[:n])}{', ...' if len(names) > n else ''})" if names else "0"
 
 
 def check_matches(model, sd, path, hint=None):
@@ -321,8 +322,8 @@ def check_matches(model, sd, path, hint=None):
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
-        parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected
-                 else "", f"mismatched shapes (file vs model) {_few(shapes, 3)}" if shapes else ""]
+        parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected
+                 else "", f"mismatched shapes (file vs model) {few(shapes, 3)}" if shapes else ""]
         if hint is None:
             from .zoo import by_tensor_count
             other = by_tensor_count(len(sd)) if len(sd) != len(own) else None

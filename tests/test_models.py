@@ -143,7 +143,7 @@ def test_load_pretrained_report_and_strictness(tmp_path):
         torch.save(ckpt, tmp_path / f"ok{i}.pth")
         lines = []
         load_pretrained(backbone, str(tmp_path / f"ok{i}.pth"), log=lines.append)
-        assert len(lines) == 1 and "loaded 330 / missing 0 [] / unexpected 0 [] / ignored 2" in lines[0]
+        assert len(lines) == 1 and "loaded 330 / missing 0 / unexpected 0 / ignored 2" in lines[0]
         assert all(torch.equal(backbone.state_dict()[k], v) for k, v in sd.items() if not k.startswith("fc."))
 
     broken = dict(sd)
@@ -153,13 +153,24 @@ def test_load_pretrained_report_and_strictness(tmp_path):
     lines = []
     with pytest.raises(BadFileError, match=r"bad\.pth: does not match.*layer1\.0\.conv1\.weight.*layer5\.0\.conv1"):
         load_pretrained(ResNetV1c(), str(tmp_path / "bad.pth"), log=lines.append)
-    assert "loaded 329 / missing 1 ['layer1.0.conv1.weight'] / unexpected 1 ['layer5.0.conv1.weight']" in lines[0]
+    assert "loaded 329 / missing 1 (layer1.0.conv1.weight) / unexpected 1 (layer5.0.conv1.weight)" in lines[0]
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_pretrained(backbone, str(tmp_path / "nope.pth"))
     (tmp_path / "cut.pth").write_bytes((tmp_path / "ok0.pth").read_bytes()[:1000])
     with pytest.raises(BadFileError, match="cut.pth: truncated or corrupt"):
         load_pretrained(backbone, str(tmp_path / "cut.pth"))
     assert PRETRAINED_URLS["resnet50conv3x3stem"].endswith("resnet50_v1c-2cccc1ad.pth")
+
+
+def test_load_pretrained_takes_the_backbone_of_a_whole_segmentors_file(tmp_path):
+    sd = {"backbone_net." + k: v for k, v in mmcv_v1c_checkpoint().items() if not k.startswith("fc.")}
+    sd["decoder.weight"] = torch.zeros(3, 8, 1, 1)  # ours / ssseg's layout: the heads beside the backbone
+    torch.save({"model": sd}, tmp_path / "segmentor.pth")
+    backbone, lines = ResNetV1c(), []
+    load_pretrained(backbone, str(tmp_path / "segmentor.pth"), log=lines.append)
+    assert lines[0].endswith("a whole segmentor's file: its backbone only (330 tensors; --init starts from all 331)")
+    assert "loaded 330 / missing 0 / unexpected 0 / ignored 0" in lines[1]
+    assert torch.equal(backbone.state_dict()["stem.0.weight"], sd["backbone_net.stem.0.weight"])
 
 
 def test_load_pretrained_accepts_a_file_without_bn_step_counters(tmp_path):
@@ -169,8 +180,8 @@ def test_load_pretrained_accepts_a_file_without_bn_step_counters(tmp_path):
     backbone, lines = ResNetV1c(), []
     backbone.layer1[0].bn1.num_batches_tracked.fill_(7)  # ours stay as they are
     load_pretrained(backbone, str(tmp_path / "converted.pth"), log=lines.append)
-    assert ("loaded 275 / missing 0 [] / unexpected 0 [] / ignored 2 / BN step counters absent from the file, left as "
-            "they are: 55") in lines[0]
+    assert ("loaded 275 / missing 0 / unexpected 0 / ignored 2 / BN step counters absent from the file, left as they "
+            "are: 55") in lines[0]
     assert all(torch.equal(backbone.state_dict()[k], v) for k, v in sd.items() if not k.startswith("fc."))
     assert int(backbone.layer1[0].bn1.num_batches_tracked) == 7
     del sd["layer1.0.bn1.running_var"]  # any other absent key still fails
