@@ -110,7 +110,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
 
     def exit(self, status=0, message=None):
-        if message:
+        if message and os.environ.get("RANK", "0") == "0":  # under torchrun every rank parses alike: say it once
             self._print_message(message, sys.stderr)
         if status == 2 and message:  # a mistake: its line travels with the exit, as common.train.main's own do
             raise Exit(message.strip())

@@ -374,6 +374,8 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
                                                           log), log)
         model.to(device, memory_format=memory_format).eval()
         half = _amp(cfg, device, log) if cfg["eval_amp"] and cfg["amp"] != "none" else None  # autocast or a half copy
+        if cfg["eval_amp"] and cfg["amp"] == "none":
+            log("eval_amp: --amp none has no half type, so this runs in fp32 (--amp torch or apex picks one)")
         if half is not None and half.fp32_math:
             log(f"eval_amp: {half.describe()}")  # --eval_amp asked for the half type: say why it is fp32
         net, eval_amp = fold.for_eval(model, cfg, half, log)
