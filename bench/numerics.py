@@ -4,7 +4,9 @@ evaluation mIoU of each. Each mode is one ordinary training run (common.train.ma
 `--data demo`), so what is checked is the trainer itself, not a copy of its loop.
 
     python bench/numerics.py --out DIR                 # the card: PSPNet, 200 iterations per mode (~1.5 min on a GPU)
-    python bench/numerics.py --device cpu --modes fp32,bf16 --iters 3 --crop 32 --batch 2 --val_images 1 --out DIR
+    python bench/numerics.py --device cpu --modes fp32,bf16 --iters 2 --crop 32 --batch 2 --val_images 1 --out DIR
+                                                       # a smoke run (the dry run's): every part runs; a handful of
+                                                       # iterations is too few for the band to mean anything
 
 Writes DIR/numerics.md (the table and the verdict), DIR/numerics.jsonl (one record per mode: its per-iteration
 losses, loss scale and skipped steps, mIoU) and DIR/numerics.png (the curves), after every mode, so that a run cut
