@@ -35,11 +35,12 @@ def cli_paths(parser, given, out, name, png, hint):
     path = os.path.join(given, name) if os.path.isdir(given) else given
     if os.path.isdir(given) and not os.path.isfile(path):
         from .runs import runs
-        newest = [r for r in runs(given) if os.path.isfile(os.path.join(r, name))][-1:]
+        folders = runs(given)
+        newest = [r for r in folders if os.path.isfile(os.path.join(r, name))][-1:]
         if newest:  # a work dir: its newest run that has one
             path = os.path.join(newest[0], name)
-        elif runs(given):
-            parser.error(f"{given}: none of its {len(runs(given))} runs has a {name} ({hint})")
+        elif folders:
+            parser.error(f"{given}: none of its {len(folders)} runs has a {name} ({hint})")
     if not os.path.isfile(path):
         parser.error(f"{path}: no such file ({hint})")
     return path, out or os.path.join(os.path.dirname(os.path.abspath(path)), png)
