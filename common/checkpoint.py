@@ -23,6 +23,7 @@ import errno
 import os
 import pickle
 import random
+import shutil
 import tempfile
 
 import numpy as np
@@ -111,6 +112,15 @@ def _nbytes(tree):
 
 def _size(n):
     return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{max(n, 1) / 2**10:.0f} KB"
+
+
+def link_or_copy(src, dst):
+    """dst as a second name of the checkpoint src: a hard link (no copy, no disk), else an atomic copy."""
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        with open(src, "rb") as f:
+            _replace_atomically(lambda out: shutil.copyfileobj(f, out), dst, os.path.getsize(src))
 
 
 def _replace_atomically(write, path, size_hint=0):

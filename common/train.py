@@ -16,7 +16,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import sys
 import time
 import traceback
@@ -495,13 +494,10 @@ def _finished(ckpt, path, cfg, loader, log):
 
 def _keep_final(path, it, log):
     """A finished run resumed for a longer schedule will write a new checkpoint-final.pth: keep the old one's content
-    under its iteration (a hard link: no copy, no extra disk)."""
+    under its iteration."""
     kept = os.path.join(os.path.dirname(path), f"checkpoint-iter-{it}.pth")
     if not os.path.exists(kept):
-        try:
-            os.link(path, kept)
-        except OSError:  # a file system without hard links
-            shutil.copy2(path, kept)
+        checkpoint.link_or_copy(path, kept)
     log(f"resume: the finished run's checkpoint stays as {kept} (this longer schedule writes a new final one)")
 
 

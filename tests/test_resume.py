@@ -115,3 +115,18 @@ def test_a_missing_checkpoint_is_named_before_the_data_and_points_to_the_demo_ru
             config.parse(None, argv, "tiny")
         assert str(e.value).startswith(f"tiny: error: {start}") and e.value.code == 2, str(e.value)
         assert str(e.value).endswith("the demo runs' checkpoints are in work_dirs/tiny_demo: add --data demo")
+
+
+def test_link_or_copy_links_else_copies_atomically(tmp_path, monkeypatch):
+    src = tmp_path / "checkpoint-final.pth"
+    torch.save({"w": torch.arange(5)}, src)
+    checkpoint.link_or_copy(str(src), str(tmp_path / "linked.pth"))
+    assert os.path.samefile(src, tmp_path / "linked.pth")
+
+    def no_links(a, b):
+        raise OSError("hard links not supported")
+    monkeypatch.setattr(os, "link", no_links)
+    checkpoint.link_or_copy(str(src), str(tmp_path / "copied.pth"))
+    assert not os.path.samefile(src, tmp_path / "copied.pth")
+    assert (tmp_path / "copied.pth").read_bytes() == src.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-final.pth", "copied.pth", "linked.pth"]  # no temp file left
