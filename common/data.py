@@ -190,10 +190,11 @@ class ADE20k(Dataset):
         if image.shape[:2] != raw.shape:
             raise BadFileError(f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
                              f"annotation {ann_path} is {raw.shape[1]}x{raw.shape[0]}")
-        if self.num_classes < len(CLASSES) and int(raw.max()) > self.num_classes:  # raw k is class k - 1
-            raise UserError(f"--num_classes {self.num_classes}: annotation {ann_path} has class {int(raw.max()) - 1} "
-                            f"(raw value {int(raw.max())}); the model must have more classes than the largest "
-                            f"label: --num_classes {len(CLASSES)} for ADE20k")
+        top = int(raw.max()) if self.num_classes < len(CLASSES) else 0  # raw k is class k - 1
+        if top > self.num_classes:
+            raise UserError(f"--num_classes {self.num_classes}: annotation {ann_path} has class {top - 1} (raw value "
+                            f"{top}); the model must have more classes than the largest label: --num_classes "
+                            f"{len(CLASSES)} for ADE20k")
         label = cv2.LUT(raw, REDUCE_ZERO_LABEL)  # (H, W) uint8, 0..149 or 255
         if self.transform is None:
             return image, label
