@@ -40,6 +40,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 import time
 
 import torch
@@ -542,7 +543,8 @@ def grids(records):
 def draw(records, out_path, layout=False):
     """amp_report.png: rows = layers (forward order), columns = report steps; log2 max |x| of the outputs and of the
     gradients (at the view scale) against fp16's range, the underflow shares beside them, the loss scale on top.
-    Returns out_path, or with layout=True {panel: (x0, y0, x1, y1)}: each panel's pixels in the PNG (for tests)."""
+    Returns out_path, or with layout=True {panel: (x0, y0, x1, y1)}: each panel's (and the loss scale's and the
+    header's) pixels in the PNG (for tests)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -557,8 +559,14 @@ def draw(records, out_path, layout=False):
     panel_w = max(1.3, nc * cell_w)
     label_w = 0.075 * max(len(n) for n in names) + 0.3
     row_h = max(0.14, 4.0 / nr)  # a few rows: taller cells, so the colour bars beside them stay readable
-    top_h, bottom_h = 1.9, 1.2
     width = label_w + 4 * panel_w + 3 * 0.25 + 2.2
+    last = records[-1]
+    view = "fp16 what-if" if last["whatif"] else "fp16 as run"
+    # a long AMP description (the fp32-math fallbacks) wraps to the figure's width instead of running off it
+    per_line = int(width * 72 / (8 * 0.62))
+    header = textwrap.wrap(f"amp report: {last['amp']}", per_line) + textwrap.wrap(
+        f"{view}; x = inf/NaN in the tensor; grey = no gradient; columns: iteration (* = skipped step)", per_line)
+    top_h, bottom_h = 1.6 + 0.15 * len(header), 1.2
     height = top_h + nr * row_h + bottom_h
     fig = plt.figure(figsize=(width, height), dpi=110)
     cmap, norm = _cmap(), Normalize(*LOG2_LIM)
@@ -620,16 +628,12 @@ def draw(records, out_path, layout=False):
     cb2.set_ticklabels(["1e-6", "1e-4", "1%", "100%"])
     cb2.ax.tick_params(labelsize=6)
     cb2.set_label("underflow share: < 2^-14 in fp16 (zero or subnormal)", fontsize=6)
-    last = records[-1]
-    view = "fp16 what-if" if last["whatif"] else "fp16 as run"
-    fig.text(0.01, 1 - 0.25 / height, f"amp report: {last['amp']}", fontsize=8, va="top")
-    fig.text(0.01, 1 - 0.55 / height, f"{view}; x = inf/NaN in the tensor; grey = no gradient; columns: "
-             "iteration (* = skipped step)", fontsize=7, va="top")
+    text = fig.text(0.01, 1 - 0.2 / height, "\n".join(header), fontsize=8, va="top", linespacing=1.3)
     fig.savefig(out_path)
     H = fig.get_size_inches()[1] * fig.dpi
     boxes = {}
-    for key, ax in zip(("fmax", "fuf", "gmax", "guf"), axes):
-        b = ax.get_window_extent()
+    for key, item in zip(("fmax", "fuf", "gmax", "guf", "scale", "header"), axes + [sax, text]):
+        b = item.get_window_extent()
         boxes[key] = (b.x0, H - b.y1, b.x1, H - b.y0)
     plt.close(fig)
     return boxes if layout else out_path

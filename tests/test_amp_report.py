@@ -456,6 +456,20 @@ def test_the_picture_is_drawn_from_the_jsonl(tmp_path):
     assert centre.max() < 80
 
 
+def test_a_long_amp_description_wraps_inside_the_picture(tmp_path):
+    pytest.importorskip("matplotlib")
+    import cv2
+    recs = _records()[:1]  # one column and short names: the narrowest picture
+    recs[0]["amp"] = ("amp=apex O1 (ours, apex semantics; bf16 mode with torch.autocast('cpu') off: fp32 arithmetic, "
+                      "no loss scaling, non-finite steps skipped; this CPU has no native bf16 matmul, so fp32 ran)")
+    layout = amp_report.draw(recs, str(tmp_path / "a.png"), layout=True)
+    h, w = cv2.imread(str(tmp_path / "a.png")).shape[:2]
+    x0, y0, x1, y1 = layout["header"]
+    assert 0 <= x0 and x1 <= w and 0 <= y0
+    assert y1 < layout["scale"][1]  # above the loss-scale panel, not over it
+    assert y1 - y0 > 3 * 8  # it did wrap: three lines or more at 8 pt
+
+
 def test_command_errors_and_the_flag(tmp_path):
     r = subprocess.run([sys.executable, "-m", "common.amp_report", str(tmp_path / "nowhere")], cwd=ROOT,
                        capture_output=True, text=True)
