@@ -347,7 +347,8 @@ SECTIONS["upsample"] = bench_upsample
 # backward-data and backward-weight in fp32 (TF32 off), TF32, fp16 and bf16, NCHW against NHWC. TFLOP/s counts
 # 2 x N x K x P x Q x C/groups x R x S for each of the three passes (DeepBench uses the forward count for all three).
 # Knobs, by environment variable (the driver's flags are shared): CONV_MODELS (default fcn,pspnet,deeplabv3,
-# deeplabv3plus), CONV_BATCH (16), CONV_CROP (512), CONV_DTYPES (fp32,tf32,fp16,bf16), CONV_BUDGET_MS (20).
+# deeplabv3plus), CONV_BATCH (16), CONV_CROP (512), CONV_DTYPES (fp32,tf32,fp16,bf16), CONV_BUDGET_MS (20),
+# CONV_TOP (all: the first N problems by step time, so that a time-boxed run still ends with its table).
 
 CONV_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # name -> torch dtype
 
@@ -454,6 +455,8 @@ def conv_section(args, device):
         problems = list(kinds.values())
     # the most step time first (FLOPs x uses): a run cut short by its time limit loses the least important rows
     problems.sort(key=lambda pu: -pu[0]["flops"] * sum(pu[1].values()))
+    if env("CONV_TOP"):
+        problems = problems[:int(env("CONV_TOP"))]
     skip = {}  # dtype -> why it is not measured here
     if device.type == "cpu":
         skip["tf32"] = "TF32 is a tensor-core mode (CUDA only)"

@@ -17,10 +17,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, out):
+def run(args, out, **env):
     # one intra-op thread: on a shared 2-core box OpenMP's spinning threads cost ~5x the CPU time and timings are not
     # what is tested here
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env)
     r = subprocess.run([sys.executable] + args + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=env)
     assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -151,6 +151,17 @@ def test_kernels_conv_quick(tmp_path):
             for fmt in ("nchw", "nhwc"):
                 assert r[f"{p}_{fmt}_ms"] > 0
                 assert r[f"{p}_{fmt}_tflops"] == pytest.approx(r["flops"] / r[f"{p}_{fmt}_ms"] / 1e9)
+
+
+def test_kernels_conv_top_keeps_the_most_step_time(tmp_path):
+    run(["bench/kernels.py", "--quick", "--only", "conv"], tmp_path / "all", CONV_DTYPES="fp32")
+    run(["bench/kernels.py", "--quick", "--only", "conv"], tmp_path / "top", CONV_DTYPES="fp32", CONV_TOP="2")
+    rows = {}
+    for name in ("all", "top"):
+        with open(tmp_path / name / "kernels.json") as f:
+            rows[name] = json.load(f)["conv"]
+    cost = sorted((r["flops"] * r["count"] for r in rows["all"]), reverse=True)
+    assert len(rows["all"]) > 2 and [r["flops"] * r["count"] for r in rows["top"]] == cost[:2]
 
 
 def test_eval_quick_rows(tmp_path):
