@@ -4,6 +4,7 @@ evaluation mIoU of each. Each mode is one ordinary training run (common.train.ma
 `--data demo`), so what is checked is the trainer itself, not a copy of its loop.
 
     python bench/numerics.py --out DIR                 # the card: PSPNet, 200 iterations per mode (~1.5 min on a GPU)
+    python bench/numerics.py --jobs 6 --out DIR        # the same, every mode a process of its own, all at once
     python bench/numerics.py --device cpu --modes fp32,bf16 --iters 2 --crop 32 --batch 2 --val_images 1 --out DIR
                                                        # a smoke run (the dry run's): every part runs; a handful of
                                                        # iterations is too few for the band to mean anything
@@ -11,7 +12,8 @@ evaluation mIoU of each. Each mode is one ordinary training run (common.train.ma
 Writes DIR/numerics.md (the table and the verdict), DIR/numerics.jsonl (one record per mode: its per-iteration
 losses, loss scale and skipped steps, mIoU) and DIR/numerics.png (the curves), after every mode, so that a run cut
 short keeps the modes it finished. The run folders go to --work_dir (keep it out of DIR). Exit status 1 when a mode
-failed to run or a check failed.
+failed to run or a check failed. --jobs N trains N modes at once, each in a process of its own (a GPU has room for
+six demo runs, and nothing checked here depends on timing; with N = 1 every mode runs in this process).
 
 The checks, against the fp32 run from the same seed (same initial weights, same batches in the same order):
   first loss  the loss of iteration 1 (same weights, same batch: only the arithmetic differs) within FIRST_TOL of
@@ -31,6 +33,7 @@ import importlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -89,6 +92,65 @@ def train_one(mode, args):
                 kernels=said.get("kernels: ", "?"), iteration=[r["iteration"] for r in recs],
                 loss=[r["loss"] for r in recs], loss_scale=[r["loss_scale"] for r in recs],
                 skipped=[r["skipped"] for r in recs], mIoU=metrics["mIoU"] if metrics else None)
+
+
+def train_all(args, argv, head):
+    """Every mode's record in args.modes order, --jobs at a time in processes of their own (this script with --one);
+    numerics.md and the rest are rewritten after each one ends. Each process's output is printed as it ends."""
+    os.makedirs(args.work_dir, exist_ok=True)
+    pending, running, done = list(args.modes), {}, {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            mode = pending.pop(0)
+            record, log = (os.path.join(args.work_dir, f"{mode}.{ext}") for ext in ("record.json", "log"))
+            for path in (record, log):
+                if os.path.exists(path):
+                    os.remove(path)
+            with open(log, "w") as f:
+                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv +
+                                        ["--one", mode, "--record", record], stdout=f, stderr=subprocess.STDOUT)
+            running[mode] = (proc, record, log)
+        time.sleep(0.5)
+        for mode, (proc, record, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[mode]
+            with open(log) as f:
+                text = f.read()
+            print(f"==== {mode} (its own process, exit {proc.returncode}): {' '.join(run_argv(mode, args))}\n{text}",
+                  flush=True)
+            if proc.returncode == 0 and os.path.exists(record):
+                with open(record) as f:
+                    done[mode] = json.load(f)
+            else:
+                last = [line for line in text.splitlines() if line.strip()][-1:] or ["no output"]
+                done[mode] = dict(mode=mode, status=f"error: exit {proc.returncode}: {last[0][:300]}")
+            md = write(args, head, [done[m] for m in args.modes if m in done])
+    return [done[m] for m in args.modes], md
+
+
+def train_here(args, head):
+    """Every mode in this process, one after another; numerics.md and the rest are rewritten after each."""
+    import gc
+
+    import torch
+    recs = []
+    for mode in args.modes:
+        print(f"==== {mode}: {' '.join(run_argv(mode, args))}", flush=True)
+        recs.append(try_one(mode, args))
+        md = write(args, head, recs)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return recs, md
+
+
+def try_one(mode, args):
+    try:
+        return train_one(mode, args)
+    except (Exception, SystemExit) as e:  # a user-error Exit is a SystemExit: still one mode's failure
+        from train import error_line  # bench/train.py
+        return dict(mode=mode, status="error: " + error_line(e))
 
 
 # ---- the checks
@@ -264,13 +326,20 @@ def parse_args(argv=None):
     p.add_argument("--val_images", type=int, default=0, help="evaluate on the first N val images (0: all 16)")
     p.add_argument("--num_workers", type=int, default=None, help="loader workers (default: the demo preset's 1)")
     p.add_argument("--work_dir", default=os.path.join("work_dirs", "numerics"), help="the runs' folders")
+    p.add_argument("--jobs", type=int, default=1, help="modes trained at once, each in a process of its own")
     p.add_argument("--out", required=True, help="folder for numerics.md / .jsonl / .png")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # --jobs: a process trains this one mode ...
+    p.add_argument("--record", default=None, help=argparse.SUPPRESS)  # ... and writes its record here
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: give 1 or more")
     args.modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
-    if "fp32" not in args.modes:
+    if args.one is not None:
+        args.modes = [args.one]
+    elif "fp32" not in args.modes:
         p.error("--modes: fp32 is the reference every check compares with; include it")
     # fp32 first, then its yardstick: a run cut short still has the base and the band every check needs
     first = ["fp32"] + [YARDSTICK] * (YARDSTICK in args.modes)
@@ -282,26 +351,19 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     sys.path.insert(0, os.path.join(ROOT, "bench"))
+    if args.one is not None:
+        rec = try_one(args.one, args)
+        with open(args.record + ".tmp", "w") as f:
+            json.dump(rec, f)
+        os.replace(args.record + ".tmp", args.record)
+        return
     head = header(args)
     print(f"# numerics: {head['card']} | torch {head['torch']} | commit {head['commit']} | modes "
           f"{','.join(args.modes)}", flush=True)
-    recs = []
-    for mode in args.modes:
-        print(f"==== {mode}: {' '.join(run_argv(mode, args))}", flush=True)
-        try:
-            recs.append(train_one(mode, args))
-        except (Exception, SystemExit) as e:  # a user-error Exit is a SystemExit: still one mode's failure
-            from train import error_line  # bench/train.py
-            recs.append(dict(mode=mode, status="error: " + error_line(e)))
-        md = write(args, head, recs)
-        import gc
-
-        import torch
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    recs, md = train_all(args, argv, head) if args.jobs > 1 else train_here(args, head)
     print("\n" + md)
     failed = [r["mode"] for r in recs if r["status"] != "ok" or r["checks"]]
     print(f"VERDICT: {len(recs) - len(failed)}/{len(recs)} modes pass" +

@@ -255,6 +255,14 @@ def test_numerics_cpu_run(tmp_path):
     md = (tmp_path / "out" / "numerics.md").read_text()
     assert "| fp32 | " in md and "| bf16 | " in md and "bfloat16" in md
     assert (tmp_path / "out" / "numerics.png").stat().st_size > 10000
+    # --jobs: each mode a process of its own, both at once; the same runs, so the same numbers
+    out = run(["bench/numerics.py", "--device", "cpu", "--modes", "bf16,fp32", "--iters", "2", "--crop", "32",
+               "--batch", "2", "--val_images", "1", "--num_workers", "0", "--work_dir", str(tmp_path / "runs2"),
+               "--jobs", "2"], tmp_path / "out2")
+    assert "VERDICT: 2/2 modes pass" in out and "==== bf16 (its own process, exit 0)" in out
+    again = [json.loads(line) for line in (tmp_path / "out2" / "numerics.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["loss"], r["mIoU"]) for r in again[1:]] == [(r["mode"], r["loss"], r["mIoU"])
+                                                                       for r in recs[1:]]
 
 
 # ---- bench/step_profile.py

@@ -7,8 +7,8 @@
 #                   only if that fails: build here (pip install -e ., TORCH_CUDA_ARCH_LIST=9.0), then check again
 #    2 pytest_cuda  every GPU test (pytest_cuda_fold: cuDNN's fused epilogue on every unit of the four models)
 #    3 smoke_*      1-GPU torchrun runs of the four scripts x --amp torch / apex on the demo data (all 8 at once)
-#    4 numerics     PSPNet fp32 / fp16 / apex O1 / apex O2 / bf16 (+ fp32 seed 1), 200 iterations each
-#                   (bench/numerics.py): loss curves side by side, band, skipped steps, mIoU
+#    4 numerics     PSPNet fp32 / fp16 / apex O1 / apex O2 / bf16 (+ fp32 seed 1), 200 iterations each, all six at
+#                   once (bench/numerics.py --jobs 6): loss curves side by side, band, skipped steps, mIoU
 #    5 bench_train  batch 16 at 512x512: ours fp16 fused / torch x NCHW (the trainer's default) / channels_last,
 #                   our fp32 base (the reference's setting), the torchvision peer (img/s, memory, MFU)
 #    6 profile      torch.profiler of fp16 PSPNet steps, torch vs fused kernels (bench/step_profile.py)
@@ -221,12 +221,13 @@ pack
 
 # ---- 4: numerics of the precision modes on the card (PSPNet, demo data)
 if [ $CUDA = 1 ]; then
-  # 4 val images: every new eval size is a cudnn.benchmark search, and the check needs only a finite mIoU
-  stage numerics 100 $PY bench/numerics.py --iters 200 --val_images 4 --num_workers 4 \
+  # 4 val images: every new eval size is a cudnn.benchmark search, and the check needs only a finite mIoU. The six
+  # modes train at once, each a process of its own (nothing here is timed)
+  stage numerics 100 $PY bench/numerics.py --iters 200 --val_images 4 --num_workers 2 --jobs 6 \
     --work_dir "$WORK/runs/numerics" --out "$LOGS/numerics"
 else
   stage numerics 100 $PY bench/numerics.py --device cpu --modes fp32,bf16 --iters 2 --crop 32 --batch 2 \
-    --val_images 1 --num_workers 0 --work_dir "$WORK/runs/numerics" --out "$LOGS/numerics"
+    --val_images 1 --num_workers 0 --jobs 2 --work_dir "$WORK/runs/numerics" --out "$LOGS/numerics"
 fi
 keep "$LOGS/numerics/numerics.png" "$LOGS/numerics/numerics.md"
 
