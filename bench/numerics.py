@@ -103,9 +103,8 @@ def train_all(args, argv, head):
         while pending and len(running) < args.jobs:
             mode = pending.pop(0)
             record, log = (os.path.join(args.work_dir, f"{mode}.{ext}") for ext in ("record.json", "log"))
-            for path in (record, log):
-                if os.path.exists(path):
-                    os.remove(path)
+            if os.path.exists(record):  # an earlier run's (the log is truncated below)
+                os.remove(record)
             with open(log, "w") as f:
                 proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv +
                                         ["--one", mode, "--record", record], stdout=f, stderr=subprocess.STDOUT)
