@@ -312,6 +312,49 @@ def header(args, device):
     }
 
 
+# The GPU goals the README states for training, all of PSPNet fp16 at batch 16 on 512x512 crops: (what, the row's
+# key, bound, ">=" or "<="). "vs tv" is against torchvision's deeplabv3_resnet50 under autocast + channels_last.
+GOALS = (("img/s", "img_per_s", 300.0, ">="), ("vs tv", "vs_peer", 1.3, ">="), ("vs fp32", "vs_fp32", 4.0, ">="),
+         ("mem vs fp32", "mem_vs_fp32", 0.5, "<="))
+
+
+def judge_goals(head, rows):
+    """(why not judged, None) or (the fastest eager PSPNet fp16 row at batch 16, [(what, value, bound, op, verdict)]);
+    judged only on a card at crop 512."""
+    if head["card"].startswith("CPU") or head["crop"] != 512:
+        return (f"not judged here (they are for a card at crop 512; this is {head['card'].split(' (')[0]}, "
+                f"crop {head['crop']})"), None
+    cands = [r for r in rows if r["status"] == "ok" and (r["model"], r["mode"], r["batch"], r["compile"])
+             == ("pspnet", "fp16", 16, "none")]
+    if not cands:
+        return "not judged (no PSPNet fp16 row at batch 16, eager, ran ok)", None
+    r = max(cands, key=lambda r: r["img_per_s"])
+    judged = []
+    for what, key, bound, op in GOALS:
+        v = r.get(key)
+        ok = None if v is None else (v >= bound if op == ">=" else v <= bound)
+        judged.append((what, v, bound, op, {None: "not measured", True: "met", False: "MISSED"}[ok]))
+    return r, judged
+
+
+def goal_lines(head, rows):
+    """The goals' lines for train.md."""
+    r, judged = judge_goals(head, rows)
+    if judged is None:
+        return [f"Goals: {r}"]
+    return [f"Goals, judged on the fastest PSPNet fp16 row at batch 16 ({r['kernels']} kernels, {r['format']}):"] + \
+        [f"- {what} {fmt(v, '.2f')} (goal {op} {bound:g}): {verdict}" for what, v, bound, op, verdict in judged]
+
+
+def goals_verdict(head, rows):
+    """The goals in a few words, for the VERDICT line (the device check's summary)."""
+    r, judged = judge_goals(head, rows)
+    if judged is None:
+        return "goals not judged"
+    missed = [what for what, *_, verdict in judged if verdict != "met"]
+    return "goals all met" if not missed else "goals not met: " + ", ".join(missed)
+
+
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -340,7 +383,7 @@ def markdown(head, rows):
                 fmt(r.get("peak_gib"), ".2f"),
                 fmt(r.get("tflop_per_s"), ".3g"), fmt(r.get("mfu"), ".1%"), fmt(r.get("vs_fp32"), ".2f"),
                 fmt(r.get("mem_vs_fp32"), ".2f"), fmt(r.get("vs_peer"), ".2f"), note.replace("|", "/")]
-    return "\n".join(lines + md_table(COLUMNS, map(cells, rows))) + "\n"
+    return "\n".join(lines + md_table(COLUMNS, map(cells, rows)) + [""] + goal_lines(head, rows)) + "\n"
 
 
 def md_table(columns, cell_rows):
@@ -446,7 +489,8 @@ def main(argv=None):
           f"{sum(r['status'] == 'OOM' for r in rows)} OOM" + ("" if best is None else
           f"; fastest ours: {best['model']} {best['mode']} {best['kernels']} {best['format']} b{best['batch']} "
           f"{best['img_per_s']:.1f} img/s (vs fp32 {fmt(best.get('vs_fp32'), '.2f')}, vs tv "
-          f"{fmt(best.get('vs_peer'), '.2f')}, MFU {fmt(best.get('mfu'), '.1%')})"), flush=True)
+          f"{fmt(best.get('vs_peer'), '.2f')}, MFU {fmt(best.get('mfu'), '.1%')})") +
+          f"; {goals_verdict(head, rows)}", flush=True)
     if errors:
         sys.exit(f"{len(errors)} row(s) failed (see the tracebacks above); OOM rows are not failures")
 

@@ -94,6 +94,35 @@ def test_train_quick_markdown(train_out):
     assert body[0][cols.index("vs fp32")] == "1.00"
     assert {row[cols.index("compile")] for row in body} == {"none"} and body[0][cols.index("compile s")] == "-"
     assert md in stdout  # the table is printed too
+    assert lines[-1].startswith("Goals: not judged here") and "crop 32" in lines[-1]  # a CPU at crop 32
+    assert stdout.rstrip().splitlines()[-1].endswith("; goals not judged")  # the VERDICT line
+
+
+def test_train_goals_judge_the_fastest_eager_pspnet_fp16_row_at_batch_16():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "bench", "train.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    head = {"card": "NVIDIA H100 80GB HBM3 (79 GiB)", "crop": 512}
+
+    def row(img_s, kernels="fused", batch=16, compile="none", status="ok", **ratios):
+        return dict(model="pspnet", mode="fp16", kernels=kernels, format="nhwc", batch=batch, compile=compile,
+                    status=status, img_per_s=img_s, **ratios)
+    rows = [row(250.0, "torch", vs_peer=1.1, vs_fp32=3.0, mem_vs_fp32=0.45),
+            row(320.0, vs_peer=1.4, vs_fp32=4.5, mem_vs_fp32=0.6),
+            row(900.0, batch=2), row(999.0, compile="default"), row(990.0, status="OOM"),
+            dict(row(800.0), mode="fp32"), dict(row(700.0), model="deeplabv3")]
+    lines = bench.goal_lines(head, rows)
+    assert lines[0].startswith("Goals, judged on the fastest PSPNet fp16 row at batch 16 (fused kernels, nhwc)")
+    assert lines[1:] == ["- img/s 320.00 (goal >= 300): met", "- vs tv 1.40 (goal >= 1.3): met",
+                         "- vs fp32 4.50 (goal >= 4): met", "- mem vs fp32 0.60 (goal <= 0.5): MISSED"]
+    lines = bench.goal_lines(head, [row(250.0)])  # no fp32 base, no peer: the ratios are not measured
+    assert lines[1:3] == ["- img/s 250.00 (goal >= 300): MISSED", "- vs tv - (goal >= 1.3): not measured"]
+    assert all(line.endswith("not measured") for line in lines[2:])
+    assert bench.goal_lines(head, rows[2:])[0].startswith("Goals: not judged (no PSPNet fp16 row at batch 16")
+    assert bench.goals_verdict(head, rows) == "goals not met: mem vs fp32"
+    assert bench.goals_verdict(head, [row(301.0, vs_peer=1.3, vs_fp32=4.0, mem_vs_fp32=0.5)]) == "goals all met"
+    assert bench.goal_lines(dict(head, crop=256), rows)[0].startswith("Goals: not judged here")
 
 
 def test_train_flags(capsys):
