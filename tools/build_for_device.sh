@@ -5,7 +5,7 @@
 # venv with that torch (tools/torch_venv.sh; VENV=/path/to/venv uses an existing one instead), FORCE_CUDA=1 (fail
 # rather than build CPU-only) and TORCH_CUDA_ARCH_LIST=9.0; CUDA_HOME is whatever setup.py resolves (nvcc's own
 # install dir). The result is common/_C.cpython-312-x86_64-linux-gnu.so in the working tree (~30 MB; it also runs
-# on a CPU). On a fresh machine the venv and the build take ~8 minutes on 2 cores.
+# on a CPU).
 # It is git-ignored, so the device tool must be told to carry it: the script prints the path to pass as `carry`.
 # tools/device_check.sh then imports it instead of building, when `import common` works and build_info says cuda.
 set -euo pipefail
