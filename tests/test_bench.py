@@ -27,6 +27,15 @@ def run(args, out, **env):
     return r.stdout
 
 
+def _bench(name):
+    """bench/<name>.py as a module (bench/ is no package), under its own name bench_<name>."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def forward_flops(model, crop):
     """FLOPs of one training forward of one image, counted by torch (independent of common.summary)."""
     model = model.to("meta").train()  # shapes are all a counter needs
@@ -99,10 +108,7 @@ def test_train_quick_markdown(train_out):
 
 
 def test_train_goals_judge_the_fastest_eager_pspnet_fp16_row_at_batch_16():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "bench", "train.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("train")
     head = {"card": "NVIDIA H100 80GB HBM3 (79 GiB)", "crop": 512}
 
     def row(img_s, kernels="fused", batch=16, compile="none", status="ok", **ratios):
@@ -126,10 +132,7 @@ def test_train_goals_judge_the_fastest_eager_pspnet_fp16_row_at_batch_16():
 
 
 def test_train_flags(capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "bench", "train.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("train")
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "fp32,fp8"])
     assert "fp8" in capsys.readouterr().err
@@ -223,14 +226,6 @@ def test_eval_sizes_quick_and_its_break_even(tmp_path):
 
 # ---- bench/numerics.py: the check logic on made-up curves (each check can fail), then a tiny CPU run end to end
 
-def _numerics():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_numerics", os.path.join(ROOT, "bench", "numerics.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _rec(mode, loss, skipped=None, miou=0.3, scale=None):
     n = len(loss)
     return dict(mode=mode, status="ok", seconds=1.0, amp="?", iteration=list(range(1, n + 1)), loss=loss,
@@ -238,7 +233,7 @@ def _rec(mode, loss, skipped=None, miou=0.3, scale=None):
 
 
 def test_numerics_checks():
-    num = _numerics()
+    num = _bench("numerics")
     assert num.warmup_skips([1, 2, 3, 3, 3, 4]) == (3, 1) and num.warmup_skips([0, 0, 1]) == (0, 1)
     assert num.warmup_skips([1, 2]) == (2, 0)
     base = [5.0, 4.0, 3.0, 2.0]
@@ -275,7 +270,8 @@ def test_numerics_cpu_run(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "out" / "numerics.jsonl").read_text().splitlines()]
     assert recs[0]["kind"] == "header" and recs[0]["torch"] == torch.__version__
     assert [r["mode"] for r in recs[1:]] == ["fp32", "bf16"]  # fp32 first, whatever the order asked
-    order = _numerics().parse_args(["--out", "x", "--device", "cpu", "--modes", "bf16,fp32-seed1,fp16,fp32"]).modes
+    args = _bench("numerics").parse_args(["--out", "x", "--device", "cpu", "--modes", "bf16,fp32-seed1,fp16,fp32"])
+    order = args.modes
     assert order == ["fp32", "fp32-seed1", "bf16", "fp16"]  # then the yardstick: the band needs it
     for r in recs[1:]:
         assert r["status"] == "ok" and r["iteration"] == [1, 2] and r["checks"] == []
