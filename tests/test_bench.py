@@ -215,8 +215,7 @@ def test_eval_sizes_quick_and_its_break_even(tmp_path):
     rows = json.loads((tmp_path / "eval_sizes.json").read_text())["rows"]
     assert [(r["benchmark"], r["widths"]) for r in rows] == [("off", "40-56"), ("on", "48-64")]  # disjoint sizes
     assert all(r["new_ms"] > 0 and r["repeat_ms"] > 0 for r in rows) and "VERDICT: new size on" in out
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from eval_sizes import verdict_line
+    verdict_line = _bench("eval_sizes").verdict_line
     # (new ms, repeat ms) with benchmark on, then off; cost(k) = new + (k - 1) repeat for a size seen k times
     assert verdict_line((900, 30), (60, 35)) == "benchmark on is faster from 169.0 images per size"
     assert verdict_line((50, 40), (60, 35)) == "benchmark on is faster up to 3.0 images per size"
@@ -293,10 +292,7 @@ def test_numerics_cpu_run(tmp_path):
 # ---- bench/step_profile.py
 
 def test_profile_kinds():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_profile", os.path.join(ROOT, "bench", "step_profile.py"))
-    prof = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prof)
+    prof = _bench("step_profile")
     names = {  # kernel names as CUDA profiles show them, and CPU operators
         "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "conv / GEMM",
         "void cudnn::bn_fw_tr_1C11_kernel_NCHW<__half, float, 512, true, 1>": "batch norm",
@@ -329,10 +325,7 @@ def test_profile_cpu(tmp_path):
 # ---- bench/kernels.py: a failing row or section is logged and shown, the rest still runs, the exit is non-zero
 
 def test_kernels_survive_failures(tmp_path, monkeypatch, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "bench", "kernels.py"))
-    kern = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kern)
+    kern = _bench("kernels")
     real_row = kern._bn_row
 
     def flaky_row(device, batch, C, *rest):
@@ -360,11 +353,7 @@ def test_kernels_survive_failures(tmp_path, monkeypatch, capsys):
 
 
 def test_eval_survives_a_failing_row(tmp_path, monkeypatch):
-    import importlib.util
-    sys.path.insert(0, os.path.join(ROOT, "bench"))  # bench/eval.py imports bench/train.py as `train`
-    spec = importlib.util.spec_from_file_location("bench_eval", os.path.join(ROOT, "bench", "eval.py"))
-    ev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ev)
+    ev = _bench("eval")  # (it puts bench/ on sys.path itself: it imports bench/train.py as `train`)
     real = ev.time_variants
 
     def flaky(fns, x, *rest):
