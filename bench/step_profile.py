@@ -5,9 +5,10 @@ Where a training step's time goes: torch.profiler over a few steps of one segmen
 kernels by device time (CUDA; on the CPU the top operators by self CPU time) as markdown tables, and the time per
 kind of work (convolutions, BatchNorm, elementwise, ...), so that speed work can be planned without a card.
 
-The step is bench/train.py's (the trainer's: forward under amp.autocast, seg_cross_entropy of both heads,
-amp.backward, amp.step) on one synthetic device-resident batch, after --warmup untimed steps (cudnn.benchmark's
-search, the allocator); --steps steps are profiled and every number is per step.
+The step is bench/train.py's, i.e. the trainer's own common.train.train_step (forward under amp.autocast,
+seg_cross_entropy of both heads, amp.backward, the BN-buffer check, amp.step) on one synthetic device-resident
+batch, after --warmup untimed steps (cudnn.benchmark's search, the allocator); --steps steps are profiled and every
+number is per step.
 
     python bench/step_profile.py --out DIR       # the card: PSPNet fp16 channels_last, batch 16 at 512x512, both sets
     python bench/step_profile.py --device cpu --mode bf16 --batch 2 --crop 32 --warmup 1 --steps 1 --out DIR  # CPU

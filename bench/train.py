@@ -4,8 +4,9 @@ One row = one (model, precision mode, kernels, memory format, batch) at one crop
 momentum 0.9, wd 5e-4) and Amp, fed one synthetic device-resident batch (random images, random labels with ~10%
 ignore pixels; no data loading), `--warmup` untimed steps, then the median of `--steps` timed steps (CUDA events on
 the GPU, time.perf_counter on the CPU). Peak memory is torch.cuda.max_memory_allocated over the timed steps (mmseg's
-"Mem" convention: below what nvidia-smi shows). The step is the trainer's (forward under amp.autocast(), the loss
-seg_cross_entropy(out) + 0.4 * seg_cross_entropy(aux) at crop size, amp.backward, amp.step).
+"Mem" convention: below what nvidia-smi shows). The step is the trainer's own function, common.train.train_step
+(forward under amp.autocast(), the loss seg_cross_entropy(out) + 0.4 * seg_cross_entropy(aux) at crop size,
+amp.backward, the BN-buffer check, amp.step).
 
 Also in every run, per batch:
   * our fp32 row (kernels torch, NCHW, TF32 off: the reference's setting, spec §7.3), the "vs fp32" base;
@@ -75,19 +76,7 @@ PEAK_FP16_TFLOPS = (
 )
 
 
-# ---- the step (the same work the trainer does per iteration)
-
-def train_step(model, images, labels, amp, optimizer):
-    """One SGD step as common.train runs it: autocast forward + loss at crop size, scaled backward, step."""
-    from common.layers import seg_cross_entropy
-    optimizer.zero_grad(set_to_none=True)
-    with amp.autocast():
-        outputs = model(images)  # {'out', 'aux'}: logits at 1/8 (1/4 for DeepLabV3+), upsampled inside the loss
-        loss = seg_cross_entropy(outputs['out'], labels) + AUX_WEIGHT * seg_cross_entropy(outputs['aux'], labels)
-    amp.backward(loss, optimizer)
-    amp.step(optimizer)
-    return loss
-
+# ---- the steps
 
 def peer_step(model, images, labels, autocast, scaler, optimizer):
     """torchvision's reference step (references/segmentation/train.py): its outputs are already at input size."""
@@ -132,14 +121,20 @@ def build_ours(model, mode, kernels, fmt, device, compile_mode="none"):
     """(step closure, model, amp description) for one of our segmentors, fresh from construct()."""
     from common.amp import Amp
     from common.compile import compile_module
+    from common.guard import BufferGuard
     from common.layers import set_kernels
+    from common.train import seg_loss, train_step
     set_kernels(kernels)  # raises (naming the build command) when fused kernels are not built
     model = model.to(device, memory_format=FORMATS[fmt]).train()
     optimizer = sgd(model)
     amp = Amp(device=device.type, **MODES[mode])
     model, optimizer = amp.initialize(model, optimizer)
     compile_module(model, compile_mode, log=lambda m: None)  # the trainer's --compile: the forward, in place
-    return (lambda images, labels: train_step(model, images, labels, amp, optimizer)), model, amp.describe()
+    guard = BufferGuard(model)
+
+    def step(images, labels):  # the trainer's own step, BN-buffer guard included: a row times what a run does
+        return train_step(model, images, labels, lambda out, y: seg_loss(out, y, AUX_WEIGHT), amp, optimizer, guard)[0]
+    return step, model, amp.describe()
 
 
 def build_peer(name, model, device, compile_mode="none"):

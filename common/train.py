@@ -39,6 +39,34 @@ def poly_lr(iteration, max_iters, base_lr=0.01, power=0.9, min_lr=1e-4):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# one iteration (bench/train.py and bench/step_profile.py time this very function)
+
+
+def seg_loss(out, targets, aux_weight):
+    """(total, cls, aux) of spec §6; aux as the reference logs it, x aux_weight (0.4), so that total = cls + aux."""
+    loss_cls = layers.seg_cross_entropy(out["out"], targets, data.IGNORE_INDEX)  # upsampled to the crop inside
+    loss_aux = aux_weight * layers.seg_cross_entropy(out["aux"], targets, data.IGNORE_INDEX)
+    return loss_cls + loss_aux, loss_cls, loss_aux
+
+
+def train_step(model, images, targets, criterion, amp, optimizer, guard):
+    """Forward under autocast, the loss, backward, and the step unless a gradient or a BatchNorm buffer came out
+    non-finite (then the buffers are put back: guard is a common.guard.BufferGuard of the model).
+    Returns (loss, loss_cls, loss_aux, skipped)."""
+    optimizer.zero_grad(set_to_none=True)
+    guard.snapshot()
+    with amp.autocast():
+        out = model(images)  # {'out': (B, K, H/8, W/8), 'aux': (B, K, H/8, W/8)}
+        loss, loss_cls, loss_aux = criterion(out, targets)
+    amp.backward(loss, optimizer)
+    bad_buffers = not guard.finite()  # BN saw an inf/NaN (or overflowed its variance) in this forward
+    skipped = amp.step(optimizer, skip=bad_buffers)
+    if skipped:
+        guard.restore()
+    return loss, loss_cls, loss_aux, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # logging: rank 0 prints, appends to work_dir/log.txt (every line time-stamped), and writes one JSON object per
 # record to metrics.jsonl
 
@@ -136,11 +164,8 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
     window = dict(sums=0.0, n=0, images=0, t=time.time())
     model.train()
 
-    def criterion(out, targets):  # spec §6; common/amp_report.py replays it on a batch it diagnoses
-        loss_cls = layers.seg_cross_entropy(out["out"], targets, data.IGNORE_INDEX)  # upsampled to crop
-        # aux as the reference logs it: x aux_weight (0.4), so that total = cls + aux
-        loss_aux = cfg["aux_weight"] * layers.seg_cross_entropy(out["aux"], targets, data.IGNORE_INDEX)
-        return loss_cls + loss_aux, loss_cls, loss_aux
+    def criterion(out, targets):  # common/amp_report.py replays it on a batch it diagnoses
+        return seg_loss(out, targets, cfg["aux_weight"])
     reporter = AmpReport(cfg, model, amp, optimizer, folder, log, criterion)  # --amp_report, skipped-step diagnosis
 
     def save(tag):
@@ -172,18 +197,10 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             if cfg.get("channels_last"):
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = targets.to(device, non_blocking=True)  # (B, H, W) int64, 255 = ignore
-            optimizer.zero_grad(set_to_none=True)
-            guard.snapshot()
             scale = None if settled else amp.loss_scale  # (a host sync: only until the scale settles)
             with reporter.step(it, images, targets) as watch:  # hooks only on --amp_report steps
-                with amp.autocast():
-                    out = model(images)  # {'out': (B, K, H/8, W/8), 'aux': (B, K, H/8, W/8)}
-                    loss, loss_cls, loss_aux = criterion(out, targets)
-                amp.backward(loss, optimizer)
-                bad_buffers = not guard.finite()  # BN saw an inf/NaN (or overflowed its variance) in this forward
-                skipped = amp.step(optimizer, skip=bad_buffers)
-                if skipped:
-                    guard.restore()
+                loss, loss_cls, loss_aux, skipped = train_step(model, images, targets, criterion, amp, optimizer,
+                                                               guard)
                 if not skipped:
                     settled, skipped_run = True, 0
                 elif settled or not 1.0 <= amp.loss_scale < scale:

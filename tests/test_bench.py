@@ -151,6 +151,21 @@ def test_train_flags(capsys):
     assert bench.card_peak("NVIDIA H100 NVL") is None and bench.card_peak("NVIDIA GeForce RTX 4090") is None
 
 
+def test_train_rows_time_the_trainers_step_with_its_bn_guard():
+    """A row's step is the trainer's (common.train.train_step): an inf pixel skips the step AND puts BatchNorm's
+    running stats back, so a row times the guard's snapshot and check too."""
+    bench = _bench("train")
+    step, model, _ = bench.build_ours(bench.construct("fcn"), "fp32", "torch", "nchw", torch.device("cpu"))
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 150, (2, 32, 32))
+    step(images, labels)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images[0, :, 5, 7] = float("inf")
+    step(images, labels)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights, running stats, counts
+    step(images[1:], labels[1:])  # a clean batch steps again
+    assert not torch.equal(before["backbone_net.stem.0.weight"], model.state_dict()["backbone_net.stem.0.weight"])
+
+
 def test_kernels_conv_quick(tmp_path):
     import pspnet
     run(["bench/kernels.py", "--quick", "--only", "conv"], tmp_path)
