@@ -76,7 +76,7 @@ PEAK_FP16_TFLOPS = (
 )
 
 
-# ---- the steps
+# ---- the peers' step (ours is the trainer's own, common.train.train_step: see build_ours)
 
 def peer_step(model, images, labels, autocast, scaler, optimizer):
     """torchvision's reference step (references/segmentation/train.py): its outputs are already at input size."""
