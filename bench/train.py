@@ -132,8 +132,11 @@ def build_ours(model, mode, kernels, fmt, device, compile_mode="none"):
     compile_module(model, compile_mode, log=lambda m: None)  # the trainer's --compile: the forward, in place
     guard = BufferGuard(model)
 
+    def criterion(out, labels):
+        return seg_loss(out, labels, AUX_WEIGHT)
+
     def step(images, labels):  # the trainer's own step, BN-buffer guard included: a row times what a run does
-        return train_step(model, images, labels, lambda out, y: seg_loss(out, y, AUX_WEIGHT), amp, optimizer, guard)[0]
+        return train_step(model, images, labels, criterion, amp, optimizer, guard)[0]
     return step, model, amp.describe()
 
 
