@@ -484,11 +484,7 @@ class Amp:
         if self.nvidia is not None:
             skipped = self.nvidia.step(optimizer, self._found_inf, skip)
         elif self.grad_scaler is not None:
-            before = self.grad_scaler.get_scale()
-            if not skip:
-                self.grad_scaler.step(optimizer)  # does not call optimizer.step() when it found inf/NaN
-            self.grad_scaler.update()  # uses the inf/NaN flags unscale_ recorded in backward()
-            skipped = skip or self.grad_scaler.get_scale() < before  # backoff (x0.5) happens exactly on inf/NaN
+            skipped = self._grad_scaler_step(optimizer, skip)
         else:
             skipped = self._found_inf or skip
             if not skipped:
@@ -504,6 +500,33 @@ class Amp:
                 p.grad = None
         self._pending, self._found_inf = False, False
         return bool(skipped)
+
+    def _grad_scaler_step(self, optimizer, skip):
+        """GradScaler's step (unless skip) and update(); returns whether optimizer.step() was left out.
+
+        A step hook tells whether GradScaler called optimizer.step() (it does only when every gradient is finite), so
+        the host never waits for the optimizer's kernels. Reading the scale after update() would: one sync per
+        iteration that apex mode does not have, and the next forward could not queue meanwhile. An optimizer that
+        takes the scaler's flags itself (fused=True) always runs step() and skips inside it; there the halved scale
+        tells (backoff happens exactly on inf/NaN), at the cost of that sync.
+        """
+        gs = self.grad_scaler
+        if skip:
+            gs.update()  # moves the scale as the gradients say: a finite backward does not back it off
+            return True
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            before = gs.get_scale()
+            gs.step(optimizer)
+            gs.update()
+            return gs.get_scale() < before
+        stepped = []
+        handle = optimizer.register_step_post_hook(lambda *_: stepped.append(True))
+        try:
+            gs.step(optimizer)
+        finally:
+            handle.remove()
+        gs.update()  # uses the inf/NaN flags unscale_ recorded in backward()
+        return not stepped
 
     def _check(self, optimizer):
         if self.model is None:

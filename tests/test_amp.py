@@ -231,6 +231,33 @@ def test_apex_O1_and_torch_skip_and_scale_alike():
     assert [s for s, _ in runs[0]] == [False, False, True, False, False, True, False, False]
 
 
+def test_torch_kind_tells_a_skip_without_reading_the_scale_back(monkeypatch):
+    # on CUDA, get_scale() after update() would make the host wait for the optimizer's kernels every iteration
+    model, opt, amp = make("torch", "O1")
+    real, reads = torch.amp.GradScaler.get_scale, []
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: reads.append(1) or real(self))
+    assert train_step(model, opt, amp, *batch(0)) is False
+    assert train_step(model, opt, amp, *batch(1), poison=model.conv2.weight) is True
+    assert reads == []
+    assert float(amp.grad_scaler._scale) == 2.**15  # the skip still backed the scale off
+
+
+def test_torch_kind_with_a_fused_optimizer_skips_inside_its_step():
+    # fused=True takes GradScaler's found_inf and always runs step(): a step hook cannot tell a skip there
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
+    assert opt._step_supports_amp_scaling
+    amp = Amp("torch", dtype=torch.float16, device="cpu")
+    model, opt = amp.initialize(model, opt)
+    for i in range(2):
+        assert train_step(model, opt, amp, *batch(i)) is False
+    before = snapshot(model, opt)
+    assert train_step(model, opt, amp, *batch(5), poison=model.conv2.weight) is True
+    assert same(before[0], snapshot(model, opt)[0]) and same(before[1], snapshot(model, opt)[1])
+    assert amp.loss_scale == 2.**15 and train_step(model, opt, amp, *batch(6)) is False
+
+
 # -----------------------------------------------------------------------------
 # O2 invariants
 
