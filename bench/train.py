@@ -64,7 +64,8 @@ def error_line(e, width=None):
     traceback.print_exc()
     first = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {first[:width]}"
-AUX_WEIGHT = 0.4  # ssseg loss_aux scale_factor (spec §6)
+
+
 # dense (no 2:4 sparsity) fp16/bf16 tensor-core peaks in TFLOP/s, perf_anchors.md §5.1; first match on the device
 # name wins. H100/H200 NVL and anything else not listed gets no MFU rather than a guessed one.
 PEAK_FP16_TFLOPS = (
@@ -121,6 +122,7 @@ def build_ours(model, mode, kernels, fmt, device, compile_mode="none"):
     """(step closure, model, amp description) for one of our segmentors, fresh from construct()."""
     from common.amp import Amp
     from common.compile import compile_module
+    from common.config import DEFAULTS
     from common.guard import BufferGuard
     from common.layers import set_kernels
     from common.train import seg_loss, train_step
@@ -133,7 +135,7 @@ def build_ours(model, mode, kernels, fmt, device, compile_mode="none"):
     guard = BufferGuard(model)
 
     def criterion(out, labels):
-        return seg_loss(out, labels, AUX_WEIGHT)
+        return seg_loss(out, labels, DEFAULTS["aux_weight"])  # 0.4, the scripts' own
 
     def step(images, labels):  # the trainer's own step, BN-buffer guard included: a row times what a run does
         return train_step(model, images, labels, criterion, amp, optimizer, guard)[0]
