@@ -176,7 +176,7 @@ class ADE20k(Dataset):
         else:  # the official release has none: pair the folders up, and refuse anything that does not pair
             self.ids = _ids_from_folders(self.image_dir, self.ann_dir)
         if not self.ids:
-            raise ValueError(f"no images for split {split!r} in {self.image_dir}")
+            raise MissingFile(f"no images for split {split!r} in {self.image_dir}")
 
     def __len__(self):
         return len(self.ids)
@@ -247,7 +247,8 @@ def _stems(folder, ext):
             continue
         stem, e = os.path.splitext(name)
         if e != ext:
-            raise ValueError(f"unexpected file {os.path.join(folder, name)}: this folder should hold only *{ext}")
+            raise BadFileError(f"unexpected file {os.path.join(folder, name)}: this folder should hold only *{ext}; "
+                               "move it out")
         stems.add(stem)
     return stems
 
@@ -446,7 +447,8 @@ class ResumableSampler(Sampler):
         self.per_rank = math.ceil(n / world)  # DistributedSampler pads the permutation to a multiple of world
         self.epoch, self.start = 0, 0
         if self.per_rank < self.batch:
-            raise ValueError(f"{n} training images over {world} rank(s) do not fill one batch of {self.batch}")
+            raise UserError(f"--batch_size: {n} training images over {world} rank(s) do not fill one batch of "
+                            f"{self.batch} per rank: lower --batch_size, or train on more images")
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start = epoch, start_batch

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import common.data as D
+from common.errors import UserError
 
 
 def write_split(root, split, items, list_file=False):
@@ -108,8 +109,11 @@ def test_list_names_missing_file(tmp_path):
 def test_stray_file_is_not_skipped(tmp_path):
     base = write_split(tmp_path, 'train', [rand_item('a')])
     open(os.path.join(base, 'images', 'training', 'notes.txt'), 'w').close()
-    with pytest.raises(ValueError, match=r"notes\.txt"):
+    open(os.path.join(base, 'images', 'training', '.DS_Store'), 'w').close()  # hidden files are the OS's: skipped
+    with pytest.raises(UserError, match=r"unexpected file .*notes\.txt.*move it out"):  # one line, not a traceback
         D.ADE20k(tmp_path, 'train')
+    os.remove(os.path.join(base, 'images', 'training', 'notes.txt'))
+    assert D.ADE20k(tmp_path, 'train').ids == ['a']
 
 
 @pytest.mark.parametrize('cut', [0.5, 0.98])
