@@ -360,6 +360,15 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
         dist.shutdown()
 
 
+def _check_pooled_bn_batch(model, batch):
+    """A BatchNorm after global pooling (PSPNet's 1x1 bin, the ASPP image branch) sees one value per channel at batch
+    1, which training refuses; without SyncBN over several ranks to pool the batch, say so before any work."""
+    if batch == 1 and any(isinstance(m, torch.nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
+                          for m in model.modules()):
+        raise UserError("--batch_size 1: this model's global-pooling branch has a BatchNorm over 1x1 maps, which "
+                        "cannot train on one image; use --batch_size 2 or more (the reference: 16)")
+
+
 def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     from .compile import compile_module
     # system set-up (spec §7 steps 3-4): TF32 off unless asked, cudnn.benchmark on
@@ -408,6 +417,9 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     if cfg["tta"]:
         log("tta: --tta applies to --eval and --predict (the reference's test.py); evaluations during training run "
             "one view, as the reference's")
+
+    if dist.world_size() == 1:
+        _check_pooled_bn_batch(model, cfg["batch_size"])
 
     # weights: a checkpoint to resume from, else (optionally) ImageNet weights for the backbone
     ckpt = path = None

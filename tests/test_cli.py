@@ -200,6 +200,36 @@ def test_missing_dataset_is_one_line_in_stderr_and_log(tmp_path, capsys):
     assert not os.listdir(tmp_path)  # no run folder yet, so no log.txt: a failed start writes nothing
 
 
+def test_a_batch_the_data_cannot_fill_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes),
+                   _argv(tmp_path, '--data', 'demo', '--batch_size', '4', '--num_train_images', '3'), name='tiny')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err
+    assert err.startswith("tiny: error: --batch_size: 3 training images over 1 rank(s) do not fill one batch of 4")
+
+
+def test_batch_1_with_a_global_pooling_bn_is_one_line_before_the_run_folder(tmp_path, capsys):
+    class Pooled(Tiny):  # PSPNet's 1x1 bin / the ASPP image branch: BN over 1x1 maps needs 2+ images
+        def __init__(self, num_classes):
+            super().__init__(num_classes)
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            out = super().forward(x)
+            out['out'] = out['out'] + self.pool(self.backbone_net(x)).mean()
+            return out
+
+    argv = _argv(tmp_path, '--data', 'demo', '--batch_size', '1', '--max_iters', '1', '--num_val_images', '1')
+    with pytest.raises(SystemExit) as e:
+        train.main(_seg(), lambda cfg, num_classes: Pooled(num_classes), argv, name='tiny')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err
+    assert err.startswith("tiny: error: --batch_size 1: this model's global-pooling branch has a BatchNorm")
+    assert not os.listdir(tmp_path)
+    train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes), argv, name='tiny')  # no such branch: batch 1 trains
+
+
 def test_a_crash_keeps_its_traceback_and_logs_it(tmp_path):
     class Buggy(Tiny):
         def forward(self, x):
