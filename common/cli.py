@@ -182,6 +182,7 @@ def validate(cfg, num_palette=150):
     need(cfg.get('amp_report', 0) >= 0, 'amp_report', "must be >= 0 (0 = off; N = a report every N iterations)")
     for key in ('log_interval', 'max_skipped_steps'):
         need(cfg[key] >= 1, key, "must be at least 1")
+    need(0 <= cfg['seed'] < 2**32, 'seed', "must be 0 .. 2**32 - 1 (numpy's seed range)")
     need(1 <= cfg['num_classes'] <= num_palette, 'num_classes', f"must be 1..{num_palette} (ADE20k's classes)")
     # the keep-ratio resize fits an image's long side into max(scale) and its short side into min(scale), in
     # either orientation; a crop beyond that at ratio 1 is mostly padding (only training crops)
