@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import dist
-from .errors import BadFileError, MissingFile, UserError
+from .errors import BadFileError, MissingFile, UserError, make_folder
 
 IGNORE_INDEX = 255
 MEAN = (123.675, 116.28, 103.53)  # ImageNet mean/std, RGB order, 0-255 scale (spec §2.1 step 5)
@@ -653,13 +653,15 @@ def dataset_root(kind, data_root='', log=print):
 def demo_root(cache_dir=None, num_train=64, num_val=16, seed=0, log=None):
     """The folder holding the demo ADEChallengeData2016, generated on first use in cache_dir, else $SEG_DATA_CACHE
     or ~/.cache/segfp16. Pass it as root to ADE20k."""
+    given = bool(cache_dir)
     cache_dir = cache_dir or os.environ.get('SEG_DATA_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
                                                                                 'segfp16')
     root = os.path.join(cache_dir, f'ade20k_demo_v{DEMO_VERSION}_{num_train}x{num_val}_s{seed}')
     with dist.local_main_first():  # under torchrun one rank per machine generates it; the others find it
         if os.path.isdir(root):  # it only ever appears by a rename of a finished generation
             return root
-        os.makedirs(cache_dir, exist_ok=True)
+        make_folder(cache_dir, "--data_root" if given else "SEG_DATA_CACHE" if os.environ.get('SEG_DATA_CACHE')
+                    else "the demo cache")
         if log is not None:
             log(f"generating the demo dataset (first use) in {root}: {num_train} train + {num_val} val images")
         # generate next to the target, then rename: a killed run leaves a *.tmp-* folder, never a half-written root,

@@ -3,6 +3,7 @@
 anything else is a bug and keeps its traceback. Raise these wherever the fix is the user's (a flag, a missing or
 bad file), with a message naming the flag or file, the cause and what to do.
 """
+import os
 
 
 class UserError(Exception):
@@ -35,3 +36,13 @@ def one_line(e):
         last = [line for line in msg.strip().splitlines() if line.strip()][-1]
         msg = last.split(": ", 1)[1] if ": " in last else last
     return msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+
+
+def make_folder(path, flag):
+    """os.makedirs(path, exist_ok=True); a folder that cannot be made (a file in the way, no permission, a read-only
+    disk) is a UserError naming the flag, where it was an OSError traceback."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+        raise UserError(f"{flag} {path}: cannot create this folder ({why}): pass a writable folder") from None

@@ -19,7 +19,7 @@ import socket
 import time
 
 from . import checkpoint
-from .errors import UserError
+from .errors import UserError, make_folder
 
 LOCK = ".lock"
 
@@ -30,7 +30,7 @@ class RunLockedError(UserError):
 
 def new_run_dir(root):
     """Create and return root/<YYYYmmdd_HHMMSS>[_N], a folder no other run has."""
-    os.makedirs(root, exist_ok=True)
+    make_folder(root, "--work_dir")
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for n in range(1, 1000):
         path = os.path.join(root, stamp if n == 1 else f"{stamp}_{n}")
@@ -39,6 +39,9 @@ def new_run_dir(root):
             return path
         except FileExistsError:
             continue
+        except OSError as e:  # no permission, a read-only disk
+            raise UserError(f"--work_dir {root}: cannot create a run folder in it ({e.strerror or e}): pass a "
+                            "writable folder") from None
     raise UserError(f"--work_dir {root}: cannot create a run folder for {stamp} (999 exist)")
 
 

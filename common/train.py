@@ -393,6 +393,8 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
         from .tboard import require
         require()  # a missing package stops here, before any work
     pred_dir = cfg["out"] or os.path.join(cfg["work_dir"], "pred")  # --eval / --predict: beside the run folders
+    if cfg["predict"] or (cfg["eval"] and cfg["save_predictions"]):
+        errors.make_folder(pred_dir, "--out")  # before any work: a file in the way is one line, not a traceback
     if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14); half: --eval_amp
         flag = "--eval" if cfg["eval"] else "--ckpt"
         checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"], flag,

@@ -5,11 +5,13 @@ import os
 import re
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from common import cli, config, data, report, runs, train
+from common import cli, config, data, errors, report, runs, train
 from common.errors import MissingFile, UserError
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
@@ -60,6 +62,8 @@ def test_tuple_order_and_errors(capsys):
     (['--log_interval', '0'], '--log_interval 0: must be at least 1'),
     (['--num_workers', '-1'], '--num_workers -1'),
     (['--num_classes', '151'], '--num_classes 151'),
+    (['--seed', '-1'], '--seed -1: must be 0 .. 2**32 - 1'),
+    (['--seed', str(2**32)], f'--seed {2**32}: must be 0 .. 2**32 - 1'),
     (['--crop_size', '513'], '--crop_size 513,513: is larger than --scale 2048,512'),
     (['--crop_size', '64,3000'], 'longer side <= 2048'),
     (['--inference_mode', 'slide', '--slide_stride', '600'], '--slide_stride 600,600'),
@@ -228,6 +232,33 @@ def test_batch_1_with_a_global_pooling_bn_is_one_line_before_the_run_folder(tmp_
     assert err.startswith("tiny: error: --batch_size 1: this model's global-pooling branch has a BatchNorm")
     assert not os.listdir(tmp_path)
     train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes), argv, name='tiny')  # no such branch: batch 1 trains
+
+
+@pytest.mark.parametrize('flag', ['--work_dir', '--data_root', '--out'])
+def test_a_folder_flag_that_cannot_be_made_is_one_line(tmp_path, capsys, flag):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    argv = _argv(tmp_path / 'work', '--data', 'demo', '--max_iters', '1')
+    if flag == '--out':  # --predict writes its pictures there
+        image = tmp_path / 'x.png'
+        cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+        argv += ['--predict', str(image), '--ckpt', str(tmp_path / 'ck.pth')]
+        torch.save({'state_dict': Tiny().state_dict()}, tmp_path / 'ck.pth')
+    target = blocker / 'sub' if flag == '--out' else blocker  # a file in the way, itself or as a parent
+    with pytest.raises(SystemExit) as e:
+        train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes), argv + [flag, str(target)], name='tiny')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert err.startswith(f"tiny: error: {flag} {target}: cannot create this folder (a file is in the way)"), err
+
+
+def test_make_folder_names_the_flag_for_any_os_error(tmp_path, monkeypatch):
+    def refuse(path, exist_ok=False):
+        raise PermissionError(13, 'Permission denied', path)
+
+    monkeypatch.setattr(os, 'makedirs', refuse)
+    with pytest.raises(UserError, match=r"^--work_dir /x: cannot create this folder \(Permission denied\)"):
+        errors.make_folder('/x', '--work_dir')
 
 
 def test_a_crash_keeps_its_traceback_and_logs_it(tmp_path):
