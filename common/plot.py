@@ -40,7 +40,7 @@ def cli_paths(parser, given, out, name, png, hint):
         if newest:  # a work dir: its newest run that has one
             path = os.path.join(newest[0], name)
         elif folders:
-            parser.error(f"{given}: none of its {len(folders)} runs has a {name} ({hint})")
+            parser.error(f"{given}: none of its {len(folders)} runs has {name} ({hint})")
     if not os.path.isfile(path):
         parser.error(f"{path}: no such file ({hint})")
     return path, out or os.path.join(os.path.dirname(os.path.abspath(path)), png)
