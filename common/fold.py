@@ -155,6 +155,9 @@ class Folded(nn.Module):
             m._load_state_dict_post_hooks.clear()
             if "_compiled_call_impl" in m.__dict__:
                 m._compiled_call_impl = None  # a deep copy would still call the source's compiled forward
+            # NVIDIA apex O2/O3 patches the instance's forward with a closure over the source model's: a deep copy
+            # keeps the closure, so the copy would run the training model (in train mode)
+            m.__dict__.pop("forward", None)
         net.float()
         self.units = []  # (FoldedConvBNReLU, conv key prefix, bn key prefix) in the source's state-dict names
         for parent, conv_name, bn_name, where in _find_units(net):

@@ -123,6 +123,32 @@ def test_for_eval_never_touches_the_training_model():
     assert fold.for_eval(model, dict(cfg, fold=False), "amp", log=lambda m: None) == (model, "amp")
 
 
+def test_the_copy_drops_a_forward_patched_on_the_instance():
+    """NVIDIA apex O2/O3 replace model.forward with a closure over the original forward (apex/amp/_initialize.py's
+    patch_forward): the folded copy must run its own folded net, not the training model through that closure."""
+    import pspnet
+    torch.manual_seed(0)
+    model = randomize_bn(pspnet.build_model(num_classes=5)).train()
+    calls = []
+
+    def patch_forward(old_fwd):
+        def new_fwd(*args, **kwargs):
+            calls.append(1)
+            return old_fwd(*args, **kwargs)
+        return new_fwd
+
+    model.forward = patch_forward(model.forward)
+    snap = snapshot(model)
+    net, _ = fold.for_eval(model, dict(fold=True, compile="none"), None, log=lambda m: None)
+    x = torch.randn(1, 3, 17, 23)  # batch 1: the training model's pooled BN would refuse it
+    with torch.no_grad():
+        got = net(x)["out"]
+    assert not calls and same_state(model, snap) and model.training
+    with torch.no_grad():
+        want = model.eval()(x)["out"]  # through the patch, as apex's eval would
+    assert calls and (got - want).abs().max() <= 2e-5 * want.abs().max()
+
+
 def test_fold_refuses_a_bn_without_its_conv():
     class Odd(nn.Module):
         def __init__(self):
