@@ -428,8 +428,8 @@ class Amp:
 
     def autocast(self):
         """Context for forward + loss: torch.autocast for 'torch' and apex O1, a no-op otherwise."""
-        if self.nvidia is not None:
-            return contextlib.nullcontext()  # NVIDIA's O1 patches torch globally
+        if self.nvidia is not None and self.model is not None:
+            return contextlib.nullcontext()  # NVIDIA's O1 patches torch globally, once initialize() has run
         if self.use_autocast:
             return torch.autocast(self.device_type, dtype=self.dtype)
         return contextlib.nullcontext()

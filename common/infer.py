@@ -68,7 +68,7 @@ def precision(amp, model=None):
         dtype = getattr(model, "dtype", torch.float32)  # common.fold.Folded: the copy is in its own dtype
         return {torch.float16: "fp16 folded weights", torch.bfloat16: "bf16 folded weights"}.get(dtype, "fp32")
     half = {torch.float16: "fp16", torch.bfloat16: "bf16"}[amp.dtype]
-    if amp.use_autocast or amp.nvidia is not None:
+    if amp.use_autocast or (amp.nvidia is not None and amp.cast_model is None):  # NVIDIA's O1 patches torch
         return f"{half} autocast"
     return f"{half} weights (apex {amp.opt_level})" if amp.cast_model is not None else "fp32"
 

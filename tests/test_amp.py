@@ -548,6 +548,22 @@ def test_nvidia_apex_adapter_wiring(monkeypatch):
     assert calls[-1][0] == "load"
 
 
+def test_nvidia_apex_autocast_only_after_initialize_and_eval_labels():
+    """Before initialize() NVIDIA's apex has patched nothing: an eval-only Amp (--eval --eval_amp) must autocast
+    itself, not run fp32 under a label that says half. O2's patched model runs half weights, not autocast."""
+    from common import infer
+    for level, label in (("O1", "bf16 autocast"), ("O2", "bf16 weights (apex O2)")):
+        amp = Amp("apex", level, device="cpu", dtype=torch.bfloat16)
+        amp.nvidia = amp_mod._NvidiaApex(None, amp)  # plugged in by hand: CI has no apex
+        assert infer.precision(amp) == label
+        if level == "O1":
+            with amp.autocast():
+                assert torch.is_autocast_enabled("cpu")
+            amp.model = TinyNet()  # what initialize() sets: from now on apex's patches do the casting
+            with amp.autocast():
+                assert not torch.is_autocast_enabled("cpu")
+
+
 def test_foreign_apex_is_not_nvidia_apex(monkeypatch):
     # PyPI's 'apex' (a 2013 Pyramid toolkit, amp_spec §1.3) or apex >= May 2025: no apex.amp -> our implementation
     import sys
