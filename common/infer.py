@@ -130,8 +130,9 @@ DEMO_NOTE = (f"note: a model trained on the demo dataset has seen only {len(data
 
 
 @torch.no_grad()
-def predict(model, items, out_dir, cfg, device, amp=None, log=print, tta=False):
-    """For each image path (or (image, annotation) pair) in items: common/visualize.py's pictures in out_dir.
+def predict(model, items, out_dir, cfg, device, amp=None, log=print, tta=False, names=None):
+    """For each image path (or (image, annotation) pair) in items: common/visualize.py's pictures in out_dir, named
+    names[i] (default: the image's file name without its extension).
 
     An image that cannot be read is reported and skipped; returns (written, skipped)."""
     model = dist.unwrap(model).eval()
@@ -139,7 +140,7 @@ def predict(model, items, out_dir, cfg, device, amp=None, log=print, tta=False):
     if cfg.get("data") == "demo":
         log(DEMO_NOTE)
     written = skipped = 0
-    for item in items:
+    for i, item in enumerate(items):
         path, ann = item if isinstance(item, tuple) else (item, None)
         try:
             image = data.read_image(path)  # (H, W, 3) RGB uint8
@@ -150,7 +151,7 @@ def predict(model, items, out_dir, cfg, device, amp=None, log=print, tta=False):
             continue
         x, _ = transform(image, np.zeros(image.shape[:2], np.uint8))  # the label slot is unused here
         pred = predict_logits(model, x[None].to(device), image.shape[:2], cfg, amp, tta).argmax(1)[0].cpu().numpy()
-        visualize.write(out_dir, os.path.splitext(os.path.basename(path))[0], image, pred, label)
+        visualize.write(out_dir, names[i] if names else _stem(path), image, pred, label)
         written += 1
     kinds = "mask, _overlay" + (", _compare" if any(isinstance(i, tuple) for i in items) else "")
     log(f"predict: wrote {written}, skipped {skipped}" + (f" ({kinds} PNGs in {out_dir})" if written else ""))
@@ -158,17 +159,45 @@ def predict(model, items, out_dir, cfg, device, amp=None, log=print, tta=False):
 
 
 def predict_paths(model, paths, out_dir, cfg, device, amp=None, log=print, tta=False):
-    """--predict: predict() over paths; returns how many were skipped (on every rank). Under torchrun rank r takes
-    paths r, r + world, ... (each file is written once, by one rank) and rank 0 logs every rank's lines."""
+    """--predict: predict() over paths (named by output_names); returns how many were skipped (on every rank). Under
+    torchrun rank r takes paths r, r + world, ... (each file is written once, by one rank) and rank 0 logs every
+    rank's lines."""
+    names = output_names(paths, out_dir)
     if dist.world_size() == 1:
-        return predict(model, paths, out_dir, cfg, device, amp, log, tta)[1]
+        return predict(model, paths, out_dir, cfg, device, amp, log, tta, names)[1]
     lines = []
-    _, skipped = predict(model, paths[dist.rank()::dist.world_size()], out_dir, cfg, device, amp, lines.append, tta)
+    shard = slice(dist.rank(), None, dist.world_size())
+    _, skipped = predict(model, paths[shard], out_dir, cfg, device, amp, lines.append, tta, names[shard])
     gathered = dist.all_gather_object((lines, skipped))
     for r, (rank_lines, _) in enumerate(gathered):
         for line in rank_lines:
             log(f"rank {r}: {line}")
     return sum(s for _, s in gathered)
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def output_names(paths, out_dir):
+    """The name each --predict input's pictures (NAME.png, NAME_overlay.png) get in out_dir: the file's name without
+    its extension, or with it (a_jpg) where two inputs share that name. Raises a UserError, before anything is
+    written, where a picture would overwrite an input image or another input's picture."""
+    stems = [_stem(p) for p in paths]
+    names = [s if stems.count(s) == 1 else f"{s}_{os.path.splitext(p)[1][1:]}" for s, p in zip(stems, paths)]
+    inputs = {os.path.realpath(p): p for p in paths}
+    writer = {}
+    for path, name in zip(paths, names):
+        for suffix in ("", "_overlay"):
+            out = os.path.realpath(os.path.join(out_dir, name + suffix + ".png"))
+            if out in inputs:
+                raise errors.UserError(f"--out {out_dir}: the pictures of {path} would overwrite the input image "
+                                       f"{inputs[out]}; pass another --out folder")
+            if out in writer:
+                raise errors.UserError(f"--predict: {writer[out]} and {path} would both write {out}; rename one, "
+                                       "or predict them into different --out folders")
+            writer[out] = path
+    return names
 
 
 def image_paths(path):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from common import checkpoint, config, infer, train, tta
 from common.amp import Amp
+from common.errors import UserError
 
 
 class ContextNet(nn.Module):
@@ -173,6 +174,32 @@ def test_predict_skips_unreadable_image_and_exits_nonzero(tmp_path, capsys):
     assert 'Traceback' not in out.err
     os.remove(tmp_path / 'in' / 'bad.jpg')
     assert train.main(seg, _build, argv + ['--tta'], name='tiny') is None  # all readable: a normal return
+
+
+def test_predict_never_overwrites_an_input_or_another_inputs_pictures(tmp_path, capsys):
+    import cv2
+    folder = tmp_path / 'in'
+    _images(folder)
+    os.remove(folder / 'bad.jpg')
+    cv2.imwrite(str(folder / 'good0.png'), np.zeros((20, 30, 3), np.uint8))  # shares good0.jpg's name
+    cv2.imwrite(str(folder / 'solo.png'), np.zeros((20, 30, 3), np.uint8))  # its mask would be solo.png
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    ckpt = str(tmp_path / 'net.pth')
+    checkpoint.save(ckpt, {'model': _build().state_dict()})
+    argv = ['--predict', str(folder), '--ckpt', ckpt, '--device', 'cpu', '--kernels', 'torch', '--scale', '(64, 32)']
+    seg = config.segmentor_cfg(num_classes=150)
+    with pytest.raises(SystemExit) as e:  # into the inputs' own folder
+        train.main(seg, _build, argv + ['--out', str(folder)], name='tiny')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'would overwrite the input image' in err, err
+    assert train.main(seg, _build, argv + ['--out', str(tmp_path / 'out')], name='tiny') is None
+    assert sorted(os.listdir(tmp_path / 'out')) == ['good0_jpg.png', 'good0_jpg_overlay.png', 'good0_png.png',
+                                                    'good0_png_overlay.png', 'good1.png', 'good1_overlay.png',
+                                                    'solo.png', 'solo_overlay.png']
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(UserError, match=r"a\.jpg and .*a_jpg\.png would both write .*a_jpg\.png"):
+        infer.output_names(['x/a.jpg', 'x/a.png', 'y/a_jpg.png'], str(tmp_path / 'o'))
+    assert infer.output_names(['x/a.jpg', 'y/b.jpg'], str(tmp_path / 'o')) == ['a', 'b']
 
 
 def test_use_probs_before_resize_flag(capsys):
