@@ -261,6 +261,10 @@ def add_ratios(rows, peak_tflops):
 
 
 def git_commit():
+    """The commit the tables were measured at: DEVICE_CHECK_COMMIT where the tree came without its .git (the device
+    check's copy), else git's short sha (+dirty)."""
+    if os.environ.get("DEVICE_CHECK_COMMIT"):
+        return os.environ["DEVICE_CHECK_COMMIT"]
     try:
         sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              check=True).stdout.strip()

@@ -151,6 +151,14 @@ def test_train_flags(capsys):
     assert bench.card_peak("NVIDIA H100 NVL") is None and bench.card_peak("NVIDIA GeForce RTX 4090") is None
 
 
+def test_tables_name_the_device_checks_commit_where_the_tree_has_no_git(monkeypatch):
+    bench = _bench("train")  # numerics, step_profile, eval and eval_sizes take their header's commit from it
+    monkeypatch.setattr(bench, "ROOT", "/")  # no repository there: git alone would say unknown
+    assert bench.git_commit() == "unknown"
+    monkeypatch.setenv("DEVICE_CHECK_COMMIT", "abc1234")
+    assert bench.git_commit() == "abc1234"
+
+
 def test_train_rows_time_the_trainers_step_with_its_bn_guard():
     """A row's step is the trainer's (common.train.train_step): an inf pixel skips the step AND puts BatchNorm's
     running stats back, so a row times the guard's snapshot and check too."""
