@@ -4,7 +4,8 @@
 #   bash tools/device_check.sh OUT_DIR
 #    0 modules      every module / tool the stages use (tools/check_env.py): what is missing, never fatal
 #    1 extension    import the prebuilt common/_C*.so (tools/build_for_device.sh makes it), build_info, one launch;
-#                   only if that fails: build here (pip install -e ., TORCH_CUDA_ARCH_LIST=9.0), then check again
+#                   only if that fails: build here (as tools/build_for_device.sh: setup.py build_ext --inplace,
+#                   FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0), then check again
 #    2 pytest_cuda  every GPU test (pytest_cuda_fold: cuDNN's fused epilogue on every unit of the four models)
 #    3 smoke_*      1-GPU torchrun runs of the four scripts x --amp torch / apex on the demo data (all 8 at once)
 #    4 numerics     PSPNet fp32 / fp16 / apex O1 / apex O2 / bf16 (+ fp32 seed 1), 200 iterations each, all six at
@@ -155,7 +156,9 @@ NO_CUDA="no CUDA device (torch.cuda.is_available() is False)"
 stage modules 15 $PY tools/check_env.py modules
 stage extension 15 $PY tools/check_env.py extension
 if [ $CUDA = 1 ] && [ -f "$LOGS/extension.log" ] && ! grep -q '^VERDICT: .*launch ran' "$LOGS/extension.log"; then
-  stage build 120 $PY -m pip install --no-build-isolation --no-deps -v -e .
+  # as tools/build_for_device.sh builds: in place (no pip, which an externally managed Python refuses), and CUDA or
+  # nothing (FORCE_CUDA=1: a CPU-only build would spend the minutes and leave every fused CUDA stage without kernels)
+  stage build 120 env FORCE_CUDA=1 $PY setup.py build_ext --inplace
   stage extension_after_build 15 $PY tools/check_env.py extension
 fi
 
@@ -262,7 +265,8 @@ fi
 # ---- 8: compute-sanitizer on a small-shape subset: memcheck on every kernel family, racecheck on the bn
 # reductions (the only kernels with shared memory and barriers). Only our kernels are instrumented (their names hold
 # "segfp16"), and the CUDA API errors torch and cuDNN provoke and handle themselves while probing are not reported:
-# both would make the stage about other people's code (and instrumenting cuDNN costs minutes)
+# both would make the stage about other people's code (and instrumenting cuDNN costs minutes). Exit 86 is a sanitizer
+# finding, 1 a failed test (pytest's own code)
 SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ $CUDA = 0 ]; then
   skip sanitizer_memcheck "$NO_CUDA"; skip sanitizer_racecheck "$NO_CUDA"
@@ -270,11 +274,11 @@ elif [ ! -x "$SAN" ]; then
   skip sanitizer_memcheck "compute-sanitizer not found ($SAN)"; skip sanitizer_racecheck "compute-sanitizer not found"
 else
   # no caching allocator: each tensor its own allocation, so a read past one is not inside the next one's block
-  stage sanitizer_memcheck 35 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 1 \
+  stage sanitizer_memcheck 35 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 86 \
     --kernel-name kns=segfp16 --report-api-errors no --leak-check no --print-limit 20 \
     $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_bn_relu.py tests/test_upsample_ops.py \
     -k "test_dtypes or test_split_halves or test_cuda_concat_matches_aten or test_cuda_ce_matches_aten"
-  stage sanitizer_racecheck 25 "$SAN" --tool racecheck --error-exitcode 1 --kernel-name kns=segfp16 \
+  stage sanitizer_racecheck 25 "$SAN" --tool racecheck --error-exitcode 86 --kernel-name kns=segfp16 \
     --report-api-errors no --print-limit 20 \
     $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_bn_relu.py -k "test_dtypes or test_deterministic"
 fi
