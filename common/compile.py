@@ -6,7 +6,8 @@ scaler) and amp.step stay eager, outside the compiled region. Our custom ops tra
 (common/ops.py) without graph breaks (tests/test_compile.py checks fullgraph=True on all four models).
 
 Recompilation: training sees one crop size (static shapes). Evaluation images differ in size, so the eval copy is
-compiled with dynamic=True: one graph for every image size instead of one per size. Duck shaping is off for it:
+compiled with dynamic=True: one graph for every image size instead of one per size (max-autotune without its CUDA
+graphs there, which would be recorded per size). Duck shaping is off for it:
 dynamo would otherwise give H and W of a square first image one symbol, and the first non-square one would compile
 a second graph.
 """
@@ -21,6 +22,10 @@ def compile_module(module, mode, log=print, what="train", dynamic=None, backend=
         raise ValueError(f"--compile {mode!r}: choose one of {', '.join(MODES)}")
     if mode == "none":
         return module
+    if dynamic and mode == "max-autotune":
+        # its CUDA graphs are recorded per input shape: with dynamic shapes (the eval copy, a size per val image)
+        # that is one graph and memory pool per size, so the dynamic compile keeps the tuning and drops the graphs
+        mode = "max-autotune-no-cudagraphs"
     if dynamic:
         import torch.fx.experimental._config as fx_config
         fx_config.use_duck_shape = False  # process-wide; static-shape graphs (training) do not consult it

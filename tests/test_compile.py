@@ -158,6 +158,16 @@ def test_eval_sizes_do_not_recompile_per_size(monkeypatch, cudnn_branch):
     one_graph_for_all_sizes(net, model, ((32, 32), (32, 40), (48, 36), (40, 56)), lines)
 
 
+def test_the_dynamic_eval_compile_leaves_max_autotunes_cuda_graphs_out():
+    """CUDA graphs are recorded per input shape: one per val image size under dynamic=True. Training keeps them."""
+    modes = []
+    for dynamic in (True, None):
+        m = torch.nn.Linear(2, 2)
+        m.compile = lambda mode=None, **kw: modes.append(mode)
+        compile_module(m, "max-autotune", log=lambda line: None, dynamic=dynamic)
+    assert modes == ["max-autotune-no-cudagraphs", "max-autotune"]
+
+
 def test_main_compile_flag_trains_and_evaluates(tmp_path, monkeypatch):
     # --compile through train.main: the trainer compiles in place (keys unchanged in the checkpoint), logs once
     import common.compile as cc
