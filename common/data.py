@@ -115,8 +115,8 @@ _IMREAD_RGB = getattr(cv2, 'IMREAD_COLOR_RGB', None)
 def _read_bytes(path, what):
     try:
         buf = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise OSError(f"cannot read {path}: {e}") from e
+    except OSError as e:  # a dangling link, a folder named like an image, no permission
+        raise BadFileError(f"cannot read {what} {path}: {e.strerror or e}") from None
     if buf.size == 0:  # cv2.imdecode would fail its `!buf.empty()` assertion without naming the file
         raise BadFileError(f"{what} {path} is an empty file (0 bytes): replace it (or remove the sample)")
     return buf
@@ -214,8 +214,12 @@ def _find_base(root):
 
 
 def _ids_from_list(list_file, image_dir, ann_dir):
-    with open(list_file) as f:
-        ids = [line.strip() for line in f if line.strip()]
+    try:
+        with open(list_file, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not part of the first id
+            ids = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise BadFileError(f"{list_file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8, one "
+                           "image id per line") from None
     for i in ids:
         for path in (os.path.join(image_dir, i + '.jpg'), os.path.join(ann_dir, i + '.png')):
             if not os.path.isfile(path):
@@ -632,9 +636,13 @@ def make_demo_ade20k(root, num_train, num_val, seed=0):
             h, w = DEMO_SIZES[(i + (split == 'val')) % len(DEMO_SIZES)]
             image, label = demo_scene(h, w, rng)
             stem = f'ADE_{tag}_{i + 1:08d}'
-            cv2.imwrite(os.path.join(base, 'images', folder, stem + '.jpg'), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 90])
-            cv2.imwrite(os.path.join(base, 'annotations', folder, stem + '.png'), label)
+            for path, pixels, params in (
+                    (os.path.join(base, 'images', folder, stem + '.jpg'), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                     [cv2.IMWRITE_JPEG_QUALITY, 90]),
+                    (os.path.join(base, 'annotations', folder, stem + '.png'), label, [])):
+                if not cv2.imwrite(path, pixels, params):  # a full disk: OpenCV only prints a warning
+                    raise UserError(f"could not write {path} while generating the demo dataset (is the disk full?); "
+                                    f"free some space, or set SEG_DATA_CACHE (or --data_root) to another folder")
     return root
 
 

@@ -116,6 +116,34 @@ def test_stray_file_is_not_skipped(tmp_path):
     assert D.ADE20k(tmp_path, 'train').ids == ['a']
 
 
+def test_unreadable_paths_and_list_encodings_are_one_line(tmp_path):
+    base = write_split(tmp_path, 'val', [rand_item('a'), rand_item('b')])  # no list: the folders are listed
+    img_dir = os.path.join(base, 'images', 'validation')
+    os.remove(os.path.join(img_dir, 'b.jpg'))
+    os.symlink(os.path.join(tmp_path, 'gone.jpg'), os.path.join(img_dir, 'b.jpg'))  # a dangling link
+    with pytest.raises(UserError, match=r"cannot read image .*b\.jpg: No such file"):
+        D.ADE20k(tmp_path, 'val')[1]
+    os.remove(os.path.join(img_dir, 'b.jpg'))
+    os.mkdir(os.path.join(img_dir, 'b.jpg'))  # a folder named like an image
+    with pytest.raises(UserError, match=r"cannot read image .*b\.jpg: Is a directory"):
+        D.ADE20k(tmp_path, 'val')[1]
+    list_file = os.path.join(base, 'val.txt')  # the reference's lists
+    with open(list_file, 'w', encoding='utf-8-sig') as f:  # a byte-order mark (Windows editors)
+        f.write('a\n')
+    assert D.ADE20k(tmp_path, 'val').ids == ['a']
+    with open(list_file, 'w', encoding='utf-16') as f:  # Notepad's "Unicode"
+        f.write('a\n')
+    with pytest.raises(UserError, match=r"val\.txt is not UTF-8 text"):
+        D.ADE20k(tmp_path, 'val')
+
+
+def test_demo_generation_on_a_full_disk_leaves_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(D.cv2, 'imwrite', lambda *a, **k: False)  # what OpenCV returns when the write fails
+    with pytest.raises(UserError, match=r"could not write .*ADE_train_00000001\.jpg .*disk full"):
+        D.demo_root(str(tmp_path), num_train=2, num_val=1)
+    assert os.listdir(tmp_path) == []  # neither a half-written root nor its temp folder
+
+
 @pytest.mark.parametrize('cut', [0.5, 0.98])
 def test_unreadable_or_truncated_image(tmp_path, cut):
     base = write_split(tmp_path, 'train', [rand_item('a', 64, 80)])
