@@ -6,6 +6,7 @@ Every mistake is one argparse-style line, `<script>: error: --flag value: what i
 import argparse
 import difflib
 import io
+import math
 import os
 import re
 import sys
@@ -170,6 +171,8 @@ def validate(cfg, num_palette=150):
     world = world_size()
     need(cfg['batch_size'] % world == 0, 'batch_size', f"is the total over all ranks and does not split over the "
          f"{world} ranks torchrun started (WORLD_SIZE={world}); use a multiple of {world}")
+    for key in ('lr', 'min_lr', 'power', 'momentum', 'weight_decay', 'aux_weight'):
+        need(math.isfinite(cfg[key]), key, "must be a finite number")
     need(cfg['lr'] > 0, 'lr', "must be > 0")
     need(0 <= cfg['min_lr'] <= cfg['lr'], 'min_lr', f"must be between 0 and --lr {cfg['lr']:g}")
     need(cfg['power'] > 0, 'power', "must be > 0")

@@ -56,6 +56,8 @@ def test_tuple_order_and_errors(capsys):
 @pytest.mark.parametrize('argv,expect', [
     (['--batch_size', '0'], '--batch_size 0: must be at least 1'),
     (['--lr', '-1'], '--lr -1.0: must be > 0'),
+    (['--lr', 'inf'], '--lr inf: must be a finite number'),
+    (['--momentum', 'nan'], '--momentum nan: must be a finite number'),
     (['--lr', '0.01', '--min_lr', '0.1'], '--min_lr 0.1: must be between 0 and --lr'),
     (['--eval_interval_epochs', '-1'], '--eval_interval_epochs -1: must be >= 0'),
     (['--save_interval_epochs', '-2'], '--save_interval_epochs -2'),
