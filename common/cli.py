@@ -201,7 +201,14 @@ def validate(cfg, num_palette=150):
     # checkpoint flags (--eval/--ckpt/--init/--resume: a file, a work or run folder, or auto) are checked where
     # they are read (common.checkpoint), which names the file and what is wrong with it
     need(not cfg['predict'] or os.path.exists(cfg['predict']), 'predict', "no such image file or folder")
-    need(not (cfg['eval'] and cfg['predict']), 'predict', "and --eval are two modes: give one")
+    modes = [f"--{k}" for k in ('eval', 'predict', 'summary', 'resume') if cfg[k]]
+    if len(modes) > 1:  # one would be silently ignored, or take the other's checkpoint config
+        raise UserError(f"{' and '.join(modes)}: give one (--resume continues training; --eval, --predict and "
+                        "--summary train nothing)")
+    need(not cfg['ckpt'] or cfg['predict'], 'ckpt', "is --predict's checkpoint: evaluate one with --eval CKPT, "
+         "start training from its weights with --init CKPT")
+    need(not (cfg['init'] and cfg['resume']), 'init', "and --resume both give the weights: --resume continues a "
+         "run, --init starts a new one from a checkpoint's weights")
 
 
 def check_device(name):
