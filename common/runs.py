@@ -133,8 +133,16 @@ class RunLock:
 
 
 def open_run(root, resume_path, log=print):
-    """(run folder, lock) for a training run: resume_path's run folder, else a new one. Rank 0 only."""
+    """(run folder, lock) for a training run: resume_path's run folder when it is that run's newest checkpoint, else a
+    new one (resuming an earlier checkpoint in place would overwrite and prune the run's later ones). Rank 0 only."""
     folder = run_of(resume_path, root) if resume_path else None
+    if folder is not None:
+        newest = checkpoint.latest(folder)
+        if newest is None or not os.path.samefile(newest, resume_path):
+            log(f"run: {os.path.basename(resume_path)} is not the newest checkpoint of {folder} "
+                f"({os.path.basename(newest) if newest else 'none recorded'}): this continues in a new run folder, "
+                "and that run keeps its later checkpoints")
+            folder = None
     if folder is None:
         folder = new_run_dir(root)
         lock = RunLock(folder).acquire(log)

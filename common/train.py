@@ -480,7 +480,8 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     log.attach(cfg["run_dir"])
     if ckpt is not None:
         log(f"resume: {path} at iteration {ckpt['iteration']}")
-        if os.path.basename(path) == "checkpoint-final.pth" and dist.is_main():
+        if os.path.basename(path) == "checkpoint-final.pth" and os.path.dirname(os.path.abspath(path)) == \
+                os.path.abspath(cfg["run_dir"]) and dist.is_main():  # in place: another folder is not ours to touch
             _keep_final(path, ckpt["iteration"], log)
     if dist.is_main():
         name = "config.json" if ckpt is None else f"config-resume-{ckpt['iteration']}.json"

@@ -102,6 +102,21 @@ def test_resume_takes_the_runs_flags_from_its_checkpoint_and_keeps_a_finished_fi
     assert checkpoint.load(checkpoint.resolve("auto", str(tmp_path / "split")))["iteration"] == 7
 
 
+def test_resuming_an_earlier_checkpoint_branches_into_a_new_run_folder(tmp_path, capsys):
+    common = ["--amp", "none", "--max_iters", "6", "--num_workers", "0"]
+    run(tmp_path, *common)  # epochs of 3 iterations: checkpoint-epoch-1.pth (iteration 3), checkpoint-final.pth
+    (first,) = runs.runs(str(tmp_path))
+    before = {f: open(os.path.join(first, f), "rb").read() for f in os.listdir(first) if f.endswith(".pth")}
+    assert {"checkpoint-epoch-1.pth", "checkpoint-final.pth"} <= set(before)
+    resumed = run(tmp_path, *common, "--lr", "0.005", "--resume", os.path.join(first, "checkpoint-epoch-1.pth"))
+    assert "is not the newest checkpoint of" in capsys.readouterr().out
+    second = [r for r in runs.runs(str(tmp_path)) if r != first]
+    assert len(second) == 1 and resumed["iteration"] == 6 and resumed["config"]["lr"] == 0.005
+    assert "checkpoint-final.pth" in os.listdir(second[0])
+    # the first run is as it was: no checkpoint overwritten, pruned or added
+    assert {f: open(os.path.join(first, f), "rb").read() for f in os.listdir(first) if f.endswith(".pth")} == before
+
+
 def test_a_missing_checkpoint_is_named_before_the_data_and_points_to_the_demo_runs(tmp_path, monkeypatch, capsys):
     from common import config
     monkeypatch.chdir(tmp_path)
