@@ -182,17 +182,18 @@ def _stem(path):
 def output_names(paths, out_dir):
     """The name each --predict input's pictures (NAME.png, NAME_overlay.png) get in out_dir: the file's name without
     its extension, or with it (a_jpg) where two inputs share that name. Raises a UserError, before anything is
-    written, where a picture would overwrite an input image or another input's picture."""
+    written, for an out_dir that holds input images (the pictures would mix with, and could replace, the user's
+    files) and where two inputs' pictures would have the same name."""
     stems = [_stem(p) for p in paths]
     names = [s if stems.count(s) == 1 else f"{s}_{os.path.splitext(p)[1][1:]}" for s, p in zip(stems, paths)]
-    inputs = {os.path.realpath(p): p for p in paths}
+    held = [p for p in paths if os.path.dirname(os.path.realpath(p)) == os.path.realpath(out_dir)]
+    if held:
+        raise errors.UserError(f"--out {out_dir}: this folder holds the input image {held[0]}; the pictures would be "
+                               "written among (and could replace) your files there: pass another --out folder")
     writer = {}
     for path, name in zip(paths, names):
         for suffix in ("", "_overlay"):
             out = os.path.realpath(os.path.join(out_dir, name + suffix + ".png"))
-            if out in inputs:
-                raise errors.UserError(f"--out {out_dir}: the pictures of {path} would overwrite the input image "
-                                       f"{inputs[out]}; pass another --out folder")
             if out in writer:
                 raise errors.UserError(f"--predict: {writer[out]} and {path} would both write {out}; rename one, "
                                        "or predict them into different --out folders")

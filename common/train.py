@@ -360,6 +360,11 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
         dist.shutdown()
 
 
+def _inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _check_pooled_bn_batch(model, batch):
     """A BatchNorm after global pooling (PSPNet's 1x1 bin, the ASPP image branch) sees one value per channel at batch
     1, which training refuses; without SyncBN over several ranks to pool the batch, say so before any work."""
@@ -393,6 +398,9 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
         from .tboard import require
         require()  # a missing package stops here, before any work
     pred_dir = cfg["out"] or os.path.join(cfg["work_dir"], "pred")  # --eval / --predict: beside the run folders
+    if cfg["eval"] and cfg["save_predictions"] and _inside(pred_dir, root):
+        raise UserError(f"--out {pred_dir}: inside the dataset {root}; the pictures would be written among (and could "
+                        "replace) its files: pass a folder outside it")
     if cfg["predict"] or (cfg["eval"] and cfg["save_predictions"]):
         errors.make_folder(pred_dir, "--out")  # before any work: a file in the way is one line, not a traceback
     if cfg["predict"]:

@@ -258,6 +258,19 @@ def test_a_folder_flag_that_cannot_be_made_is_one_line(tmp_path, capsys, flag):
     assert err.startswith(f"tiny: error: {flag} {target}: cannot create this folder (a file is in the way)"), err
 
 
+def test_eval_pictures_inside_the_dataset_are_one_line_before_any_work(tmp_path, capsys):
+    root = data.dataset_root('demo', '')
+    target = os.path.join(root, 'ADEChallengeData2016', 'annotations', 'validation')
+    before = sorted(os.listdir(target))
+    torch.save({'state_dict': Tiny().state_dict()}, tmp_path / 'ck.pth')
+    with pytest.raises(SystemExit) as e:
+        train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes),
+                   _argv(tmp_path, '--data', 'demo', '--eval', str(tmp_path / 'ck.pth'), '--out', target), name='tiny')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and f"--out {target}: inside the dataset" in err, err
+    assert sorted(os.listdir(target)) == before
+
+
 def test_make_folder_names_the_flag_for_any_os_error(tmp_path, monkeypatch):
     def refuse(path, exist_ok=False):
         raise PermissionError(13, 'Permission denied', path)

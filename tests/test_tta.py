@@ -191,7 +191,7 @@ def test_predict_never_overwrites_an_input_or_another_inputs_pictures(tmp_path, 
     with pytest.raises(SystemExit) as e:  # into the inputs' own folder
         train.main(seg, _build, argv + ['--out', str(folder)], name='tiny')
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count('\n') == 1 and 'would overwrite the input image' in err, err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'this folder holds the input image' in err, err
     assert train.main(seg, _build, argv + ['--out', str(tmp_path / 'out')], name='tiny') is None
     assert sorted(os.listdir(tmp_path / 'out')) == ['good0_jpg.png', 'good0_jpg_overlay.png', 'good0_png.png',
                                                     'good0_png_overlay.png', 'good1.png', 'good1_overlay.png',
