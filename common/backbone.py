@@ -4,6 +4,7 @@ Returns the four stage outputs (B, 256, H/4, W/4), (B, 512, H/8, W/8), (B, 1024,
 ImageNet weights: the openmmlab resnet50_v1c checkpoint, loaded strictly except for the classifier (spec §10.16).
 """
 import os
+import urllib.parse
 
 import torch
 import torch.nn as nn
@@ -87,13 +88,18 @@ def load_pretrained(backbone, path_or_url, log=print, ignore=PRETRAINED_IGNORE):
     """
     src = PRETRAINED_URLS.get(path_or_url, path_or_url)
     if src.startswith(("http://", "https://")):
+        # torch.hub's cache file (load_state_dict_from_url's), read by us: a damaged copy is one line naming it
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(src).path))
         try:
             with dist.local_main_first():  # under torchrun one rank per machine downloads; the others find it cached
-                sd = torch.hub.load_state_dict_from_url(src, map_location="cpu", progress=False)
+                if not os.path.isfile(cached):
+                    os.makedirs(os.path.dirname(cached), exist_ok=True)
+                    torch.hub.download_url_to_file(src, cached, progress=False)  # via a temp file: whole or absent
         except OSError as e:  # URLError is an OSError: no internet, proxy, 404 ...
             raise UserError(f"--pretrained: could not download the pretrained weights {src} ({e}). Download "
                                f"them elsewhere and pass the file with --pretrained PATH, or train from scratch with "
                                f"--pretrained none") from e
+        sd = load(cached, instead="delete it, and the next run downloads it again")
     elif os.path.isfile(src):
         sd = load(src, instead="download it again")  # a damaged or foreign file: one line naming it
     else:

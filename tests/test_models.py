@@ -162,6 +162,28 @@ def test_load_pretrained_report_and_strictness(tmp_path):
     assert PRETRAINED_URLS["resnet50conv3x3stem"].endswith("resnet50_v1c-2cccc1ad.pth")
 
 
+def test_load_pretrained_by_url_downloads_once_and_names_a_damaged_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    downloads = []
+
+    def download(url, dst, progress=True):  # what torch.hub would fetch: an ImageNet file
+        downloads.append(url)
+        torch.save(mmcv_v1c_checkpoint(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    url = PRETRAINED_URLS["resnet50conv3x3stem"]
+    cached = tmp_path / "hub" / "checkpoints" / "resnet50_v1c-2cccc1ad.pth"
+    for _ in range(2):
+        lines = []
+        load_pretrained(ResNetV1c(), "resnet50conv3x3stem", log=lines.append)
+        assert "loaded 330 / missing 0" in lines[0]
+    assert downloads == [url] and cached.is_file()  # the second run read the cache
+    cached.write_bytes(cached.read_bytes()[:1000])  # a copy cut short (a user's offline copy, a full disk)
+    with pytest.raises(BadFileError, match=r"resnet50_v1c-2cccc1ad\.pth: truncated or corrupt .*delete it, and the "
+                       r"next run downloads it again"):
+        load_pretrained(ResNetV1c(), "resnet50conv3x3stem")
+
+
 def test_load_pretrained_takes_the_backbone_of_a_whole_segmentors_file(tmp_path):
     sd = {"backbone_net." + k: v for k, v in mmcv_v1c_checkpoint().items() if not k.startswith("fc.")}
     sd["decoder.weight"] = torch.zeros(3, 8, 1, 1)  # ours / ssseg's layout: the heads beside the backbone
