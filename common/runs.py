@@ -104,8 +104,13 @@ class RunLock:
                 except FileNotFoundError:
                     pass
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as e:  # the run's first write: a full disk or quota shows here
+                os.remove(self.path)
+                raise UserError(f"--work_dir: could not write the lock {self.path} ({e.strerror or e}): is the disk "
+                                "full?") from None
             self.held = True
             return self
         raise RunLockedError(f"cannot take the lock {self.path}: another process keeps taking it")

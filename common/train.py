@@ -492,9 +492,13 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
                 os.path.abspath(cfg["run_dir"]) and dist.is_main():  # in place: another folder is not ours to touch
             _keep_final(path, ckpt["iteration"], log)
     if dist.is_main():
-        name = "config.json" if ckpt is None else f"config-resume-{ckpt['iteration']}.json"
-        with open(os.path.join(cfg["run_dir"], name), "w") as f:
-            json.dump(_jsonable(cfg), f, indent=1)
+        name = os.path.join(cfg["run_dir"], "config.json" if ckpt is None else
+                            f"config-resume-{ckpt['iteration']}.json")
+        try:
+            with open(name, "w") as f:
+                json.dump(_jsonable(cfg), f, indent=1)
+        except OSError as e:  # the first file a run writes: a full disk or quota shows here
+            raise UserError(f"--work_dir: could not write {name} ({e.strerror or e}): is the disk full?") from None
     if cfg["tensorboard"] and dist.is_main():
         from .tboard import Writer
         log.tb = Writer(cfg["run_dir"])  # a missing package is a UserError: one line, nothing trained

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from . import data
+from .errors import UserError
 
 ALPHA = 0.5  # overlay = (1 - ALPHA) x image + ALPHA x mask, as ssseg's and mmseg's demos blend
 IGNORE_COLOUR = (0, 0, 0)  # ground-truth pixels without a label (255)
@@ -99,7 +100,7 @@ def write(out_dir, stem, image, pred, label=None, classes=data.CLASSES):
     for suffix, rgb in pictures.items():
         paths.append(os.path.join(out_dir, f"{stem}{suffix}.png"))
         if not cv2.imwrite(paths[-1], cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"could not write {paths[-1]} (is the folder writable, the disk full?)")
+            raise UserError(f"could not write {paths[-1]} (is the folder writable, the disk full?)")
     return paths
 
 

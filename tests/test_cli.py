@@ -271,6 +271,22 @@ def test_eval_pictures_inside_the_dataset_are_one_line_before_any_work(tmp_path,
     assert sorted(os.listdir(target)) == before
 
 
+def test_a_full_disk_at_the_runs_first_file_is_one_line(tmp_path, capsys, monkeypatch):
+    def full(*a, **k):
+        raise OSError(28, 'No space left on device')
+
+    for where, what in ((runs.json, r"the lock .*\.lock"), (train, r".*config\.json")):  # lock first, then config
+        with monkeypatch.context() as m:
+            m.setattr(where, 'dump' if where is runs.json else '_jsonable', full)
+            with pytest.raises(SystemExit) as e:
+                train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes), _argv(tmp_path, '--data', 'demo'),
+                           name='tiny')
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+        assert re.match(rf"tiny: error: --work_dir: could not write {what} \(No space left on device\)", err), err
+    assert not [f for run in runs.runs(str(tmp_path)) for f in os.listdir(run) if f == '.lock']  # no lock left
+
+
 def test_make_folder_names_the_flag_for_any_os_error(tmp_path, monkeypatch):
     def refuse(path, exist_ok=False):
         raise PermissionError(13, 'Permission denied', path)

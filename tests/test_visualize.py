@@ -165,3 +165,11 @@ def test_tensorboard_scalars_and_pictures(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(10, 2.5)]
     img = acc.Images("val/0")[0]
     assert (img.step, img.width, img.height) == (20, 12, 8)
+
+
+def test_a_picture_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    from common.errors import UserError
+    monkeypatch.setattr(visualize.cv2, "imwrite", lambda *a, **k: False)  # a full disk: OpenCV returns False
+    img = np.zeros((4, 6, 3), np.uint8)
+    with pytest.raises(UserError, match=r"could not write .*x\.png \(is the folder writable, the disk full\?\)"):
+        visualize.write(str(tmp_path), "x", img, np.zeros((4, 6), np.int64))
