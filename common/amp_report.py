@@ -691,7 +691,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     path, out = cli_paths(p, args.run_dir, args.out, "amp_report.jsonl", "amp_report.png",
                           "train with --amp_report N, or wait for a skipped step")
-    records = read_records(path)
+    try:
+        records = read_records(path)
+    except ValueError as e:
+        p.exit(1, f"python -m common.amp_report: {e}\n")
+    if records and not all(isinstance(r, dict) and "grad_scale" in r for r in records):
+        p.exit(1, f"python -m common.amp_report: {path} holds no AMP report records (pass a run's folder, or its "
+                  "amp_report.jsonl)\n")
     if not records:
         p.exit(1, f"python -m common.amp_report: {path} holds no report yet\n")
     print(format_top(records, args.top))

@@ -16,15 +16,21 @@ SMOOTHING = 0.6  # TensorBoard's default exponential smoothing of the loss curve
 def read_jsonl(path, who):
     """A .jsonl file's records in file order. A run killed mid-write leaves a partial last line: it is skipped, and
     WHO (the reading module) says so on stderr."""
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"{who}: {path} line {n} is not JSON; skipped", file=sys.stderr)
+    out, bad = [], []
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    bad.append(n)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file of JSON lines") from None
+    if bad:  # one line for them all: a log.txt passed by mistake would otherwise print one per line
+        print(f"{who}: {path}: {len(bad)} line(s) not JSON, skipped (line {', '.join(map(str, bad[:5]))}"
+              f"{', ...' if len(bad) > 5 else ''})", file=sys.stderr)
     return out
 
 
@@ -43,6 +49,10 @@ def cli_paths(parser, given, out, name, png, hint):
             parser.error(f"{given}: none of its {len(folders)} runs has {name} ({hint})")
     if not os.path.isfile(path):
         parser.error(f"{path}: no such file ({hint})")
+    if out and (os.path.isdir(out) or out.endswith(os.sep)):  # a folder: the picture's usual name inside it
+        out = os.path.join(out, png)
+    if out and os.path.splitext(out)[1].lower() not in (".png", ".pdf", ".svg", ".jpg"):
+        parser.error(f"--out {out}: give a .png (or .pdf, .svg, .jpg) file name")
     return path, out or os.path.join(os.path.dirname(os.path.abspath(path)), png)
 
 

@@ -425,7 +425,7 @@ def test_the_picture_is_drawn_from_the_jsonl(tmp_path):
     r = subprocess.run([sys.executable, "-m", "common.amp_report", str(tmp_path)], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
-    assert "line 3 is not JSON" in r.stderr
+    assert "1 line(s) not JSON, skipped (line 3)" in r.stderr
     lines = r.stdout.splitlines()
     assert lines[1].startswith("the 4 closest to fp16 overflow")  # 2 names x (output, grad of output)
     assert "head.conv" in lines[2] and "inf/NaN" in lines[2]  # the one holding an inf comes first

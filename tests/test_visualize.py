@@ -100,7 +100,7 @@ def test_plot_command_writes_a_nonblank_png(tmp_path):
     r = subprocess.run([sys.executable, "-m", "common.plot", str(tmp_path)], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
-    assert "line 17 is not JSON" in r.stderr
+    assert "1 line(s) not JSON, skipped (line 17)" in r.stderr
     img = cv2.imread(str(tmp_path / "curves.png"))
     assert img is not None and img.shape[0] > 400 and img.shape[1] > 600
     non_white = (img < 240).any(2).mean()
@@ -173,3 +173,24 @@ def test_a_picture_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     img = np.zeros((4, 6, 3), np.uint8)
     with pytest.raises(UserError, match=r"could not write .*x\.png \(is the folder writable, the disk full\?\)"):
         visualize.write(str(tmp_path), "x", img, np.zeros((4, 6), np.int64))
+
+
+def test_plot_and_amp_report_commands_on_the_wrong_file_or_out(tmp_path):
+    pytest.importorskip("matplotlib")
+    _write_metrics(tmp_path / "metrics.jsonl")
+    (tmp_path / "ck.pth").write_bytes(b"PK\x03\x04\xff\xfe binary")
+    (tmp_path / "pics").mkdir()
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+        return r.returncode, (r.stderr.strip().splitlines() or [""])[-1], r.stdout.strip()
+
+    assert cli("common.plot", str(tmp_path), "--out", str(tmp_path / "pics") + "/")[::2] == \
+        (0, f"wrote {tmp_path / 'pics' / 'curves.png'}")  # a folder: the usual name inside it
+    assert cli("common.plot", str(tmp_path), "--out", str(tmp_path / "c.txt"))[1].endswith(
+        "give a .png (or .pdf, .svg, .jpg) file name")
+    assert cli("common.plot", str(tmp_path / "ck.pth"))[:2] == \
+        (1, f"python -m common.plot: {tmp_path / 'ck.pth'} is not a text file of JSON lines")
+    code, line, _ = cli("common.amp_report", str(tmp_path / "metrics.jsonl"))
+    assert code == 1 and line.endswith("metrics.jsonl holds no AMP report records (pass a run's folder, or its "
+                                       "amp_report.jsonl)")
