@@ -198,6 +198,7 @@ def validate(cfg, num_palette=150):
     need(all(s <= c for s, c in zip(cfg['slide_stride'], cfg['slide_crop'])), 'slide_stride',
          f"is larger than --slide_crop {show(cfg['slide_crop'])}: pixels between windows would get no prediction")
     check_device(cfg['device'])
+    check_torchrun_env(cfg['device'])
     # checkpoint flags (--eval/--ckpt/--init/--resume: a file, a work or run folder, or auto) are checked where
     # they are read (common.checkpoint), which names the file and what is wrong with it
     need(not cfg['predict'] or os.path.exists(cfg['predict']), 'predict', "no such image file or folder")
@@ -209,6 +210,23 @@ def validate(cfg, num_palette=150):
          "start training from its weights with --init CKPT")
     need(not (cfg['init'] and cfg['resume']), 'init', "and --resume both give the weights: --resume continues a "
          "run, --init starts a new one from a checkpoint's weights")
+
+
+def check_torchrun_env(device):
+    """What torchrun and the user put in the environment, checked before the process group starts."""
+    t = os.environ.get('SEG_DIST_TIMEOUT_S')
+    if t is not None:
+        try:
+            ok = 0 < float(t) < math.inf
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"SEG_DIST_TIMEOUT_S={t!r}: must be a number of seconds > 0 (the default is 1800)")
+    local, gpus = os.environ.get('LOCAL_RANK'), torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda = device.startswith('cuda') or (device == 'auto' and gpus > 0)
+    if cuda and local is not None and local.isdigit() and int(local) >= gpus:
+        raise UserError(f"LOCAL_RANK={local}: torchrun started more processes on this machine than the {gpus} GPU(s) "
+                        f"visible; use --nproc_per_node {gpus} or fewer")
 
 
 def check_device(name):

@@ -100,6 +100,26 @@ def test_batch_must_split_over_torchrun_ranks(capsys, monkeypatch):
     assert config.parse(_seg(), ['--batch_size', '12'])['batch_size'] == 12
 
 
+@pytest.mark.parametrize('value', ['abc', 'inf', '0', '-5'])
+def test_a_bad_collective_timeout_is_one_line(capsys, monkeypatch, value):
+    monkeypatch.setenv('SEG_DIST_TIMEOUT_S', value)
+    assert f"SEG_DIST_TIMEOUT_S='{value}': must be a number of seconds > 0" in _error(capsys, [])
+    monkeypatch.setenv('SEG_DIST_TIMEOUT_S', '3600.5')
+    config.parse(_seg(), [], 'pspnet')
+
+
+def test_more_torchrun_processes_than_gpus_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setenv('LOCAL_RANK', '2')
+    assert "LOCAL_RANK=2: torchrun started more processes on this machine than the 2 GPU(s)" in _error(capsys, [])
+    assert "use --nproc_per_node 2 or fewer" in _error(capsys, ['--device', 'cuda'])
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    config.parse(_seg(), [], 'pspnet')
+    monkeypatch.setenv('LOCAL_RANK', '2')
+    config.parse(_seg(), ['--device', 'cpu'], 'pspnet')  # gloo on the CPU: any number of processes
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cuda_without_gpu(capsys):
     assert 'no CUDA GPU is visible' in _error(capsys, ['--device', 'cuda'])
