@@ -117,6 +117,19 @@ def test_resuming_an_earlier_checkpoint_branches_into_a_new_run_folder(tmp_path,
     assert {f: open(os.path.join(first, f), "rb").read() for f in os.listdir(first) if f.endswith(".pth")} == before
 
 
+def test_init_takes_a_folder_or_latest_file_as_resume_and_eval_do(tmp_path, capsys):
+    common = ["--amp", "none", "--max_iters", "2", "--num_workers", "0"]
+    first = run(tmp_path / "a", *common)
+    (folder,) = runs.runs(str(tmp_path / "a"))
+    for spec in (str(tmp_path / "a"), folder, os.path.join(folder, "latest")):
+        run(tmp_path / "b", *common, "--max_iters", "1", "--init", spec)
+        assert "loaded weights: " + os.path.join(folder, "checkpoint-final.pth") in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(tmp_path / "b", *common, "--init", str(tmp_path / "b" / "nothing_here"))
+    assert capsys.readouterr().err.startswith("tiny: error: --init ")
+    assert first["iteration"] == 2
+
+
 def test_a_missing_checkpoint_is_named_before_the_data_and_points_to_the_demo_runs(tmp_path, monkeypatch, capsys):
     from common import config
     monkeypatch.chdir(tmp_path)
