@@ -351,6 +351,13 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
         log(msg, echo=False)
         print(msg, file=sys.stderr, flush=True)
         raise errors.Exit(msg) from None
+    except KeyboardInterrupt:  # Ctrl-C: not a bug, so no traceback; what was saved stays (writes are atomic)
+        newest = checkpoint.latest(cfg["run_dir"]) if cfg.get("run_dir") else None
+        msg = f"{name}: interrupted" + (f"; --resume {newest} continues from its newest checkpoint" if newest else
+                                        "; this run had written no checkpoint" if cfg.get("run_dir") else "")
+        log(msg, echo=False)
+        print(msg, file=sys.stderr, flush=True)
+        raise SystemExit(130) from None  # the shell's code for SIGINT
     except Exception:
         log(traceback.format_exc().rstrip(), echo=False)  # the traceback itself still goes to stderr
         raise

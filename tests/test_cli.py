@@ -316,6 +316,20 @@ def test_make_folder_names_the_flag_for_any_os_error(tmp_path, monkeypatch):
         errors.make_folder('/x', '--work_dir')
 
 
+def test_ctrl_c_is_one_line_with_exit_130_and_logged(tmp_path, capsys):
+    class Interrupted(Tiny):
+        def forward(self, x):
+            raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        train.main(_seg(), lambda cfg, num_classes: Interrupted(num_classes), _argv(tmp_path, '--data', 'demo'),
+                   name='tiny')
+    (run,) = runs.runs(str(tmp_path))
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err == "tiny: interrupted; this run had written no checkpoint\n"
+    assert err.strip() in (Path(run) / 'log.txt').read_text() and not os.path.exists(Path(run) / '.lock')
+
+
 def test_a_crash_keeps_its_traceback_and_logs_it(tmp_path):
     class Buggy(Tiny):
         def forward(self, x):
