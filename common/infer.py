@@ -158,11 +158,10 @@ def predict(model, items, out_dir, cfg, device, amp=None, log=print, tta=False, 
     return written, skipped
 
 
-def predict_paths(model, paths, out_dir, cfg, device, amp=None, log=print, tta=False):
-    """--predict: predict() over paths (named by output_names); returns how many were skipped (on every rank). Under
-    torchrun rank r takes paths r, r + world, ... (each file is written once, by one rank) and rank 0 logs every
-    rank's lines."""
-    names = output_names(paths, out_dir)
+def predict_paths(model, paths, names, out_dir, cfg, device, amp=None, log=print, tta=False):
+    """--predict: predict() over paths, named names (output_names'); returns how many were skipped (on every rank).
+    Under torchrun rank r takes paths r, r + world, ... (each file is written once, by one rank) and rank 0 logs
+    every rank's lines."""
     if dist.world_size() == 1:
         return predict(model, paths, out_dir, cfg, device, amp, log, tta, names)[1]
     lines = []

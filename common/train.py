@@ -412,7 +412,7 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
         errors.make_folder(pred_dir, "--out")  # before any work: a file in the way is one line, not a traceback
     if cfg["predict"]:
         images = infer.image_paths(cfg["predict"])
-        infer.output_names(images, pred_dir)  # no picture may overwrite an input or another's: said before any work
+        names = infer.output_names(images, pred_dir)  # refused before any work: pictures never overwrite files
     if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14); half: --eval_amp
         flag = "--eval" if cfg["eval"] else "--ckpt"
         checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"], flag,
@@ -425,7 +425,8 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
             log(f"eval_amp: {half.describe()}")  # --eval_amp asked for the half type: say why it is fp32
         net, eval_amp = fold.for_eval(model, cfg, half, log)
         if cfg["predict"]:
-            skipped = infer.predict_paths(net, images, pred_dir, cfg, device, eval_amp, log=log, tta=cfg["tta"])
+            skipped = infer.predict_paths(net, images, names, pred_dir, cfg, device, eval_amp, log=log,
+                                          tta=cfg["tta"])
             if skipped:
                 raise SystemExit(1)  # the warnings above name each file; the rest were written
             return None
