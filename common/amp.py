@@ -309,47 +309,8 @@ class Amp:
     @classmethod
     def from_fp16_cfg(cls, fp16_cfg, device):
         """Map ssseg's SEGMENTOR_CFG['fp16_cfg'] (any shape, ssseg_spec §1 and §9) onto an Amp; None/{} -> 'none'."""
-        if not fp16_cfg:
-            return cls("none", device=device)
-        cfg = dict(fp16_cfg)
-        if "is_on" in cfg:  # the 2021 form {'is_on': True, 'opts': {'opt_level': 'O1'}} meant apex (ssseg_spec §1)
-            if not cfg.pop("is_on"):
-                return cls("none", device=device)
-            cfg = {"type": "apex", "initialize": cfg.pop("opts", {}), **cfg}
-        kind = cfg.pop("type", None)
-        kw = {}
-        if kind == "apex":
-            init = dict(cfg.pop("initialize", {}) or {})
-            kw["opt_level"] = init.pop("opt_level", "O1")  # apex's own default
-            for k in ("min_loss_scale", "max_loss_scale"):
-                if k in init:
-                    kw[k] = init.pop(k)
-            if init.get("loss_scale", "dynamic") == "dynamic":
-                init.pop("loss_scale", None)
-            scale_loss = dict(cfg.pop("scale_loss", {}) or {})
-            _reject_keys("fp16_cfg['initialize']", init)  # keep_batchnorm_fp32, static loss_scale, ...: not supported
-            _reject_keys("fp16_cfg['scale_loss']", scale_loss)  # delay_unscale etc.: not supported
-            amp = cls("apex", device=device, **kw)
-        elif kind in ("pytorch", "torch"):
-            autocast = dict(cfg.pop("autocast", {}) or {})
-            kw["dtype"] = autocast.pop("dtype", torch.float16)
-            if autocast.pop("enabled", True) is False:
-                raise ValueError("common/amp.py: fp16_cfg['autocast']['enabled']=False: use fp16_cfg=None instead")
-            scaler = dict(cfg.pop("grad_scaler", {}) or {})
-            if "init_scale" in scaler:
-                kw["init_scale"] = scaler.pop("init_scale")
-            if "growth_interval" in scaler:
-                kw["scale_window"] = scaler.pop("growth_interval")
-            if scaler.pop("growth_factor", 2.0) != 2.0 or scaler.pop("backoff_factor", 0.5) != 0.5:
-                raise ValueError("common/amp.py: fp16_cfg['grad_scaler'] growth_factor/backoff_factor other than "
-                                 "2.0/0.5 are not supported")
-            _reject_keys("fp16_cfg['autocast']", autocast)
-            _reject_keys("fp16_cfg['grad_scaler']", scaler)
-            amp = cls("torch", device=device, **kw)
-        else:
-            raise ValueError(f"common/amp.py: fp16_cfg['type'] must be 'apex' or 'pytorch', got {kind!r}")
-        _reject_keys("fp16_cfg", cfg)
-        return amp
+        kind, kw = fp16_cfg_args(fp16_cfg)
+        return cls(kind, device=device, **kw)
 
     # --- set-up
 
@@ -603,9 +564,59 @@ class Amp:
         return f"amp=apex {self.opt_level} ({self.impl_note}; {how}), {dt}, {scaling}"
 
 
+class Fp16CfgError(UserError, ValueError):
+    """A SEGMENTOR_CFG['fp16_cfg'] we cannot honour: one line naming the key (a ValueError to older callers)."""
+
+
+def fp16_cfg_args(fp16_cfg):
+    """ssseg's fp16_cfg (any shape, ssseg_spec §1 and §9) as (kind, Amp keyword arguments); a key we do not implement
+    is an error naming it, never silently dropped. None, {} or type 'none' -> ('none', {})."""
+    if not fp16_cfg:
+        return "none", {}
+    cfg = dict(fp16_cfg)
+    if "is_on" in cfg:  # the 2021 form {'is_on': True, 'opts': {'opt_level': 'O1'}} meant apex (ssseg_spec §1)
+        if not cfg.pop("is_on"):
+            _reject_keys("fp16_cfg", {k: v for k, v in cfg.items() if k != "opts"})
+            return "none", {}
+        cfg = {"type": "apex", "initialize": cfg.pop("opts", {}), **cfg}
+    kind, kw = cfg.pop("type", None), {}
+    if kind in (None, "none"):
+        kind = "none"
+    elif kind == "apex":
+        init = dict(cfg.pop("initialize", {}) or {})
+        kw["opt_level"] = init.pop("opt_level", "O1")  # apex's own default
+        for k in ("min_loss_scale", "max_loss_scale"):
+            if k in init:
+                kw[k] = init.pop(k)
+        if init.get("loss_scale", "dynamic") == "dynamic":
+            init.pop("loss_scale", None)
+        _reject_keys("fp16_cfg['initialize']", init)  # keep_batchnorm_fp32, static loss_scale, ...: not supported
+        _reject_keys("fp16_cfg['scale_loss']", dict(cfg.pop("scale_loss", {}) or {}))  # delay_unscale etc.
+    elif kind in ("pytorch", "torch"):
+        kind = "torch"
+        autocast = dict(cfg.pop("autocast", {}) or {})
+        kw["dtype"] = autocast.pop("dtype", torch.float16)
+        if autocast.pop("enabled", True) is False:
+            raise Fp16CfgError("fp16_cfg['autocast']['enabled']=False: use fp16_cfg=None instead")
+        scaler = dict(cfg.pop("grad_scaler", {}) or {})
+        if "init_scale" in scaler:
+            kw["init_scale"] = scaler.pop("init_scale")
+        if "growth_interval" in scaler:
+            kw["scale_window"] = scaler.pop("growth_interval")
+        if scaler.pop("growth_factor", 2.0) != 2.0 or scaler.pop("backoff_factor", 0.5) != 0.5:
+            raise Fp16CfgError("fp16_cfg['grad_scaler'] growth_factor/backoff_factor other than 2.0/0.5 are not "
+                               "supported")
+        _reject_keys("fp16_cfg['autocast']", autocast)
+        _reject_keys("fp16_cfg['grad_scaler']", scaler)
+    else:
+        raise Fp16CfgError(f"fp16_cfg['type'] must be 'apex', 'pytorch' or 'none', got {kind!r}")
+    _reject_keys("fp16_cfg", cfg)
+    return kind, kw
+
+
 def _reject_keys(where, d):
     if d:
-        raise ValueError(f"common/amp.py: unsupported key(s) {sorted(d)} in {where}")
+        raise Fp16CfgError(f"unsupported key(s) {sorted(d)} in {where}")
 
 
 def _make_save_hook(names, name_to_master):

@@ -6,10 +6,11 @@ Top: ssseg's base FP16 segmentor config (spec §1), its ADE20k 512x512 dataset (
 """
 import copy
 import os
+import sys
 
 import torch
 
-from . import cli, zoo
+from . import amp, cli, zoo
 from .errors import UserError
 
 # ---- reference base config (MODELS): ssseg/configs/_base_/segmentors/fp16.py and friends, spec §1-§2
@@ -216,20 +217,16 @@ DEMO_PRESET = dict(
 
 
 def _fp16_flat(fp16_cfg):
-    """The reference's fp16_cfg (any documented shape, spec §1/§9) as flat (amp, opt_level, amp_dtype) strings."""
-    fp16_cfg = fp16_cfg or {}
-    if 'is_on' in fp16_cfg:  # 2021 form {'is_on': True, 'opts': {'opt_level': 'O1'}} meant apex
-        return ('apex', fp16_cfg.get('opts', {}).get('opt_level', 'O1'), 'auto') if fp16_cfg['is_on'] else \
-            ('none', 'O1', 'auto')
-    kind = fp16_cfg.get('type')
-    if kind in (None, 'none'):
-        return 'none', 'O1', 'auto'
-    if kind == 'apex':
-        return 'apex', fp16_cfg.get('initialize', {}).get('opt_level', 'O1'), 'auto'
-    if kind in ('pytorch', 'torch'):
-        dtype = fp16_cfg.get('autocast', {}).get('dtype', torch.float16)
-        return 'torch', 'O1', str(dtype).replace('torch.', '') if dtype is not None else 'auto'
-    raise ValueError(f"common/config.py: unknown fp16_cfg type {kind!r} (expected apex, pytorch or none)")
+    """The reference's fp16_cfg (any documented shape, spec §1/§9) as flat (amp, opt_level, amp_dtype) strings. The
+    scripts build their Amp from those three flags, so a scaler setting the flags cannot carry is an error naming it."""
+    kind, kw = amp.fp16_cfg_args(fp16_cfg)
+    extra = sorted(k for k in kw if k not in ('opt_level', 'dtype'))
+    if extra:
+        raise amp.Fp16CfgError(f"fp16_cfg sets {', '.join(extra)}: the scripts take only the AMP type, opt_level and "
+                               "autocast dtype from it (the --amp, --opt_level, --amp_dtype flags), with the "
+                               "reference's dynamic loss scaling; remove the setting")
+    dtype = kw.get('dtype', 'auto')
+    return kind, kw.get('opt_level', 'O1'), 'auto' if dtype is None else str(dtype).replace('torch.', '')
 
 
 def recipe(seg_cfg):
@@ -286,7 +283,11 @@ def parse(seg_cfg=None, argv=None, name='run', notes=None):
     """Resolve the run config: DEFAULTS < recipe(seg_cfg) < DEMO_PRESET (with --data demo) < the checkpoint's saved
     config (--eval/--predict: its INFERENCE_KEYS; --resume: all but NOT_RESUMED) < explicit flags. Any mistake: one
     line on stderr, exit 2. `notes` (a list) receives lines for the log (what came from the checkpoint)."""
-    docs, rec = flag_docs(), recipe(seg_cfg or {})
+    try:
+        docs, rec = flag_docs(), recipe(seg_cfg or {})
+    except UserError as e:  # the script's SEGMENTOR_CFG: one line naming the key, before any flag is read
+        print(f"{name}: error: SEGMENTOR_CFG: {e}", file=sys.stderr)
+        sys.exit(2)
     p = cli.build_parser(name, DEFAULTS, CHOICES, docs, {**DEFAULTS, **rec}, DEMO_PRESET, description=(
         "Train, evaluate (--eval) or predict (--predict); each flag is a key of common.config.DEFAULTS. Values "
         "come from the script's SEGMENTOR_CFG unless a flag gives them; tuples: 512, 512,512, 512x512 or '512 512'."))

@@ -377,12 +377,16 @@ def test_from_fp16_cfg_both_shapes():
     assert (t.kind, t.dtype) == ("torch", torch.float16) and t.grad_scaler is not None
     assert Amp.from_fp16_cfg({"type": "pytorch", "autocast": {"dtype": torch.bfloat16}}, "cpu").grad_scaler is None
     assert Amp.from_fp16_cfg({"is_on": True, "opts": {"opt_level": "O2"}}, "cpu").opt_level == "O2"  # 2021 form
-    for empty in (None, {}, {"is_on": False}):
+    for empty in (None, {}, {"is_on": False}, {"type": "none"}):
         assert Amp.from_fp16_cfg(empty, "cpu").kind == "none"
     with pytest.raises(ValueError, match="keep_batchnorm_fp32"):
         Amp.from_fp16_cfg({"type": "apex", "initialize": {"opt_level": "O1", "keep_batchnorm_fp32": True}}, "cpu")
     with pytest.raises(ValueError, match="type"):
         Amp.from_fp16_cfg({"type": "deepspeed"}, "cpu")
+    t = Amp.from_fp16_cfg({"type": "pytorch", "grad_scaler": {"init_scale": 1024.0, "growth_interval": 100}}, "cpu")
+    assert (t.init_scale, t.scale_window) == (1024.0, 100)
+    with pytest.raises(ValueError, match="growth_factor"):
+        Amp.from_fp16_cfg({"type": "pytorch", "grad_scaler": {"growth_factor": 4.0}}, "cpu")
 
 
 @pytest.mark.parametrize("kind,opt_level,dtype", MODES)

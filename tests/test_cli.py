@@ -94,6 +94,25 @@ def test_crop_against_scale_either_orientation(capsys):
     assert config.parse(_seg(), ['--crop_size', '600', '--summary'])['crop_size'] == (600, 600)
 
 
+@pytest.mark.parametrize("fp16_cfg,key", [
+    ({'type': 'apex', 'initialize': {'opt_level': 'O1', 'keep_batchnorm_fp32': True}}, 'keep_batchnorm_fp32'),
+    ({'type': 'apex', 'initialize': {'opt_level': 'O1', 'loss_scale': 128.0}}, 'loss_scale'),
+    ({'type': 'apex', 'initialize': {'opt_level': 'O1', 'min_loss_scale': 1.0}}, 'min_loss_scale'),
+    ({'type': 'pytorch', 'autocast': {'dtype': torch.float16}, 'grad_scaler': {'init_scale': 1024.0}}, 'init_scale'),
+    ({'type': 'pytorch', 'autocast': {'cache_enabled': False}}, 'cache_enabled'),
+    ({'type': 'deepspeed'}, 'deepspeed'),
+])
+def test_a_script_fp16_cfg_setting_the_flags_cannot_carry_is_one_line(capsys, fp16_cfg, key):
+    """A researcher who edits the script's fp16_cfg must not train with the setting silently dropped."""
+    seg = _seg()
+    seg['fp16_cfg'] = fp16_cfg
+    with pytest.raises(SystemExit) as e:
+        config.parse(seg, [], 'pspnet')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert err.startswith('pspnet: error: SEGMENTOR_CFG: ') and key in err, err
+
+
 def test_batch_must_split_over_torchrun_ranks(capsys, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '3')
     assert 'WORLD_SIZE=3' in _error(capsys, ['--batch_size', '16'])
