@@ -121,7 +121,7 @@ def segmentor_cfg(**overrides):
 DEFAULTS = dict(
     # --- AMP (mixed precision)
     amp='apex',  # none | torch | apex (the reference trains with apex O1, spec §1; ours implements its semantics)
-    opt_level='O1',  # apex opt level O0 | O1 | O2 | O3 (ignored unless amp=apex)
+    opt_level='O1',  # apex opt level O0 | O1 | O2 | O3 (with amp=apex; another level with amp none/torch: an error)
     # auto | float16 | bfloat16; auto = float16 on CUDA (the reference); on CPU bfloat16 where the CPU has bf16
     # instructions (AVX512-BF16 / AMX), else --amp torch and apex O1 run fp32 arithmetic (common/cpu.py; the log says)
     amp_dtype='auto',
@@ -295,6 +295,7 @@ def parse(seg_cfg=None, argv=None, name='run', notes=None):
     try:
         cfg = _resolve(seg_cfg, rec, given, name, {})
         cli.validate(cfg)  # first: a mistyped path is reported before it is read
+        _check_amp_flags(cfg, given)
         zoo.check_flags(cfg, (seg_cfg or {}).get('type'))  # an unknown ssseg:NAME, or another model's, fails here
         keys = (INFERENCE_KEYS if cfg['eval'] or cfg['predict'] else
                 [k for k in DEFAULTS if k not in NOT_RESUMED] if cfg['resume'] else ())
@@ -309,6 +310,16 @@ def parse(seg_cfg=None, argv=None, name='run', notes=None):
     except UserError as e:
         p.exit(2, f"{name}: error: {e}\n")
     return cfg
+
+
+def _check_amp_flags(cfg, given):
+    """An AMP flag given on the command line that the chosen --amp would ignore is a mistake, not a no-op."""
+    if 'opt_level' in given and cfg['opt_level'] != 'O1' and cfg['amp'] != 'apex':
+        raise UserError(f"--opt_level {cfg['opt_level']}: opt levels are apex's, and --amp is {cfg['amp']}; add "
+                        "--amp apex (--amp torch is autocast + GradScaler, apex O1's scheme)")
+    if 'amp_dtype' in given and cfg['amp_dtype'] != 'auto' and cfg['amp'] == 'none':
+        raise UserError(f"--amp_dtype {cfg['amp_dtype']}: --amp none trains in fp32; give --amp torch or --amp apex "
+                        "with it")
 
 
 def _resolve(seg_cfg, rec, given, name, saved):

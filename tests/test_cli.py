@@ -94,6 +94,16 @@ def test_crop_against_scale_either_orientation(capsys):
     assert config.parse(_seg(), ['--crop_size', '600', '--summary'])['crop_size'] == (600, 600)
 
 
+def test_an_amp_flag_the_chosen_amp_would_ignore_is_one_line(capsys):
+    assert "--amp apex" in _error(capsys, ['--amp', 'torch', '--opt_level', 'O2'])
+    assert "--opt_level O3" in _error(capsys, ['--amp', 'none', '--opt_level', 'O3'])
+    assert "--amp none trains in fp32" in _error(capsys, ['--amp', 'none', '--amp_dtype', 'float16'])
+    for ok in (['--amp', 'apex', '--opt_level', 'O2'], ['--amp', 'torch', '--opt_level', 'O1'],
+               ['--amp', 'torch', '--amp_dtype', 'bfloat16'], ['--amp', 'none', '--amp_dtype', 'auto'],
+               ['--opt_level', 'O3']):  # the script's fp16_cfg is apex
+        config.parse(_seg(), ok, 'pspnet')
+
+
 @pytest.mark.parametrize("fp16_cfg,key", [
     ({'type': 'apex', 'initialize': {'opt_level': 'O1', 'keep_batchnorm_fp32': True}}, 'keep_batchnorm_fp32'),
     ({'type': 'apex', 'initialize': {'opt_level': 'O1', 'loss_scale': 128.0}}, 'loss_scale'),
@@ -234,8 +244,7 @@ class Tiny(nn.Module):
 
 
 def _argv(work_dir, *flags):
-    return ['--device', 'cpu', '--kernels', 'torch', '--pretrained', 'none', '--amp', 'none', '--amp_dtype', 'bfloat16',
-            '--crop_size', '32',
+    return ['--device', 'cpu', '--kernels', 'torch', '--pretrained', 'none', '--amp', 'none', '--crop_size', '32',
             '--scale', '128,32', '--batch_size', '2', '--num_workers', '0', '--work_dir', str(work_dir), *flags]
 
 
