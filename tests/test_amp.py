@@ -308,6 +308,54 @@ def test_O3_is_pure_half():
     assert train_step(model, opt, amp, *batch(0)) is False and amp.loss_scale == 1.0
 
 
+def test_O2_casts_a_non_affine_bn():
+    """apex's convert_network keeps only affine BNs in fp32; a non-affine one is cast with the rest (amp_spec §2.2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False), nn.BatchNorm2d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = Amp("apex", opt_level="O2", dtype=torch.bfloat16, device="cpu").initialize(model, opt)
+    assert model[1].running_mean.dtype == model[1].running_var.dtype == torch.bfloat16
+    assert model[2].weight.dtype == model[2].running_mean.dtype == torch.float32
+
+
+@pytest.mark.parametrize("opt_level,state_dtype", [("O2", torch.float32), ("O3", torch.bfloat16)])
+def test_initialize_carries_the_optimizer_state_onto_what_it_steps(opt_level, state_dtype):
+    """An optimizer that already stepped (momentum) keeps its state through initialize: O2 moves it onto the fp32
+    masters, O3 casts it with the model."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 4, 4)).sum().backward()
+    opt.step()
+    saved = opt.state[model.weight]["momentum_buffer"].clone()
+    amp = Amp("apex", opt_level=opt_level, dtype=torch.bfloat16, device="cpu")
+    model, opt = amp.initialize(model, opt)
+    (p,) = [q for q in amp_mod._optimizer_params(opt) if q.shape == saved.shape]
+    buf = opt.state[p]["momentum_buffer"]
+    assert buf.dtype == state_dtype and torch.equal(buf.float(), saved.to(state_dtype).float())
+
+
+def test_torch_fp16_skip_by_the_caller_keeps_the_grad_scaler_usable():
+    """A step the caller skips (a non-finite BN buffer, common.guard) must still close GradScaler's iteration: the next
+    backward/step would otherwise raise "unscale_() has already been called"; a finite backward keeps the scale."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    amp = Amp("torch", dtype=torch.float16, device="cpu")
+    model, opt = amp.initialize(model, opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    for skip, expect in ((True, True), (False, False)):
+        opt.zero_grad()
+        with amp.autocast():
+            loss = model(torch.randn(3, 4)).float().pow(2).mean()
+        amp.backward(loss, opt)
+        assert amp.step(opt, skip=skip) is expect
+        if skip:
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert amp.loss_scale == 65536.0
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 # -----------------------------------------------------------------------------
 # autocast casts
 
@@ -377,6 +425,8 @@ def test_from_fp16_cfg_both_shapes():
     assert (t.kind, t.dtype) == ("torch", torch.float16) and t.grad_scaler is not None
     assert Amp.from_fp16_cfg({"type": "pytorch", "autocast": {"dtype": torch.bfloat16}}, "cpu").grad_scaler is None
     assert Amp.from_fp16_cfg({"is_on": True, "opts": {"opt_level": "O2"}}, "cpu").opt_level == "O2"  # 2021 form
+    for bare in ({"type": "apex"}, {"is_on": True}):  # apex's own default opt level
+        assert Amp.from_fp16_cfg(bare, "cpu").opt_level == "O1"
     for empty in (None, {}, {"is_on": False}, {"type": "none"}):
         assert Amp.from_fp16_cfg(empty, "cpu").kind == "none"
     with pytest.raises(ValueError, match="keep_batchnorm_fp32"):

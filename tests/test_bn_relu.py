@@ -507,3 +507,15 @@ def test_isa_choice_errors(bn_ops, tmp_path):
     proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT, ROOT, bn_ops or "", str(tmp_path / "x.pt")],
                           capture_output=True, text=True, env={**os.environ, "SEGFP16_CPU_ISA": "sse9"})
     assert proc.returncode != 0 and "SEGFP16_CPU_ISA=sse9: expected base, avx2 or avx512" in proc.stderr
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_eps_is_the_callers(training):
+    """A BN with eps 0.1 (ours all use 1e-5): train and eval normalise with the given eps, as F.batch_norm."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64)
+    w, b = torch.rand(4, generator=g, dtype=torch.float64) + 0.5, torch.randn(4, generator=g, dtype=torch.float64)
+    rm, rv = torch.randn(4, generator=g, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64) + 0.1
+    want = F.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 0.1))
+    got = ops.bn_relu(x, w, b, rm.clone(), rv.clone(), training, momentum=0.1, eps=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

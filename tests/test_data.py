@@ -183,6 +183,10 @@ def test_label_values_out_of_range(tmp_path):
     write_split(tmp_path, 'train', [(stem, img, lab)])
     with pytest.raises(ValueError, match=r"a\.png has values \[151, 200\] outside 0\.\.150"):
         D.ADE20k(tmp_path, 'train')[0]
+    lab[5, 6] = 150  # 151 alone, the first value past the classes, is refused too
+    write_split(tmp_path, 'train', [(stem, img, lab)])
+    with pytest.raises(ValueError, match=r"a\.png has values \[151\] outside 0\.\.150"):
+        D.ADE20k(tmp_path, 'train')[0]
 
 
 def test_colour_label_refused(tmp_path):

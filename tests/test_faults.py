@@ -400,6 +400,17 @@ def test_the_lock_names_its_holder_and_stale_locks_are_taken_over(tmp_path):
     assert not runs.RunLock._stale(lock)
 
 
+def test_a_lock_held_on_another_host_is_never_taken_over(tmp_path):
+    """A pid on another machine (a shared file system) cannot be checked here, so its lock holds."""
+    path = tmp_path / runs.LOCK
+    path.write_text(json.dumps({"pid": 999999, "host": socket.gethostname() + "-other", "start": 1,
+                                "since": "2026-12-01 10:00:00"}))
+    before = path.read_text()
+    with pytest.raises(runs.RunLockedError, match="-other"):
+        runs.RunLock(str(tmp_path)).acquire(log=lambda *a: None)
+    assert path.read_text() == before
+
+
 def test_resume_auto_cleans_temp_files_finished_runs_and_changed_schedules(tmp_path, capsys):
     main(tmp_path, "--max_iters", "4", "--stop_iters", "3")
     (folder,) = runs.runs(str(tmp_path))

@@ -272,3 +272,46 @@ def test_every_unit_of_each_model_takes_cudnns_fused_call(models, name):
     finally:
         layers.set_kernels("torch")
     assert not fold.REFUSED, f"cuDNN refused {len(fold.REFUSED)} configuration(s): {fold.REFUSED}"
+
+
+def test_a_unit_folds_a_conv_bias_and_the_bns_own_eps():
+    """The fold uses the conv's bias and the BN's eps (every unit of our models has neither, so check them here)."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=True).double(), randomize_bn(nn.BatchNorm2d(4, eps=1e-1)).double()
+    unit = fold.FoldedConvBNReLU(conv, bn, torch.float64)
+    unit.load(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(unit(x), bn.eval()(conv(x)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,opt_level", [("apex", "O3"), ("apex", "O2"), ("torch", "O1")])
+def test_for_eval_folds_into_the_amps_half_type(kind, opt_level):
+    """An Amp with a half type (O2/O3's cast model, O1/torch's autocast) gets a folded copy in that type, not fp32."""
+    import fcn
+    from common.amp import Amp
+    torch.manual_seed(0)
+    model = randomize_bn(fcn.build_model(num_classes=5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    amp = Amp(kind, opt_level=opt_level, dtype=torch.bfloat16, device="cpu")
+    model, opt = amp.initialize(model, opt)
+    net, net_amp = fold.for_eval(model, dict(fold=True, compile="none"), amp, log=lambda m: None)
+    assert net_amp is None and net.dtype == torch.bfloat16
+    assert {p.dtype for p in net.net.state_dict().values() if p.is_floating_point()} == {torch.bfloat16}
+
+
+def test_evaluate_runs_an_unfolded_model_in_eval_mode_and_gives_it_back_unchanged():
+    """--fold false evaluates the training model itself: BN must use its running statistics (not the batch's, and
+    without updating them), dropout must be off, and the model comes back in training mode, every bit as it was."""
+    import fcn
+    torch.manual_seed(0)
+    model = randomize_bn(fcn.build_model(num_classes=5)).train()
+    snap = snapshot(model)
+    g = torch.Generator().manual_seed(1)
+    loader = [(torch.randn(1, 3, 17, 23, generator=g), torch.randint(0, 5, (1, 17, 23), generator=g))
+              for _ in range(3)]
+    quiet = lambda *a: None  # noqa: E731
+    got = infer.evaluate(model, loader, 5, "cpu", dict(fold=False), log=quiet)
+    assert model.training and same_state(model, snap)
+    want = infer.evaluate(copy.deepcopy(model).eval(), loader, 5, "cpu", dict(fold=False), log=quiet)
+    assert got["mIoU"] == want["mIoU"] and got["aAcc"] == want["aAcc"]

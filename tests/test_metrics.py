@@ -184,3 +184,15 @@ def test_reduce_moves_an_empty_ranks_matrix_to_the_gpu(tmp_path):
         assert cm.reduce().mat.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
     finally:
         dist.destroy_process_group()
+
+
+def test_another_ignore_index_is_honoured():
+    """The ignore label is the constructor's, not a hard-coded 255."""
+    k = 5
+    pairs = random_pairs(k, n=3, seed=2)
+    pairs = [(p, np.where(l == 255, 7, l)) for p, l in pairs]
+    cm = ConfusionMatrix(k, ignore_index=7)
+    for pred, label in pairs:
+        cm.update(torch.from_numpy(pred), torch.from_numpy(label))
+    res, ref = cm.compute(), brute_force(pairs, k, ignore=7)
+    assert math.isclose(res["mIoU"], ref["mIoU"], rel_tol=1e-12) and math.isclose(res["aAcc"], ref["aAcc"], rel_tol=1e-12)

@@ -103,13 +103,15 @@ class TinyNet(nn.Module):
         return {'out': self.decoder(f) * self.gain, 'aux': self.auxiliary_decoder(f)}
 
 
-def _fit(tmp_path, empty=False, model=None, **over):
+def _fit(tmp_path, empty=False, model=None, hook=None, **over):
     cfg = dict(config.DEFAULTS, num_classes=2, max_iters=6, batch_size=2, num_workers=0, log_interval=1,
                eval_interval_epochs=0, save_interval_epochs=1, work_dir=str(tmp_path), kernels='torch')
     cfg.update(over)
     model = model or TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=cfg['lr'], momentum=cfg['momentum'],
                           weight_decay=cfg['weight_decay'])
+    if hook is not None:
+        hook(opt)
     amp = Amp('none', device='cpu')
     model, opt = amp.initialize(model, opt)
     loader = data.train_loader(ToyData(empty), 2, 0, seed=0, num_items=4)  # 2 iterations per epoch
@@ -129,6 +131,15 @@ def test_all_ignore_batches_give_zero_loss(tmp_path):
     assert [r['empty_batches'] for r in recs] == list(range(1, 7))  # counted in the log
     assert all(r['loss'] == 0.0 and r['skipped'] == 0 for r in recs)  # 0, not the reference's NaN; not skipped
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_each_optimizer_step_uses_the_poly_lr_of_the_finished_iterations(tmp_path):
+    """What the optimizer steps with, read at the step, not what the log says: iteration i (from 0) uses poly_lr(i)."""
+    model = TinyNet()
+    seen = []
+    _fit(tmp_path, model=model, lr=0.02, min_lr=0.001, power=0.9,
+         hook=lambda opt: opt.register_step_pre_hook(lambda o, *_: seen.append(o.param_groups[0]['lr'])))
+    assert seen == [train.poly_lr(i, 6, 0.02, 0.9, 0.001) for i in range(6)] and seen[0] == 0.02
 
 
 def test_overflow_stops_with_last_checkpoint_intact(tmp_path):
@@ -155,6 +166,33 @@ def test_overflow_stops_with_last_checkpoint_intact(tmp_path):
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all() and torch.equal(p, ck['model'][name]), name
     assert not [f for f in os.listdir(tmp_path) if '.tmp-' in f]  # no half-written temp files left behind
+
+
+def test_checkpoint_save_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Atomic and durable: a power cut after save() returns must find the new file whole, not an empty one."""
+    import stat
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def rec_fsync(fd):
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        return fsync(fd)
+
+    def rec_replace(a, b):
+        events.append("replace " + os.path.basename(b))
+        return replace(a, b)
+    monkeypatch.setattr(os, "fsync", rec_fsync)
+    monkeypatch.setattr(os, "replace", rec_replace)
+    checkpoint.save(str(tmp_path / 'a.pth'), {'model': TinyNet().state_dict(), 'iteration': 1})
+    assert events[:3] == ["fsync file", "replace a.pth", "fsync dir"], events
+
+
+def test_rng_state_round_trips_every_generator():
+    import random
+    import numpy as np
+    state = checkpoint.rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    checkpoint.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
 def test_checkpoint_atomic_save_and_reference_formats(tmp_path):

@@ -378,3 +378,16 @@ def test_cuda_deterministic_opcheck_and_memory():
         peaks.append(torch.cuda.max_memory_allocated() - base)
         logits.grad = None
     assert peaks[0] * 5 < peaks[1], peaks
+
+
+def test_the_torch_composition_honours_another_ignore_index():
+    """--kernels torch's loss (layers.seg_cross_entropy's ATen branch) drops the ignore_index it is given, not 255."""
+    from common import layers
+    logits, target = make_ce(CE_CASES[1], torch.float64, "contig", ignore_index=3)
+    old = layers.KERNELS
+    try:
+        layers.set_kernels("torch")
+        loss = layers.seg_cross_entropy(logits, target, ignore_index=3)
+    finally:
+        layers.KERNELS = old
+    torch.testing.assert_close(loss, ref_ce(logits, target, 3), **TOL[torch.float64])
