@@ -226,7 +226,10 @@ def _fp16_flat(fp16_cfg):
                                "autocast dtype from it (the --amp, --opt_level, --amp_dtype flags), with the "
                                "reference's dynamic loss scaling; remove the setting")
     dtype = kw.get('dtype', 'auto')
-    return kind, kw.get('opt_level', 'O1'), 'auto' if dtype is None else str(dtype).replace('torch.', '')
+    dtype = 'auto' if dtype is None else str(dtype).replace('torch.', '')
+    if dtype not in CHOICES['amp_dtype']:
+        raise amp.Fp16CfgError(f"fp16_cfg['autocast']['dtype'] {dtype}: must be torch.float16 or torch.bfloat16")
+    return kind, kw.get('opt_level', 'O1'), dtype
 
 
 def recipe(seg_cfg):

@@ -111,6 +111,7 @@ def test_an_amp_flag_the_chosen_amp_would_ignore_is_one_line(capsys):
     ({'type': 'pytorch', 'autocast': {'dtype': torch.float16}, 'grad_scaler': {'init_scale': 1024.0}}, 'init_scale'),
     ({'type': 'pytorch', 'autocast': {'cache_enabled': False}}, 'cache_enabled'),
     ({'type': 'deepspeed'}, 'deepspeed'),
+    ({'type': 'pytorch', 'autocast': {'dtype': torch.float32}}, 'float32'),
 ])
 def test_a_script_fp16_cfg_setting_the_flags_cannot_carry_is_one_line(capsys, fp16_cfg, key):
     """A researcher who edits the script's fp16_cfg must not train with the setting silently dropped."""
