@@ -567,3 +567,15 @@ def test_two_ranks_the_skipped_step_line_names_the_rank_that_overflowed(tmp_path
     assert "in forward: output of model[out]" in log
     (rec,) = _reports(__import__("pathlib").Path(run))
     assert rec["first_nonfinite"]["rank"] == 1 and rec["ranks_first_nonfinite"][1]["name"] == "model[out]"
+
+
+def test_summary_scalars_by_hand():
+    """fwd_underflow weights each tensor's flushed + subnormal shares by its size; the gradient's max is read at the
+    scale the report asks about (grad_scale), not the one its backward ran at (loss_scale)."""
+    def e(phase, numel, mx, uf=0.0, sub=0.0):
+        return dict(phase=phase, numel=numel, max=mx, uf=uf, sub=sub, of=0.0, nonfinite=0)
+    rec = dict(loss_scale=256.0, grad_scale=1024.0,
+               entries=[e("fwd", 100, 8.0, uf=0.1, sub=0.2), e("fwd", 300, 1024.0, sub=0.1), e("grad", 100, 128.0)])
+    s = amp_report.summary(rec)
+    assert s["fwd_underflow"] == 0.15 and s["fwd_max_log2"] == 10.0 and s["grad_max_log2"] == 9.0  # log2(128 * 4)
+    assert s["grad_scale"] == 1024.0 and s["nonfinite"] == 0

@@ -131,6 +131,51 @@ def test_train_goals_judge_the_fastest_eager_pspnet_fp16_row_at_batch_16():
     assert bench.goal_lines(dict(head, crop=256), rows)[0].startswith("Goals: not judged here")
 
 
+def test_add_ratios_by_hand():
+    """The ratios a card's table publishes, on rows whose answers are worked out by hand: against our eager fp32 NCHW
+    row at the same batch, against the torchvision peer at the same batch (compiled against compiled), MFU."""
+    bench = _bench("train")
+
+    def row(model, mode, img_s, gib=None, batch=16, compile="none", kernels="fused", fmt="nhwc", tflops=None):
+        return dict(model=model, mode=mode, kernels=kernels, format=fmt, batch=batch, compile=compile, status="ok",
+                    img_per_s=img_s, peak_gib=gib, tflop_per_s=tflops if tflops is not None else img_s / 10)
+    rows = [row("pspnet", "fp32", 100.0, 10.0, kernels="torch", fmt="nchw", tflops=50.0),
+            row("pspnet", "fp32", 30.0, 2.0, batch=2, kernels="torch", fmt="nchw"),
+            row("pspnet", "fp16", 400.0, 4.0, tflops=200.0),
+            row("pspnet", "fp16", 500.0, 5.0, compile="default"),
+            row("pspnet", "fp16", 60.0, 1.0, batch=2),
+            row("tv_deeplabv3", "fp16", 200.0), row("tv_deeplabv3", "fp16", 250.0, compile="default"),
+            row("tv_deeplabv3", "fp16", 20.0, batch=2), row("tv_fcn", "fp16", 1000.0)]
+    bench.add_ratios(rows, 1000.0)
+    eager, compiled, small = rows[2], rows[3], rows[4]
+    assert (eager["vs_fp32"], eager["mem_vs_fp32"], eager["vs_peer"], eager["mfu"]) == (4.0, 0.4, 2.0, 0.2)
+    assert (compiled["vs_fp32"], compiled["vs_peer"], compiled["mem_vs_fp32"]) == (5.0, 2.0, 0.5)
+    assert (small["vs_fp32"], small["vs_peer"], small["mem_vs_fp32"]) == (2.0, 3.0, 0.5)
+    assert rows[0]["vs_fp32"] == 1.0 and rows[0]["mfu"] == 0.05
+
+
+def test_time_steps_reports_milliseconds():
+    import time as clock
+    bench = _bench("train")
+    med, lo, hi, peak, first = bench.time_steps(lambda *a: clock.sleep(0.05), None, None, 1, 3, torch.device("cpu"))
+    assert 45 <= lo <= med <= hi < 500 and peak is None and first >= 0.045
+
+
+def test_run_row_converts_step_time_and_peak_memory(monkeypatch):
+    """img/s from the median step in ms, peak memory in GiB (2**30), TFLOP/s from GFLOP per image."""
+    bench = _bench("train")
+    monkeypatch.setattr(bench, "construct", lambda name: None)
+    monkeypatch.setattr(bench, "train_flops", lambda name, crop, model: 3e12)
+    monkeypatch.setattr(bench, "build_ours", lambda *a: (None, None, "amp"))
+    monkeypatch.setattr(bench, "synthetic_batch", lambda *a: (None, None))
+    monkeypatch.setattr(bench, "time_steps", lambda *a: (10.0, 9.0, 11.0, 3 * 2**30, 0.5))
+    args = bench.parse_args(["--out", "x", "--quick"])
+    r = bench.run_row(dict(model="pspnet", mode="fp16", kernels="torch", format="nchw", batch=2, compile="none"),
+                      args, torch.device("cpu"))
+    assert r["status"] == "ok" and r["img_per_s"] == 200.0 and r["peak_gib"] == 3.0
+    assert r["gflop_per_img"] == 3000.0 and r["tflop_per_s"] == 600.0 and r["compile_s"] is None
+
+
 def test_train_flags(capsys):
     bench = _bench("train")
     with pytest.raises(SystemExit):
@@ -281,6 +326,17 @@ def test_numerics_checks():
     recs = [_rec("fp32", base), _rec("fp16", [5.0] * 4, skipped=[1, 2, 3, 4]), _rec("bf16", [5.0, math.nan, 1, 1])]
     num.analyse(recs)
     assert "no clean step at all" in recs[1]["checks"] and "non-finite loss" in recs[2]["checks"]
+    # below fp32 fails as above it does; bf16's first-loss tolerance is 3%, the fp16 modes' 1%
+    recs = [_rec("fp32", base), _rec("apex-O1", [4.8, 4.0, 3.0, 2.0]), _rec("bf16", [5.0, 4.0, 3.0, 1.5]),
+            _rec("fp16", [5.0, 4.0, 3.0, 2.0], skipped=[0, 1, 2, 3])]  # only the first step clean
+    num.analyse(recs)
+    assert [c.split(" ")[:3] for c in recs[1]["checks"]] == [["first", "loss", "-4.00%"]]
+    assert [c.split(" ")[:3] for c in recs[2]["checks"]] == [["tail", "loss", "-25.0%"]]
+    assert recs[3]["checks"] == ["3 skipped after warm-up"]  # a clean first step is a clean step
+    for first, ok in ((5.1, True), (5.2, False)):  # +2% / +4% against bf16's 3%
+        recs = [_rec("fp32", base), _rec("bf16", [first, 4.0, 3.0, 2.0])]
+        num.analyse(recs)
+        assert (recs[1]["checks"] == []) is ok, recs[1]["checks"]
 
 
 def test_numerics_cpu_run(tmp_path):

@@ -519,6 +519,7 @@ def test_loader_per_rank_batch_and_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(D, '_rank_world', lambda: (1, 2))  # as if rank 1 of 2
     loader = D.train_loader(ds, total_batch=4, num_workers=0)
     assert loader.batch_size == 2 and loader.sampler.world == 2 and loader.sampler.rank == 1
+    assert loader.sampler.batch == 2 and loader.sampler.batches_per_epoch() == 2  # ceil(7 / 2) = 4 images per rank
     with pytest.raises(ValueError, match="does not split evenly"):
         D.train_loader(ds, total_batch=5, num_workers=0)
     seen = []

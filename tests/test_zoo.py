@@ -70,9 +70,11 @@ def _broken(release, how):
         release.write_bytes(b'<html><body>rate limited</body></html>')
     elif how == 'other model':  # a complete checkpoint of another net
         torch.save({'model': {'w': torch.zeros(3)}}, release)
+    elif how == 'one tensor more':  # the right net plus a stray key
+        torch.save({'model': {**_build().state_dict(), 'extra': torch.zeros(1)}}, release)
 
 
-@pytest.mark.parametrize('how', ['short', 'html', 'other model'])
+@pytest.mark.parametrize('how', ['short', 'html', 'other model', 'one tensor more'])
 def test_broken_download_is_rejected_and_not_cached(release, tmp_path, how):
     _broken(release, how)
     with pytest.raises(BadFileError) as e:
@@ -158,3 +160,15 @@ def test_cli_errors_are_one_line_exit_2(release, tmp_path, monkeypatch, capsys, 
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(line), err
+
+
+def test_the_release_table_matches_our_models_and_the_spec():
+    """The fixture above replaces PSPNet's entry; the real table: ssseg's release URL and each model's key count
+    (spec §5: FCN 352, PSPNet 370, DeepLabV3 376, DeepLabV3+ 424), which fetch() checks every download against."""
+    import importlib
+    assert zoo.URLS['pspnet'] == ('https://github.com/SegmentationBLWX/modelstore/releases/download/ssseg_fp16/'
+                                  'pspnet_resnet50os8_apexfp16_ade20k.pth')
+    assert {n: m[2] for n, m in zoo.MODELS.items()} == dict(fcn=352, pspnet=370, deeplabv3=376, deeplabv3plus=424)
+    for name, (stem, _, tensors) in zoo.MODELS.items():
+        assert stem == f'{name}_resnet50os8_apexfp16_ade20k'
+        assert len(importlib.import_module(name).build_model(num_classes=150).state_dict()) == tensors, name
