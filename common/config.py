@@ -298,7 +298,6 @@ def parse(seg_cfg=None, argv=None, name='run', notes=None):
     try:
         cfg = _resolve(seg_cfg, rec, given, name, {})
         cli.validate(cfg)  # first: a mistyped path is reported before it is read
-        _check_amp_flags(cfg, given)
         zoo.check_flags(cfg, (seg_cfg or {}).get('type'))  # an unknown ssseg:NAME, or another model's, fails here
         keys = (INFERENCE_KEYS if cfg['eval'] or cfg['predict'] else
                 [k for k in DEFAULTS if k not in NOT_RESUMED] if cfg['resume'] else ())
@@ -310,6 +309,7 @@ def parse(seg_cfg=None, argv=None, name='run', notes=None):
             if changed and notes is not None:
                 notes.append(f"from the checkpoint's config: {', '.join(changed)} (flags override)")
             cli.validate(cfg)
+        _check_amp_flags(cfg, given)  # on the final values: --resume may have taken --amp from the checkpoint
     except UserError as e:
         p.exit(2, f"{name}: error: {e}\n")
     return cfg

@@ -52,6 +52,15 @@ def test_resume_under_another_amp_mode_is_one_line_naming_the_flags(tmp_path, ca
         assert line.startswith("tiny: error: --resume ") and "checkpoint-iter-2.pth" in line and "--opt_level" in line
 
 
+def test_an_amp_flag_the_resumed_runs_amp_would_ignore_is_one_line(tmp_path, capsys):
+    """--resume takes --amp from the checkpoint: the check that --amp_dtype has a half type to pick runs after that."""
+    run(tmp_path, "--amp", "none", "--max_iters", "4", "--stop_iters", "2", "--num_workers", "0")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--amp_dtype", "float16", "--resume", "auto", "--num_workers", "0")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("tiny: error: --amp_dtype float16: --amp none trains in fp32")
+
+
 # 3 batches per epoch: stopping at 4 resumes mid-epoch (batch 1 of epoch 1), after an epoch-end checkpoint.
 # fp16 for apex/torch, so that the loss scaler's state (apex's LossScaler, torch's GradScaler) is in play.
 @pytest.mark.parametrize("amp,workers", [("none", 0), ("none", 1), ("apex", 0), ("torch", 0)])
