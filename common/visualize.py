@@ -107,4 +107,5 @@ def write(out_dir, stem, image, pred, label=None, classes=data.CLASSES):
 def denormalize(x):
     """A normalised (3, h, w) or (1, 3, h, w) input tensor back to (h, w, 3) RGB uint8."""
     x = x.detach().float().cpu().reshape(3, *x.shape[-2:]).permute(1, 2, 0).numpy()
-    return np.clip(x * np.array(data.STD, np.float32) + np.array(data.MEAN, np.float32), 0, 255).astype(np.uint8)
+    x = x * np.array(data.STD, np.float32) + np.array(data.MEAN, np.float32)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)  # rint: a cast truncates 99.99998 to 99

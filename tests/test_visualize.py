@@ -35,6 +35,18 @@ def test_colorize_and_overlay_blend():
     assert np.abs(blended - ref).max() <= 0.5 + 1e-9  # rounded to the nearest integer
 
 
+def test_denormalize_inverts_the_input_normalisation_exactly():
+    """The pictures show the input as the network saw it: (x - MEAN) / STD undone to the same uint8 pixels, every one
+    (a truncating cast made 1% of them darker by one level)."""
+    import torch
+    img = np.random.default_rng(0).integers(0, 256, (37, 41, 3)).astype(np.uint8)
+    x = (img.astype(np.float32) - np.array(data.MEAN, np.float32)) / np.array(data.STD, np.float32)
+    t = torch.from_numpy(x.transpose(2, 0, 1).copy())
+    assert np.array_equal(visualize.denormalize(t), img) and np.array_equal(visualize.denormalize(t[None]), img)
+    piped = torch.from_numpy(np.stack([data._NORM[c][img[..., c]] for c in range(3)]))  # the loader's own table
+    assert np.array_equal(visualize.denormalize(piped), img)
+
+
 def test_legend_entries_count_pixels_without_ignore():
     _, label, pred = _scene()
     entries = visualize.legend_entries(label)
