@@ -192,6 +192,79 @@ def test_bn_vector_paths_taken(H):
                      "bn_reduce_nchw_kernel<0, c10::Half, float, 1>", "bn_reduce_nchw_kernel<1, c10::Half, float, 1>"]
 
 
+def test_bn_vector_paths_need_every_pointer_aligned(H):
+    """V = 1 unless every operand is 16-byte aligned: one operand offset by one element among aligned ones (a
+    residual, dy or y that is a view), and float64 offset by one element (8-byte aligned, not 16). A misaligned
+    16-byte pack runs on the host (x86) with the right bits but faults on the card, so the launch record is what
+    tells; the aligned control must take V = 8."""
+    T = torch.ops.segfp16
+    shape = (2, 4, 4, 8)  # NCHW, S = 32: a multiple of every V
+    x, r, dy, w, b = bn_inputs(shape, "contig", torch.float16)
+    r_off, dy_off = rnd(shape, torch.float16, 1, layout="offset"), rnd(shape, torch.float16, 2, layout="offset")
+    mean, inv = torch.zeros(4), torch.ones(4)
+    y = T.bn_apply(x, mean, inv, w, b, r, True)
+    y_off = rnd(shape, torch.float16, 0, layout="offset")
+    y_off.copy_(y)
+    H.launch_log(True)
+    calls = [("bn_apply", (x, mean, inv, w, b, r, True)),  # the control
+             ("bn_apply", (x, mean, inv, w, b, r_off, True)),
+             ("bn_backward_reduce", (dy_off, y, x, mean, inv, True)),
+             ("bn_backward_reduce", (dy, y_off, x, mean, inv, True)),
+             ("bn_backward_apply", (dy, y_off, x, mean, inv, w, mean, inv, True, True))]
+    for op, args in calls:  # elementwise ops bitwise, the reduction within fp32's rounding
+        got, want = getattr(H, op)(*args), getattr(T, op)(*args)
+        if op == "bn_backward_reduce":
+            torch.testing.assert_close(got, want)
+        else:
+            assert_bitwise(got, want, op)
+    x64 = rnd((2, 4, 4, 8), torch.float64, 0, layout="offset")
+    assert x64.data_ptr() % 16 == 8
+    H.bn_stats(x64)
+    names = [k for k, *_ in launches(H) if "finalize" not in k]
+    assert names == ["bn_apply_kernel<false, c10::Half, float, 8>", "bn_apply_kernel<false, c10::Half, float, 1>",
+                     "bn_reduce_nchw_kernel<2, c10::Half, float, 1>", "bn_reduce_nchw_kernel<2, c10::Half, float, 1>",
+                     "bn_backward_apply_kernel<false, c10::Half, float, 1>",
+                     "bn_reduce_nchw_kernel<0, double, double, 1>", "bn_reduce_nchw_kernel<1, double, double, 1>"]
+
+
+def test_bn_relu_passes_nan(H):
+    """A NaN pre-activation comes out of the ReLU as NaN (torch.relu), and a NaN y lets its gradient through the
+    mask (threshold_backward), so a diverging step shows as NaN rather than as a silent 0."""
+    T = torch.ops.segfp16
+    x, r, dy, w, b = bn_inputs((2, 8, 4, 4), "cl", torch.float32)
+    x[1, 3, 2, 1] = float("nan")
+    mean, inv = torch.zeros(8), torch.ones(8)
+    y = H.bn_apply(x, mean, inv, w, b, None, True)
+    assert y[1, 3, 2, 1].isnan() and y.isnan().sum() == 1
+    assert_bitwise(y, T.bn_apply(x, mean, inv, w, b, None, True), "bn_apply")
+    _, dres = H.bn_backward_apply(dy, y, x, mean, inv, w, mean, mean, True, True)
+    assert dres[1, 3, 2, 1] == dy[1, 3, 2, 1] != 0
+    assert_bitwise(dres, T.bn_backward_apply(dy, y, x, mean, inv, w, mean, mean, True, True)[1], "dres")
+
+
+def test_bn_partials_merged_in_double(H):
+    """The per-block partials are merged in double (the file's contract): partials 2^24, 1, -2^24 (each exact in
+    float) give exactly 1, where a float merge gives 0 (2^24 + 1 rounds to 2^24). The tolerance tests merge at most
+    4 fp32 partials, few enough for a float merge to pass them; at R50-D8's sizes there are up to 512."""
+    x = torch.zeros(1, 1, 91, 91)  # NCHW, odd S: V = 1, 8281 values in 3 partials; value g goes to (g // 256) % 3
+    x.view(-1)[[0, 256, 512]] = torch.tensor([2.0 ** 24, 1.0, -(2.0 ** 24)])
+    H.launch_log(True)
+    s0, _ = H.bn_backward_reduce(x, x, torch.zeros_like(x), torch.zeros(1), torch.ones(1), False)
+    mean, _ = H.bn_stats(x)
+    assert [g for k, g, *_ in launches(H) if "nchw" in k] == [(1, 3, 1)] * 3
+    assert s0.item() == 1.0 and mean.item() == np.float32(1.0 / 8281), (s0.item(), mean.item())
+
+
+def test_bn_stats_of_an_empty_batch_is_zero(H):
+    """An idle SyncBN rank's statistics are zeros, not uninitialised memory (the merge weights them by count 0, and
+    NaN * 0 is NaN). NaN-filled blocks are freed first, so that a result left unwritten is unlikely to read 0."""
+    for C in (6, 64):
+        junk = [torch.full((C,), float("nan")) for _ in range(4)]
+        del junk
+        mean, m2 = H.bn_stats(torch.randn(0, C, 5, 5))
+        assert (mean == 0).all() and (m2 == 0).all(), (mean, m2)
+
+
 def test_bn_split_halves_as_syncbn(H):
     """The SyncBN composition of the halves (ranks of 3, 1 and 0 images) on the host-run CUDA ops equals the twin's."""
     x, r, dy, w, b = bn_inputs((4, 6, 5, 5), "cl", torch.float32)
@@ -438,6 +511,16 @@ def test_runner_enforces_limits(H):
         H.test_block_sum(torch.ones(2048), True, block=2048)
 
 
+def test_runner_catches_a_write_past_the_shared_memory(H):
+    """A kernel that asks for too little dynamic shared memory writes into the rest of the host's 48 KiB arena and
+    reads its own values back, so every comparison passes; the canary there fails the launch (on the card it is
+    memcheck's invalid __shared__ write, or garbage from another block)."""
+    if H.flavour() == "asan":
+        pytest.skip("asan poisons those bytes instead: test_sanitizer_asan_reports[shared_write]")
+    with pytest.raises(RuntimeError, match=r"wrote byte 128 of the dynamic shared memory, past the 128 bytes"):
+        H.test_out_of_bounds(torch.randn(8), "shared_write")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # layouts and opcheck (the CPU twins: segfp16 on CPU)
 
@@ -597,6 +680,7 @@ def run_sanitized(flavour, args, timeout):
 @pytest.mark.parametrize("where,report", [
     ("global", "AddressSanitizer: heap-buffer-overflow"),
     ("shared", "AddressSanitizer: use-after-poison"),  # the arena past the launch's bytes is poisoned
+    ("shared_write", "AddressSanitizer: use-after-poison"),
     ("static_shared", "index 32 out of bounds for type 'float [32]'"),
     ("misaligned", "misaligned address"),
 ])

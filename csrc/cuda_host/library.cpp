@@ -67,9 +67,9 @@ at::Tensor test_block_sum(const at::Tensor& x, bool barrier, bool diverge, int64
 }
 
 // The memory errors of a kernel that the asan flavour must report (the other flavours read whatever lies there):
-// "global" reads one element past x, "shared" one float past the launch's dynamic shared memory, "static_shared"
-// one past a static __shared__ array, "misaligned" a 16-byte pack at a 4-byte offset (on the card: memcheck's
-// invalid __global__ / __shared__ reads, and a misaligned-address fault).
+// "global" reads one element past x, "shared" one float past the launch's dynamic shared memory, "shared_write"
+// writes one there, "static_shared" reads one past a static __shared__ array, "misaligned" a 16-byte pack at a 4-byte
+// offset (on the card: memcheck's invalid __global__ / __shared__ accesses, and a misaligned-address fault).
 struct alignas(16) Pack4 {
   float v[4];
 };
@@ -85,7 +85,8 @@ __global__ void out_of_bounds_kernel(const float* x, int64_t n, float* out, int 
     if (where == 0) v = x[n];
     else if (where == 1) v = sh[blockDim.x];
     else if (where == 2) v = st[blockDim.x];
-    else v = reinterpret_cast<const Pack4*>(x + 1)->v[0];
+    else if (where == 3) v = reinterpret_cast<const Pack4*>(x + 1)->v[0];
+    else sh[blockDim.x] = v;
   }
   out[threadIdx.x] = v;
 }
@@ -93,9 +94,10 @@ __global__ void out_of_bounds_kernel(const float* x, int64_t n, float* out, int 
 at::Tensor test_out_of_bounds(const at::Tensor& x, const std::string& where) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() >= 8,
               "test_out_of_bounds: x must be at least 8 contiguous floats");
-  const std::array<std::string, 4> kinds{"global", "shared", "static_shared", "misaligned"};
+  const std::array<std::string, 5> kinds{"global", "shared", "static_shared", "misaligned", "shared_write"};
   const int w = static_cast<int>(std::find(kinds.begin(), kinds.end(), where) - kinds.begin());
-  TORCH_CHECK(w < 4, "test_out_of_bounds: where must be global, shared, static_shared or misaligned, got ", where);
+  TORCH_CHECK(w < 5, "test_out_of_bounds: where must be global, shared, static_shared, misaligned or shared_write, "
+              "got ", where);
   constexpr unsigned kBlock = 32;  // = the static array's length
   at::Tensor out = at::empty({kBlock}, x.options());
   launch::launch<out_of_bounds_kernel>(1, kBlock, kBlock * sizeof(float), x.const_data_ptr<float>(), x.numel(),

@@ -51,6 +51,9 @@ std::vector<LaunchRecord> launches;
 constexpr size_t kLogCap = 200000;
 
 alignas(64) unsigned char smem_arena[kSmemLimit];
+// The arena past a launch's bytes holds this canary while a block runs, so that the ieee / fast / tsan flavours also
+// catch a write beyond the request (a kernel that asks for too little); asan poisons those bytes instead.
+constexpr unsigned char kCanary = 0xA5;
 
 // One block's state, shared by its simulated threads.
 struct Block {
@@ -212,6 +215,8 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, const std:
     // the asan flavour: the arena past this launch's bytes is unaddressable, as it is on the card
     ASAN_UNPOISON_MEMORY_REGION(smem_arena, smem);
     ASAN_POISON_MEMORY_REGION(smem_arena + smem, kSmemLimit - smem);
+#else
+    std::memset(smem_arena + smem, kCanary, kSmemLimit - smem);
 #endif
     std::memset(smem_arena, 0xFF, smem);
     const uint3 bidx{static_cast<unsigned>(bid % grid.x), static_cast<unsigned>((bid / grid.x) % grid.y),
@@ -240,6 +245,12 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, const std:
       tl_block = nullptr;
     });
     if (b.error) std::rethrow_exception(b.error);
+#ifndef __SANITIZE_ADDRESS__
+    const unsigned char* past = std::find_if(smem_arena + smem, smem_arena + kSmemLimit,
+                                             [](unsigned char c) { return c != kCanary; });
+    TORCH_CHECK(past == smem_arena + kSmemLimit, "cuda_host: ", name, ": block ", bid, " wrote byte ",
+                past - smem_arena, " of the dynamic shared memory, past the ", smem, " bytes it was launched with");
+#endif
     const auto [lo, hi] = std::minmax_element(b.syncs.begin(), b.syncs.end());
     TORCH_CHECK(*lo == *hi, "cuda_host: ", name, ": block ", bid, ": threads called __syncthreads between ", *lo,
                 " and ", *hi, " times (a barrier in divergent code)");
