@@ -67,9 +67,14 @@ def read_records(path):
 
 
 def smooth(values, weight=SMOOTHING):
-    """TensorBoard's debiased exponential moving average."""
-    out, avg = [], 0.0
-    for k, v in enumerate(values, 1):
+    """TensorBoard's debiased exponential moving average. As TensorBoard's, a non-finite value (a log window with an
+    overflowed fp16 step) stays as it is and is left out of the average, so it does not blank the rest of the curve."""
+    out, avg, k = [], 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        k += 1
         avg = weight * avg + (1 - weight) * v
         out.append(avg / (1 - weight ** k))
     return out

@@ -1,5 +1,6 @@
 """Prediction pictures (common/visualize.py), curves.png (common/plot.py), --tensorboard (common/tboard.py)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,6 +120,42 @@ def test_plot_command_writes_a_nonblank_png(tmp_path):
     assert 0.03 < non_white < 0.6  # axes, text and curves drawn; not a blank or solid canvas
     c0 = np.array([180, 119, 31])  # matplotlib's first colour #1f77b4, in BGR: the total loss and mIoU lines
     assert (np.abs(img.astype(int) - c0).sum(2) < 30).sum() > 200
+
+
+def test_curves_show_each_key_on_its_axis(tmp_path, monkeypatch):
+    # the picture's data, read back from the figure: which key each line plots, smoothed or raw, and in which unit
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    figs, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figs.append(self), save(self, *a, **k))[1])
+    _write_metrics(tmp_path / "metrics.jsonl", resumed=False)
+    plot.plot(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    train, _ = plot.read_records(str(tmp_path / "metrics.jsonl"))
+    loss_ax, lr_ax, _, eval_ax = figs[0].axes[:4]
+    lines = [(line.get_label(), list(line.get_ydata())) for line in loss_ax.lines]
+    for key, label in (("loss", "total"), ("loss_cls", "cls"), ("loss_aux", "aux (weighted)")):
+        raw = [r[key] for r in train]
+        assert (f"{label} (smoothed)", pytest.approx(plot.smooth(raw))) in lines and raw in [v for _, v in lines]
+    assert list(lr_ax.lines[0].get_ydata()) == [r["lr"] for r in train]
+    assert {line.get_label(): list(line.get_ydata()) for line in eval_ax.lines} == {  # fractions shown in percent
+        "mIoU (last 50.00)": pytest.approx([30, 50]), "mAcc (last 60.00)": pytest.approx([40, 60]),
+        "aAcc (last 80.00)": pytest.approx([60, 80])}
+    assert plot.smooth([0.0, 1.0]) == pytest.approx([0.0, 0.625])  # TensorBoard's weight 0.6: 0.4 / (1 - 0.6**2)
+
+
+def test_smoothing_leaves_a_non_finite_value_out():
+    # a log window with an overflowed fp16 step records a NaN loss: TensorBoard's smoothing shows it as a gap and
+    # averages the finite values only; one NaN must not blank the rest of the smoothed curve
+    s = plot.smooth([2.0, math.nan, 4.0])
+    assert math.isnan(s[1]) and s[::2] == pytest.approx([2.0, (0.6 * 0.4 * 2 + 0.4 * 4) / (1 - 0.6 ** 2)])
+
+
+def test_plot_out_may_be_a_folder_or_an_upper_case_name(tmp_path):
+    _write_metrics(tmp_path / "metrics.jsonl")
+    (tmp_path / "pics").mkdir()  # an existing folder, no trailing slash: the usual name inside it
+    for out, want in ((tmp_path / "pics", tmp_path / "pics" / "curves.png"), (tmp_path / "C.PNG", tmp_path / "C.PNG")):
+        assert plot.cli_paths(None, str(tmp_path), str(out), "metrics.jsonl", "curves.png", "") == \
+            (str(tmp_path / "metrics.jsonl"), str(want))
 
 
 def test_plot_command_errors_are_one_line(tmp_path):
