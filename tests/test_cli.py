@@ -59,6 +59,7 @@ def test_tuple_order_and_errors(capsys):
     (['--lr', 'inf'], '--lr inf: must be a finite number'),
     (['--momentum', 'nan'], '--momentum nan: must be a finite number'),
     (['--lr', '0.01', '--min_lr', '0.1'], '--min_lr 0.1: must be between 0 and --lr'),
+    (['--power', '0'], '--power 0.0: must be > 0'),
     (['--eval_interval_epochs', '-1'], '--eval_interval_epochs -1: must be >= 0'),
     (['--save_interval_epochs', '-2'], '--save_interval_epochs -2'),
     (['--log_interval', '0'], '--log_interval 0: must be at least 1'),
@@ -83,6 +84,15 @@ def test_tuple_order_and_errors(capsys):
 ])
 def test_bad_values_are_one_line_errors(capsys, argv, expect):
     assert expect in _error(capsys, argv)
+
+
+def test_the_checks_edges_are_accepted():
+    # legal settings at the edge of a check: a constant lr (min_lr = lr), plain SGD without momentum or weight decay,
+    # no aux loss, slide windows that tile without overlap (stride = crop)
+    cfg = config.parse(_seg(), ['--min_lr', '0.01', '--momentum', '0', '--weight_decay', '0', '--aux_weight', '0',
+                                '--inference_mode', 'slide', '--slide_crop', '256', '--slide_stride', '256'], 'pspnet')
+    assert (cfg['min_lr'], cfg['momentum'], cfg['weight_decay'], cfg['aux_weight'], cfg['slide_stride']) == \
+        (0.01, 0.0, 0.0, 0.0, (256, 256))
 
 
 def test_crop_against_scale_either_orientation(capsys):
@@ -148,6 +158,13 @@ def test_more_torchrun_processes_than_gpus_is_one_line(capsys, monkeypatch):
     config.parse(_seg(), [], 'pspnet')
     monkeypatch.setenv('LOCAL_RANK', '2')
     config.parse(_seg(), ['--device', 'cpu'], 'pspnet')  # gloo on the CPU: any number of processes
+
+
+def test_a_cuda_index_beyond_the_visible_gpus_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert "--device cuda:2: only 2 CUDA device(s) are visible" in _error(capsys, ['--device', 'cuda:2'])
+    assert config.parse(_seg(), ['--device', 'cuda:1'], 'pspnet')['device'] == 'cuda:1'  # indices count from 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

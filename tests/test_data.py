@@ -595,6 +595,8 @@ def test_the_recipe_dicts_and_the_pipelines_defaults_agree():
         assert (tuple(norm['mean']), tuple(norm['std']), norm['to_rgb']) == (D.MEAN, D.STD, True)
     loader = config.DATALOADER_CFG_BS16['train']
     assert loader['num_workers_per_gpu'] == config.DEFAULTS['num_workers']
+    # no code reads the losses' ignore_index either: the pipeline's label is the one the loss and metric skip
+    assert {v['ignore_index'] for v in config.BASE_SEGMENTOR_CFG['losses'].values()} == {D.IGNORE_INDEX}
 
 
 def test_labels_beyond_num_classes_are_one_line_naming_the_flag_and_file(tmp_path):

@@ -244,6 +244,19 @@ def test_every_conv_dilation_padding_stride(models, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_bn_dropout_and_pooling_settings(models, name):
+    # what the key layout cannot see (the spec's layer lists): PyTorch's BN defaults; a ReLU after every BN but the
+    # downsample's (the DS convs' depthwise BN has one too); channel dropout 0.1 in the two heads; global image pooling
+    for mname, m in models[name].named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert (m.eps, m.momentum, m.affine, m.relu) == (1e-5, 0.1, True, not mname.endswith("downsample.1")), mname
+    drops = [(type(m), m.p) for m in models[name].modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    assert drops == [(nn.Dropout2d, 0.1)] * 2
+    pools = [m.output_size for m in models[name].modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    assert pools == {"fcn": [], "pspnet": [1, 2, 3, 6], "deeplabv3": [1], "deeplabv3plus": [1]}[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_outputs_odd_size_train_and_eval(models, name):
     model = models[name]
     torch.manual_seed(0)
@@ -261,6 +274,19 @@ def test_outputs_odd_size_train_and_eval(models, name):
         assert set(ev) == {"out"} and ev["out"].shape == (1, 150, *size(65, 97, s))
         assert torch.isfinite(ev["out"]).all()
         assert model.backbone_net.stem[1].num_batches_tracked.item() == tracked + 1  # eval leaves BN stats alone
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_aux_loss_trains_the_backbone_up_to_layer3(models, name):
+    # deep supervision: the aux head's loss alone reaches layer3 and everything below it, not layer4
+    model = models[name].train()
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(2, 3, 17, 25))["aux"].sum().backward()
+    grads = dict(model.named_parameters())
+    for k in ("backbone_net.layer3.5.conv3.weight", "backbone_net.stem.0.weight"):
+        assert grads[k].grad.abs().sum() > 0, k
+    assert all(p.grad is None for k, p in grads.items() if k.startswith("backbone_net.layer4."))
+    model.zero_grad(set_to_none=True)
 
 
 def test_batch_one_training_refused_like_the_reference():

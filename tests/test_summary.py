@@ -30,8 +30,9 @@ def test_torchvision_published_figures(name):
 def test_matches_torch_flop_counter_on_groups_dilation_linear():
     # an independent reference: torch.utils.flop_counter counts 2 FLOPs per MAC for conv and linear
     model = nn.Sequential(nn.Conv2d(6, 12, 3, stride=2, padding=2, dilation=2), nn.BatchNorm2d(12),
-                          nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(12, 5))
+                          nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False),
+                          nn.ConvTranspose2d(12, 4, 3, stride=2),  # MACs from every input pixel (none in our models)
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
     x = torch.randn(3, 6, 17, 23)
     with FlopCounterMode(display=False) as fc:
         model(x)
@@ -52,6 +53,10 @@ def test_our_model_groups_and_batch_one():
     assert set(groups) == {"backbone", "head", "auxiliary", "total"}
     assert groups["total"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6, abs=1e-3)
     assert groups["backbone"] == pytest.approx(sum(p.numel() for p in model.backbone_net.parameters()) / 1e6, abs=1e-3)
+    children = {line.split()[0]: float(line.split()[1]) for line in table.splitlines() if line.startswith("  ")}
+    for child in ("backbone_net.stem", "backbone_net.layer4", "aspp_net", "decoder", "auxiliary_decoder"):  # per child
+        assert children[child] == pytest.approx(sum(p.numel() for p in model.get_submodule(child).parameters()) / 1e6,
+                                                abs=1e-3), child
     with FlopCounterMode(display=False) as fc:  # and against torch's counter on the real model, meta input
         model.train().to("meta")(torch.empty(2, 3, 64, 96, device="meta"))
     assert sum(two.values()) * 2 == fc.get_total_flops()
