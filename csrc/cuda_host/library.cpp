@@ -66,7 +66,8 @@ at::Tensor test_block_sum(const at::Tensor& x, bool barrier, bool diverge, int64
   return out;
 }
 
-// The memory errors of a kernel that the asan flavour must report (the other flavours read whatever lies there):
+// The memory errors of a kernel that the asan flavour must report (the other flavours read whatever lies there, and
+// fail a write past the shared memory by their canary):
 // "global" reads one element past x, "shared" one float past the launch's dynamic shared memory, "shared_write"
 // writes one there, "static_shared" reads one past a static __shared__ array, "misaligned" a 16-byte pack at a 4-byte
 // offset (on the card: memcheck's invalid __global__ / __shared__ accesses, and a misaligned-address fault).
