@@ -134,7 +134,7 @@ template <int MODE, typename T, typename acc_t, int V>
 __global__ void bn_reduce_nchw_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
                                       const acc_t* __restrict__ mean, bool relu, int64_t N, int64_t C, int64_t S,
                                       acc_t* __restrict__ partial /* [2, gridDim.y, C] */) {
-  __shared__ acc_t sh[2][kThreads];
+  SEGFP16_STATIC_SMEM(acc_t, sh, [2][kThreads]);
   const int64_t c = blockIdx.x, SV = S / V, packs = N * SV;
   const acc_t m = MODE != kSumX ? mean[c] : acc_t(0);
   acc_t s0 = 0, s1 = 0;

@@ -52,6 +52,10 @@ void launch(dim3 grid, dim3 block, size_t smem, Args&&... args) {
   extern __shared__ __align__(16) unsigned char name##_raw[]; \
   T* name = reinterpret_cast<T*>(name##_raw)
 
+// a static __shared__ array, SEGFP16_STATIC_SMEM(float, sh, [2][256]) (the host runner registers it, to fill it with
+// NaN before each block)
+#define SEGFP16_STATIC_SMEM(T, name, dims) __shared__ T name dims
+
 // Registers `fn(m)`'s kernels for the CUDA key of the segfp16 library
 #define SEGFP16_REGISTER_CUDA(fn) \
   TORCH_LIBRARY_IMPL(segfp16, CUDA, m) { fn(m); }

@@ -521,6 +521,15 @@ def test_runner_catches_a_write_past_the_shared_memory(H):
         H.test_out_of_bounds(torch.randn(8), "shared_write")
 
 
+def test_runner_fills_static_shared_memory_before_each_block(H):
+    """A static __shared__ array is one `static` array on the host, so a read before the block's own write would see
+    what the last block left there (here 2.0): a plausible value that a reduction could pass with. The runner fills it
+    with NaN before each block, as it fills the dynamic arena."""
+    for _ in range(2):  # the first launch leaves 2.0 in the array
+        out = H.test_out_of_bounds(torch.randn(8), "static_unset")
+        assert math.isnan(out[0].item()), out[0].item()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # layouts and opcheck (the CPU twins: segfp16 on CPU)
 

@@ -6,9 +6,12 @@
 //   threadIdx / blockIdx / blockDim / gridDim  thread-local, set by the runner for each simulated thread;
 //   __syncthreads()                            a barrier over the block's threads (real threads, std::barrier), or a
 //                                              turn hand-over in the serial schedule (runner.cpp);
-//   __shared__                                 `static`: blocks run one after another, so each kernel's static shared
-//                                              arrays are the arena of the block that runs; dynamic shared memory is
-//                                              one arena per block, filled with 0xFF bytes (NaN) before each block.
+//   SEGFP16_STATIC_SMEM                        a `static` array: blocks run one after another, so each kernel's
+//                                              static shared arrays are the arena of the block that runs; dynamic
+//                                              shared memory is one arena. The runner fills both with 0xFF bytes
+//                                              (NaN) before each block: a value read before the block wrote it is
+//                                              NaN, never a plausible one an earlier block left.
+//                                              (A bare __shared__ does not compile here: the runner could not fill it.)
 // The runner checks CUDA's launch limits on every launch and records each launch (csrc/cuda_host/library.cpp exposes
 // the record and the schedule knobs as ops; in a dry run launches are checked and recorded, not run).
 #pragma once
@@ -41,7 +44,7 @@ inline thread_local dim3 gridDim;
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
-#define __shared__ static
+#define __shared__ static_assert(false, "cuda_host: declare static shared memory with SEGFP16_STATIC_SMEM");
 #define __align__(n) __attribute__((aligned(n)))
 
 template <typename T>
@@ -55,6 +58,7 @@ namespace host {
 void syncthreads();                         // runner.cpp
 [[noreturn]] void kernel_assert_failed(const char* cond, const char* file, int line);
 unsigned char* dynamic_smem();              // this block's arena
+bool register_static_smem(void* p, size_t bytes);  // fills it now and before every later block
 int configured_sm_count();
 
 // Checks the launch limits (throws), records the launch and, unless in a dry run, runs `body` once per simulated
@@ -104,6 +108,10 @@ void launch(dim3 grid, dim3 block, size_t smem, Args&&... args) {
 inline void __syncthreads() { segfp16::host::syncthreads(); }
 
 #define SEGFP16_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(::segfp16::host::dynamic_smem())
+// registered by the first thread that gets here (a function-local static's initialisation is thread-safe)
+#define SEGFP16_STATIC_SMEM(T, name, dims) \
+  static T name dims;                      \
+  [[maybe_unused]] static const bool name##_registered = ::segfp16::host::register_static_smem(&name, sizeof(name))
 
 #undef CUDA_KERNEL_ASSERT
 #define CUDA_KERNEL_ASSERT(cond) \

@@ -71,13 +71,16 @@ at::Tensor test_block_sum(const at::Tensor& x, bool barrier, bool diverge, int64
 // "global" reads one element past x, "shared" one float past the launch's dynamic shared memory, "shared_write"
 // writes one there, "static_shared" reads one past a static __shared__ array, "misaligned" a 16-byte pack at a 4-byte
 // offset (on the card: memcheck's invalid __global__ / __shared__ accesses, and a misaligned-address fault).
+// "static_unset" reads a static __shared__ value before the block wrote it: no sanitizer reports that; it reads the
+// runner's NaN fill (the card: whatever an earlier block left).
 struct alignas(16) Pack4 {
   float v[4];
 };
 
 __global__ void out_of_bounds_kernel(const float* x, int64_t n, float* out, int where) {
   SEGFP16_DYNAMIC_SMEM(float, sh);
-  __shared__ float st[32];
+  SEGFP16_STATIC_SMEM(float, st, [32]);
+  const float unset = where == 5 ? st[threadIdx.x] : 0.f;
   sh[threadIdx.x] = 1.f;
   st[threadIdx.x] = 2.f;
   __syncthreads();
@@ -87,7 +90,8 @@ __global__ void out_of_bounds_kernel(const float* x, int64_t n, float* out, int 
     else if (where == 1) v = sh[blockDim.x];
     else if (where == 2) v = st[blockDim.x];
     else if (where == 3) v = reinterpret_cast<const Pack4*>(x + 1)->v[0];
-    else sh[blockDim.x] = v;
+    else if (where == 4) sh[blockDim.x] = v;
+    else v = unset;
   }
   out[threadIdx.x] = v;
 }
@@ -95,10 +99,11 @@ __global__ void out_of_bounds_kernel(const float* x, int64_t n, float* out, int 
 at::Tensor test_out_of_bounds(const at::Tensor& x, const std::string& where) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() >= 8,
               "test_out_of_bounds: x must be at least 8 contiguous floats");
-  const std::array<std::string, 5> kinds{"global", "shared", "static_shared", "misaligned", "shared_write"};
+  const std::array<std::string, 6> kinds{"global", "shared", "static_shared", "misaligned", "shared_write",
+                                         "static_unset"};
   const int w = static_cast<int>(std::find(kinds.begin(), kinds.end(), where) - kinds.begin());
-  TORCH_CHECK(w < 5, "test_out_of_bounds: where must be global, shared, static_shared, misaligned or shared_write, "
-              "got ", where);
+  TORCH_CHECK(w < 6, "test_out_of_bounds: where must be global, shared, static_shared, misaligned, shared_write or "
+              "static_unset, got ", where);
   constexpr unsigned kBlock = 32;  // = the static array's length
   at::Tensor out = at::empty({kBlock}, x.options());
   launch::launch<out_of_bounds_kernel>(1, kBlock, kBlock * sizeof(float), x.const_data_ptr<float>(), x.numel(),

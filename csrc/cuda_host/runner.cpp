@@ -51,6 +51,8 @@ std::vector<LaunchRecord> launches;
 constexpr size_t kLogCap = 200000;
 
 alignas(64) unsigned char smem_arena[kSmemLimit];
+std::mutex static_smem_mutex;
+std::vector<std::pair<void*, size_t>> static_smem;  // every SEGFP16_STATIC_SMEM array that has run
 // The arena past a launch's bytes holds this canary while a block runs, so that the ieee / fast / tsan flavours also
 // catch a write beyond the request (a kernel that asks for too little); asan poisons those bytes instead.
 constexpr unsigned char kCanary = 0xA5;
@@ -160,6 +162,14 @@ void check_limits(const std::string& name, dim3 g, dim3 b, size_t smem) {
 }  // namespace
 
 unsigned char* dynamic_smem() { return smem_arena; }
+
+bool register_static_smem(void* p, size_t bytes) {
+  std::lock_guard<std::mutex> lk(static_smem_mutex);
+  static_smem.emplace_back(p, bytes);
+  std::memset(p, 0xFF, bytes);  // the first block that declares it: no thread has written it yet
+  return true;
+}
+
 int configured_sm_count() { return schedule().sms; }
 
 [[noreturn]] void kernel_assert_failed(const char* cond, const char* file, int line) {
@@ -219,6 +229,10 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, const std:
     std::memset(smem_arena + smem, kCanary, kSmemLimit - smem);
 #endif
     std::memset(smem_arena, 0xFF, smem);
+    {
+      std::lock_guard<std::mutex> lk(static_smem_mutex);
+      for (const auto& [p, bytes] : static_smem) std::memset(p, 0xFF, bytes);
+    }
     const uint3 bidx{static_cast<unsigned>(bid % grid.x), static_cast<unsigned>((bid / grid.x) % grid.y),
                      static_cast<unsigned>(bid / (int64_t(grid.x) * grid.y))};
     pool().run(nthreads, [&](int worker) {
