@@ -186,6 +186,15 @@ def test_reduce_moves_an_empty_ranks_matrix_to_the_gpu(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.cuda
+def test_a_count_begun_on_the_cpu_goes_on_on_the_gpu():
+    """The matrix follows the data: pixels counted on the CPU stay counted when later ones arrive on the GPU."""
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 2]), torch.tensor([0, 1]))
+    cm.update(torch.tensor([1, 2], device="cuda"), torch.tensor([1, 255], device="cuda"))
+    assert cm.mat.device.type == "cuda" and cm.mat.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
+
+
 def test_another_ignore_index_is_honoured():
     """The ignore label is the constructor's, not a hard-coded 255."""
     k = 5
