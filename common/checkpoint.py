@@ -196,7 +196,9 @@ def _on_cpu(tree):
 
 
 def older_than_newest(work_dir, keep):
-    """Our checkpoint files in work_dir except the `keep` newest (by iteration); [] for keep <= 0 (keep all)."""
+    """Our checkpoint files in work_dir except the `keep` newest; [] for keep <= 0 (keep all). Newest by modification
+    time: a run folder's checkpoints are written in iteration order (a resume continues in place only from the newest),
+    and their names mix epochs and iterations (epoch-9, iter-1200, final), so they cannot be compared."""
     if keep <= 0:
         return []
     mine = [f for f in os.listdir(work_dir) if f.startswith("checkpoint-") and f.endswith(".pth")]

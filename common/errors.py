@@ -30,12 +30,13 @@ class Exit(SystemExit):
 
 
 def one_line(e):
-    """The message of a UserError, also when a DataLoader worker re-raised it with the worker's traceback inside."""
+    """The message of a UserError, also when a DataLoader worker re-raised it with the worker's traceback inside; a
+    line break in it (a path the user named may hold one) shows as \\n, so that nothing after it is lost."""
     msg = str(e)
     if "Original Traceback" in msg:  # torch.utils.data's ExceptionWrapper: the last line is 'Type: message'
         last = [line for line in msg.strip().splitlines() if line.strip()][-1]
         msg = last.split(": ", 1)[1] if ": " in last else last
-    return msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    return "\\n".join(msg.strip().splitlines()) if msg.strip() else type(e).__name__
 
 
 def make_folder(path, flag):

@@ -362,6 +362,13 @@ def test_make_folder_names_the_flag_for_any_os_error(tmp_path, monkeypatch):
         errors.make_folder('/x', '--work_dir')
 
 
+def test_one_line_keeps_all_of_a_message_holding_a_newline():
+    # a path the user named may hold a newline; the error stays one line and keeps what comes after it
+    assert errors.one_line(UserError("--work_dir a\nb: cannot create this folder")) == \
+        "--work_dir a\\nb: cannot create this folder"
+    assert errors.one_line(UserError("")) == "UserError"
+
+
 def test_ctrl_c_is_one_line_with_exit_130_and_logged(tmp_path, capsys):
     class Interrupted(Tiny):
         def forward(self, x):
@@ -425,6 +432,16 @@ def test_final_summary(tmp_path):
     assert text.splitlines()[0] == ('done in 1h02m | best mIoU 50.00 (iteration 2) | last mIoU 25.00 '
                                     '(iteration 4, aAcc 70.00)')
     assert 'checkpoint: none written' in text and f"pictures: {tmp_path / 'pred'}{os.sep}" in text
+
+
+def test_final_summary_names_no_pictures_folder_that_was_not_made(tmp_path):
+    text = report.final_summary(str(tmp_path), 5, str(tmp_path / 'pred'))  # --save_predictions 0: no folder
+    assert 'pictures' not in text
+    assert text.splitlines()[0] == 'done in 0m05s | no evaluation ran (--eval_interval_epochs 0)'
+
+
+def test_hms_switches_to_hours_at_one_hour():
+    assert [report.hms(s) for s in (59, 3599, 3600, 3661)] == ['0m59s', '59m59s', '1h00m', '1h01m']
 
 
 def test_fused_kernels_without_the_extension_is_a_user_error(tmp_path, capsys, monkeypatch):

@@ -79,6 +79,13 @@ def test_split_list_is_used_when_present(tmp_path):
     assert D.ADE20k(base, 'train').ids == ['c', 'b']  # root may also be ADEChallengeData2016 itself
 
 
+def test_split_list_ids_lose_surrounding_blanks_and_windows_line_ends(tmp_path):
+    write_split(tmp_path, 'train', [rand_item(s, seed=i) for i, s in enumerate(['a', 'b'])])
+    with open(os.path.join(tmp_path, 'ADEChallengeData2016', 'train.txt'), 'wb') as f:
+        f.write(b'b \r\n\ta\r\n\r\n')
+    assert D.ADE20k(tmp_path, 'train').ids == ['b', 'a']
+
+
 # -----------------------------------------------------------------------------
 # bad input: each raises and names the file
 
@@ -197,6 +204,15 @@ def test_colour_label_refused(tmp_path):
         D.ADE20k(tmp_path, 'train')[0]
 
 
+def test_16_bit_label_refused(tmp_path):
+    # in range (0..150) but 16-bit: refused with one line, not a cv2.LUT error
+    stem, img, lab = rand_item('a')
+    base = write_split(tmp_path, 'train', [(stem, img, lab)])
+    cv2.imwrite(os.path.join(base, 'annotations', 'training', 'a.png'), lab.astype(np.uint16))
+    with pytest.raises(ValueError, match=r"a\.png is uint16 with shape \(20, 27\)"):
+        D.ADE20k(tmp_path, 'train')[0]
+
+
 # -----------------------------------------------------------------------------
 # geometry: resize formula, crop rule, centred padding, alignment
 
@@ -211,6 +227,14 @@ def test_test_resize_formula(hw, expect):
         x, y = D.test_transform()(np.zeros((h, w, 3), np.uint8), label)
         assert x.shape == (3, expect[1], expect[0]) and x.dtype == torch.float32
         assert y.shape == (h, w) and y.dtype == torch.int64 and (y == 7).all()  # label untouched
+
+
+def test_test_transform_resizes_bilinearly_then_normalises():
+    # spec §2.2: the image is resized with cv2 INTER_LINEAR (as in training), then (v - mean) / std per RGB channel
+    img = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    x, _ = D.test_transform(scale=(64, 32))(img, np.zeros((90, 120), np.uint8))
+    ref = (cv2.resize(img, (43, 32), interpolation=cv2.INTER_LINEAR).astype(np.float32) - D.MEAN) / D.STD
+    torch.testing.assert_close(x, torch.from_numpy(ref.transpose(2, 0, 1)).float(), rtol=0, atol=1e-5)
 
 
 class ScriptedRng:
@@ -512,6 +536,44 @@ def test_train_loader_is_reproducible(tmp_path, workers):
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
 
 
+def test_sampler_shuffles_each_epoch_anew_and_its_length_is_what_it_yields():
+    s = D.ResumableSampler(16, 2, seed=3)
+    order = []
+    for epoch in range(2):
+        s.set_epoch(epoch)
+        order.append([i for i, _ in s])
+        assert sorted(order[-1]) == list(range(16))
+    assert order[0] != order[1]  # DistributedSampler.set_epoch: a new permutation each epoch
+    s.set_epoch(1, start_batch=3)  # a resume mid-epoch yields the rest of that epoch's order
+    assert [i for i, _ in s] == order[1][6:] and len(s) == 10
+
+
+def test_each_samples_augmentation_seed_holds_its_epoch_rank_and_position():
+    class Draw:
+        def reseed(self, seed):
+            self.rng = np.random.default_rng(seed)
+
+    class Data(torch.utils.data.Dataset):
+        transform = Draw()
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return self.transform.rng.random()
+    s = D.SeededSamples(Data(), seed=5)
+    tags = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]  # (epoch, rank, position)
+    draws = [s[(2, tag)] for tag in tags]
+    assert len(set(draws)) == 4 and s[(2, (1, 0, 0))] == draws[1]
+    assert D.SeededSamples(Data(), seed=6)[(2, (0, 0, 0))] != draws[0]
+
+
+def test_num_items_trains_on_the_first_images_only(tmp_path):
+    ds = tiny_dataset(tmp_path, n=7)
+    loader = D.train_loader(ds, total_batch=2, num_workers=0, num_items=4)  # --num_train_images 4
+    assert loader.sampler.batches_per_epoch() == 2 and sorted(i for i, _ in loader.sampler) == [0, 1, 2, 3]
+
+
 def test_loader_per_rank_batch_and_shards(tmp_path, monkeypatch):
     ds = tiny_dataset(tmp_path, n=7)
     loader = D.train_loader(ds, total_batch=4, num_workers=0)
@@ -560,6 +622,14 @@ def test_demo_dataset_layout_and_determinism(tmp_path):
             assert set(np.unique(raw)) <= {0} | set(D.DEMO_CLASSES.values()) and (raw == 0).any()
             assert len(np.unique(label)) >= 3  # several classes per scene
     assert (512, 683) in sizes and (683, 512) in sizes
+
+
+def test_demo_root_generates_once(tmp_path, monkeypatch):
+    calls = []
+    make = D.make_demo_ade20k
+    monkeypatch.setattr(D, 'make_demo_ade20k', lambda *a: calls.append(a) or make(*a))
+    roots = [D.demo_root(str(tmp_path), num_train=2, num_val=1) for _ in range(2)]
+    assert roots[0] == roots[1] and len(calls) == 1
 
 
 def test_demo_root_caches_atomically(tmp_path):

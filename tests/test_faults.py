@@ -411,6 +411,21 @@ def test_a_lock_held_on_another_host_is_never_taken_over(tmp_path):
     assert path.read_text() == before
 
 
+def test_a_lock_of_another_users_live_process_holds(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on another user's live process raises PermissionError: it is alive, so its lock holds."""
+    path = tmp_path / runs.LOCK
+    path.write_text(json.dumps({"pid": 4242, "host": socket.gethostname(), "start": None,
+                                "since": "2026-12-01 10:00:00"}))
+    before = path.read_text()
+
+    def kill(pid, sig):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(runs.os, "kill", kill)
+    with pytest.raises(runs.RunLockedError, match="pid 4242"):
+        runs.RunLock(str(tmp_path)).acquire(log=lambda *a: None)
+    assert path.read_text() == before
+
+
 def test_resume_auto_cleans_temp_files_finished_runs_and_changed_schedules(tmp_path, capsys):
     main(tmp_path, "--max_iters", "4", "--stop_iters", "3")
     (folder,) = runs.runs(str(tmp_path))
@@ -633,6 +648,26 @@ def test_corpus_disk_full_while_saving(tmp_path, monkeypatch, target):
                                       rf"checkpoint {re.escape(first)} is intact")
     assert checkpoint.latest(folder) == first and checkpoint.load(first)["iteration"] == 2
     assert not checkpoint.temp_files(folder) and "enforce fail" not in msg
+
+
+class _OverQuota(_FillsUp):
+    def write(self, b):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+
+def test_a_quota_exceeded_while_saving_is_the_disk_full_line(tmp_path, monkeypatch):
+    real = checkpoint._open
+    monkeypatch.setattr(checkpoint, "_open", lambda fd, mode: _OverQuota(real(fd, mode), 0))
+    with pytest.raises(checkpoint.DiskFullError, match=r"no space left on device writing \S+c\.pth"):
+        checkpoint.save(str(tmp_path / "c.pth"), {"model": {"w": torch.ones(1)}})
+    assert os.listdir(tmp_path) == []  # no temp file left
+
+
+def test_a_training_checkpoint_without_its_rng_state_is_one_line(tmp_path):
+    ckpt = {"model": {"w": torch.ones(1)}, "optimizer": {}, "amp": {}, "iteration": 2}
+    path = checkpoint.save(str(tmp_path / "c.pth"), ckpt)
+    with pytest.raises(checkpoint.BadFileError, match=r"c\.pth: not a training checkpoint"):
+        checkpoint.load_training(path)
 
 
 def test_corpus_a_script_prints_one_line_and_no_traceback(tmp_path):

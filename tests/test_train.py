@@ -253,6 +253,33 @@ def test_checkpoint_atomic_save_and_reference_formats(tmp_path):
         checkpoint.resolve('auto', str(tmp_path / 'nothing_here'))
 
 
+def test_latest_pointers_are_relative_so_a_relative_or_moved_work_dir_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint.save(os.path.join('w', 'run', 'checkpoint-epoch-1.pth'), {'model': {'w': torch.ones(1)}}, root='w')
+    assert Path('w/run/latest').read_text() == 'checkpoint-epoch-1.pth\n'
+    assert Path('w/latest').read_text() == os.path.join('run', 'checkpoint-epoch-1.pth') + '\n'
+    os.rename('w', 'moved')
+    assert checkpoint.resolve('auto', 'moved') == os.path.join('moved', 'run', 'checkpoint-epoch-1.pth')
+
+
+def test_pruning_keeps_the_newest_checkpoints_not_the_last_names(tmp_path):
+    # epoch-10 sorts before epoch-9 by name; final before iter-*: the age decides
+    names = ['checkpoint-epoch-9.pth', 'checkpoint-epoch-10.pth', 'checkpoint-iter-11.pth', 'checkpoint-final.pth']
+    for age, name in enumerate(names):
+        (tmp_path / name).write_bytes(b'')
+        os.utime(tmp_path / name, (1_000_000 + age, 1_000_000 + age))
+    assert checkpoint.older_than_newest(str(tmp_path), 2) == [str(tmp_path / n) for n in names[:2]]
+
+
+def test_a_legacy_pickle_checkpoint_loads(tmp_path):
+    # torch.save before the zip format (torch < 1.6, as older published checkpoints are)
+    sd = TinyNet().state_dict()
+    torch.save({'state_dict': sd}, tmp_path / 'old.pth', _use_new_zipfile_serialization=False)
+    other = TinyNet()
+    checkpoint.load_weights(other, str(tmp_path / 'old.pth'), log=lambda m: None)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in sd.items())
+
+
 def test_rng_state_round_trip():
     import random
 

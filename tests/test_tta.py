@@ -202,6 +202,63 @@ def test_predict_never_overwrites_an_input_or_another_inputs_pictures(tmp_path, 
     assert infer.output_names(['x/a.jpg', 'y/b.jpg'], str(tmp_path / 'o')) == ['a', 'b']
 
 
+def test_tta_views_are_ssseg_s_six_scales_each_with_its_mirror():
+    # ssseg's ADE20k TTA set: ratios 0.5 ... 1.75 of the test scale, each view also mirrored (12 views)
+    seen = []
+
+    def forward(x):
+        seen.append(tuple(x.shape[-2:]))
+        return x[:, :1]
+    tta.augmented_logits(forward, torch.zeros(1, 3, 32, 48), (32, 48))
+    assert seen == [hw for hw in ((16, 24), (24, 36), (32, 48), (40, 60), (48, 72), (56, 84)) for _ in range(2)]
+
+
+def test_predict_pictures_show_the_test_pipelines_prediction_and_the_mapped_annotation(tmp_path, monkeypatch):
+    # the pictures' prediction is the evaluation's (test resize to --scale, no augmentation); their ground truth
+    # (--save_predictions) is the reduce-zero-label mapped annotation
+    import cv2
+    from common import data
+    raw = np.zeros((20, 30), np.uint8)
+    raw[:, 10:], raw[:, 20:] = 1, 3
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / 'a.png'), image[..., ::-1])  # lossless, BGR on disk
+    cv2.imwrite(str(tmp_path / 'a_label.png'), raw)
+    got = {}
+    monkeypatch.setattr(infer.visualize, 'write', lambda out_dir, name, image, pred, label: got.update(pred=pred,
+                                                                                                       label=label))
+    net, cfg = ContextNet().eval(), dict(scale=(64, 32))
+    infer.predict(net, [(str(tmp_path / 'a.png'), str(tmp_path / 'a_label.png'))], str(tmp_path / 'o'), cfg, 'cpu',
+                  log=lambda m: None)
+    x, _ = data.test_transform(scale=(64, 32))(image, raw)
+    with torch.no_grad():
+        expect = infer.predict_logits(net, x[None], (20, 30), cfg).argmax(1)[0].numpy()
+    assert np.array_equal(got['pred'], expect)
+    assert np.array_equal(got['label'], np.where(raw == 0, 255, raw - 1))
+
+
+def test_predict_inputs_upper_case_extensions_and_empty_folders(tmp_path):
+    import cv2
+    (tmp_path / 'none').mkdir()
+    with pytest.raises(UserError, match='no image file'):  # an empty folder is one line, not "wrote 0"
+        infer.image_paths(str(tmp_path / 'none'))
+    (tmp_path / 'in').mkdir()
+    for name in ('A.JPG', 'b.png'):  # cameras write .JPG
+        cv2.imwrite(str(tmp_path / 'in' / name), np.zeros((4, 4, 3), np.uint8))
+    assert infer.image_paths(str(tmp_path / 'in')) == [str(tmp_path / 'in' / 'A.JPG'), str(tmp_path / 'in' / 'b.png')]
+
+
+def test_output_names_see_the_input_folder_in_any_spelling_and_overlay_clashes(tmp_path):
+    folder = str(tmp_path / 'in')
+    os.makedirs(folder)
+    paths = [os.path.join(folder, 'a.jpg')]
+    for out in (folder + os.sep, os.path.join(folder, '.'), os.path.relpath(folder)):
+        with pytest.raises(UserError, match='this folder holds the input image'):
+            infer.output_names(paths, out)
+    # a's overlay a_overlay.png is also the mask of the input a_overlay.jpg
+    with pytest.raises(UserError, match=r'a\.jpg and .*a_overlay\.jpg would both write .*a_overlay\.png'):
+        infer.output_names(['x/a.jpg', 'x/a_overlay.jpg'], str(tmp_path / 'o'))
+
+
 def test_use_probs_before_resize_flag(capsys):
     seg = config.segmentor_cfg()
     assert config.parse(seg, [], 'tiny')['use_probs_before_resize'] == 'auto'

@@ -216,6 +216,25 @@ def test_tensorboard_scalars_and_pictures(tmp_path):
     assert (img.step, img.width, img.height) == (20, 12, 8)
 
 
+def test_tensorboard_scalars_keys_and_steps_without_the_package(tmp_path, monkeypatch):
+    # what Writer hands SummaryWriter (the test above needs the optional package; this one runs everywhere)
+    calls = []
+
+    class FakeSummaryWriter:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def flush(self):
+            pass
+    monkeypatch.setattr(tboard, "require", lambda: FakeSummaryWriter)
+    w = tboard.Writer(str(tmp_path))
+    w.record(dict(kind="train", iteration=10, epoch=1, loss=2.5, skipped=0, finished=True, IoU=[0.5], amp="fp32"))
+    assert calls == [("train/loss", 2.5, 10), ("train/skipped", 0, 10)]
+
+
 def test_a_picture_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     from common.errors import UserError
     monkeypatch.setattr(visualize.cv2, "imwrite", lambda *a, **k: False)  # a full disk: OpenCV returns False
