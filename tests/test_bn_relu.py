@@ -333,6 +333,17 @@ def test_errors():
         ops.bn_relu(x, w, b, None, None, False, residual=x.double())
     with pytest.raises(RuntimeError, match="weight must have shape"):
         torch.ops.segfp16.bn_apply(x, w, w, w[:2], b, None, True)
+    # the op's own checks (the Python wrapper's are above): a residual, dy or y the loops would misread
+    x = make((2, 3, 4, 5), torch.float32, "cpu")
+    T = torch.ops.segfp16
+    with pytest.raises(RuntimeError, match="residual must have x's dtype"):
+        T.bn_apply(x, b, w, w, b, x.double(), True)
+    with pytest.raises(RuntimeError, match="residual must have x's shape"):
+        T.bn_apply(x, b, w, w, b, x[:, :, :3], True)
+    with pytest.raises(RuntimeError, match="dy must have x's dtype"):
+        T.bn_backward_reduce(x.half(), x, x, b, w, True)
+    with pytest.raises(RuntimeError, match="y must have x's shape"):
+        T.bn_backward_apply(x, x[:1], x, b, w, w, b, b, True, True)
 
 
 def test_pspnet_step_fused_matches_torch():
@@ -519,3 +530,117 @@ def test_eps_is_the_callers(training):
     want = F.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 0.1))
     got = ops.bn_relu(x, w, b, rm.clone(), rv.clone(), training, momentum=0.1, eps=0.1)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_residual_grad_with_frozen_affine():
+    """The residual's gradient follows its own requires_grad, not the BN parameters' (frozen weight and bias)."""
+    x = make((2, 4, 3, 5), torch.float32, "cpu")
+    w, b = params(4, "cpu")
+    r = make(x.shape, torch.float32, "cpu", mean=0.0, std=1.0, seed=5)
+    g = make(x.shape, torch.float32, "cpu", seed=6)
+    rs, rr = r.clone().requires_grad_(), r.clone().requires_grad_()
+    ops.bn_relu(x, w, b, None, None, True, residual=rs).backward(g)
+    reference(x, w, b, None, None, True, residual=rr).backward(g)
+    assert rs.grad is not None
+    torch.testing.assert_close(rs.grad, rr.grad, **GTOL[torch.float32])
+
+
+LAYOUTS = {"nchw": ((2, 8, 4, 4), False), "small_planes": ((2, 8, 3, 3), False), "channels_last": ((2, 8, 4, 4), True)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_passes_relu_and_its_mask(layout):
+    """A NaN pre-activation comes out of the ReLU as NaN (torch.relu), and a NaN y lets its gradient through the
+    mask (ATen's threshold_backward zeroes only where y <= 0), in each loop shape of csrc/bn_relu_cpu_loops.h."""
+    shape, cl = LAYOUTS[layout]
+    T = torch.ops.segfp16
+    x = make(shape, torch.float32, "cpu", cl)
+    x[1, 3, 2, 1] = float("nan")
+    dy = make(shape, torch.float32, "cpu", cl, seed=3)
+    w, b = params(8, "cpu")
+    mean, inv = torch.zeros(8), torch.ones(8)
+    y = T.bn_apply(x, mean, inv, w, b, None, True)
+    assert y[1, 3, 2, 1].isnan() and y.isnan().sum() == 1
+    _, dres = T.bn_backward_apply(dy, y, x, mean, inv, w, mean, mean, True, True)
+    assert dres[1, 3, 2, 1] == dy[1, 3, 2, 1] != 0
+    sum_dz, _ = T.bn_backward_reduce(dy, y, x, mean, inv, True)
+    torch.testing.assert_close(sum_dz, torch.where(y <= 0, 0.0, dy).sum((0, 2, 3)), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bf16_store_rounds_ties_to_even(layout):
+    """The hand-written float -> bf16 store (st in csrc/bn_relu_cpu_loops.h) rounds as c10 does: to nearest, ties
+    to even. x + residual is made exactly halfway between two bf16 values (half an ulp of x added, either sign;
+    exact in float), and the result must have the bits of torch's own conversion."""
+    shape, cl = LAYOUTS[layout]
+    x = make(shape, torch.bfloat16, "cpu", cl)
+    x = torch.where(x.abs() < 2 ** -20, torch.ones_like(x), x)
+    e = torch.exp2(torch.floor(torch.log2(x.float().abs())))  # x = m * e with 1 <= |m| < 2
+    sign = torch.where(make(shape, torch.float32, "cpu", cl, seed=4) < 0, -1.0, 1.0)
+    sign = torch.where(x.float().abs() == e, torch.sign(x.float()), sign)  # below a power of two the ulp halves
+    r = (sign * e * 2.0 ** -8).to(torch.bfloat16)  # half an ulp of x
+    C = shape[1]
+    y = torch.ops.segfp16.bn_apply(x, torch.zeros(C), torch.ones(C), torch.ones(C), torch.zeros(C), r, False)
+    want = (x.float() + r.float()).to(torch.bfloat16)
+    assert (want.float() != x.float() + r.float()).all()  # every value is a tie
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16))
+
+
+def test_sums_merged_in_double():
+    """The float partials are merged in double (csrc/bn_relu_cpu_loops.h): partials 2^24, 1, -2^24 (each exact in
+    float) give exactly 1, where a float merge gives 0 (2^24 + 1 rounds to 2^24). NCHW: one flush per image of
+    16384 values; channels_last: one partial per 256 rows."""
+    T = torch.ops.segfp16
+    for cl, shape in ((False, (3, 1, 128, 128)), (True, (3, 2, 16, 16))):
+        x = torch.empty(shape)
+        per = x[0].numel() // shape[1]  # values per channel and image
+        for n, part in enumerate((2.0 ** 24, 1.0, -(2.0 ** 24))):
+            x[n] = part / per  # a power of two: every float partial of the image is exact
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        count = x.numel() // shape[1]
+        mean, _ = T.bn_stats(x)
+        s0, _ = T.bn_backward_reduce(x, x, torch.zeros_like(x), torch.zeros(shape[1]), torch.ones(shape[1]), False)
+        assert (s0 == 1.0).all(), (cl, s0)
+        assert (mean == torch.tensor(1.0) / count).all(), (cl, mean)
+
+
+def test_channels_last_sums_independent_of_threads():
+    """channels_last sums with more chunks (256 rows each) than threads, each chunk a task (C >= 128): each chunk
+    fills its own partial, so the bits do not depend on the thread count (test_deterministic's maps are one task)."""
+    x = make((5, 128, 16, 16), torch.float32, "cpu", cl=True)
+    dy = make(x.shape, torch.float32, "cpu", cl=True, seed=2)
+    w, b = params(128, "cpu")
+    threads = torch.get_num_threads()
+    T, out = torch.ops.segfp16, []
+    try:
+        for nt in (1, 3):
+            torch.set_num_threads(nt)
+            mean, m2 = T.bn_stats(x)
+            inv = torch.rsqrt(m2 / 1280 + 1e-5)
+            y = T.bn_apply(x, mean, inv, w, b, None, True)
+            out.append((mean, m2) + T.bn_backward_reduce(dy, y, x, mean, inv, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, e) for a, e in zip(*out))
+
+
+def test_default_isa_is_the_best_this_cpu_runs(bn_ops):
+    """Without SEGFP16_CPU_ISA the widest variant the CPU runs is picked (csrc/bn_relu.cpp: cpu_loops): its flags
+    from /proc/cpuinfo, as __builtin_cpu_supports reads them."""
+    import subprocess
+    import sys
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    want = "avx512" if avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "avx2" if avx2 else "base"
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); "
+              "torch.ops.load_library(sys.argv[2]) if sys.argv[2] else __import__('common'); "
+              "print(torch.ops.segfp16.bn_cpu_isa())")
+    env = {k: v for k, v in os.environ.items() if k != "SEGFP16_CPU_ISA"}
+    proc = subprocess.run([sys.executable, "-c", script, ROOT, bn_ops or ""], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == want

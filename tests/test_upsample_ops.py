@@ -199,6 +199,49 @@ def test_ce_target_out_of_range_raises():
         ops.upsample_cross_entropy(logits, target)
 
 
+def test_ce_large_logits():
+    """Logits of a few hundred (a diverging fp32 run): the log-sum-exp must shift by the max, or exp overflows."""
+    logits, target = make_ce(CE_CASES[1], torch.float32, "cl")
+    x = (logits * 40).requires_grad_()
+    rx = x.detach().clone().requires_grad_()
+    loss, ref = ops.upsample_cross_entropy(x, target), ref_ce(rx, target)
+    assert ref.isfinite() and x.detach().abs().max() > 200  # exp(89) overflows float
+    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(x.grad, rx.grad, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+def test_concat_more_than_64_channels(layout):
+    """channels_last's backward (a channels_last grad_output) works in blocks of 64 channels (gather_from): 130
+    channels span three blocks, the last one partial, behind a first input (a channel offset). The pyramid's bins
+    have 512; the other tests have at most 8 channels."""
+    xs = make_inputs([(3, 4, 4), (130, 3, 3)], 2, torch.float32, layout, requires_grad=True)
+    rxs = [x.detach().clone().requires_grad_() for x in xs]
+    out, ref = ops.upsample_concat(xs, (7, 6)), ref_concat(rxs, (7, 6))
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    g = g.contiguous(memory_format=CL) if layout == "cl" else g  # the layout picks the backward's loop, not out's
+    out.backward(g)
+    ref.backward(g)
+    for x, rx in zip(xs, rxs):
+        torch.testing.assert_close(x.grad, rx.grad, **TOL[torch.float32])
+
+
+def test_ops_check_their_arguments():
+    """The ops' own checks, behind the Python wrappers (which widen the target and promote dtypes): what the
+    kernels would otherwise misread."""
+    T = torch.ops.segfp16
+    logits, target = make_ce(CE_CASES[1], torch.float32, "contig")
+    with pytest.raises(RuntimeError, match="target must be int64"):
+        T.upsample_cross_entropy(logits, target.int(), 255)
+    with pytest.raises(RuntimeError, match="target must be"):
+        T.upsample_cross_entropy(logits, torch.cat([target, target]), 255)
+    with pytest.raises(RuntimeError, match="Python wrapper promotes"):
+        T.upsample_concat([torch.randn(1, 2, 3, 3), torch.randn(1, 2, 2, 2, dtype=torch.float64)], [5, 5], False)
+
+
 def test_gradcheck_float64():
     xs = [t.requires_grad_() for t in make_inputs([(2, 3, 4), (1, 1, 1), (2, 5, 3)], 2, torch.float64, "contig")]
     assert torch.autograd.gradcheck(lambda *a: ops.upsample_concat(list(a), (5, 3)), xs)
