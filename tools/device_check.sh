@@ -309,7 +309,8 @@ if [ -n "${DEVICE_CHECK_COMPILE_TESTS:-}" ]; then
   else
     skip bench_train_compile "$NO_CUDA; the compiled rows time the card (inductor on a CPU box takes minutes)"
   fi
-  stage pytest_compile 60 env SEGFP16_COMPILE_TESTS=1 SEGFP16_INDUCTOR_TESTS=1 $PY -m pytest -q -x tests/test_compile.py
+  stage pytest_compile 60 env SEGFP16_COMPILE_TESTS=1 SEGFP16_INDUCTOR_TESTS=1 $PY -m pytest -q -x -m "slow or not slow" \
+    tests/test_compile.py
 fi
 
 echo >> "$SUMMARY"
