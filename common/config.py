@@ -189,7 +189,7 @@ DEFAULTS = dict(
     # --- device and kernels
     device='auto',  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     seed=0,  # data order, augmentation and init are a pure function of this (the reference does not seed, spec §7)
-    kernels='auto',  # auto (fused when common._C is built, else torch; logged) | fused | torch
+    kernels='auto',  # auto (fused when common._C is built, per op as measured: layers.AUTO; logged) | fused | torch
     channels_last=False,  # NHWC memory format for model and inputs
     compile='none',  # none | default | max-autotune: torch.compile the model's forward for training and evaluation
     tf32=False,  # the reference disables TF32 (spec §7.3); true allows it for matmul and cuDNN

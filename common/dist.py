@@ -338,7 +338,7 @@ def _sync_forward(module, x, residual, relu):
             factor = 1.0 / float(module.num_batches_tracked)
     track = module.track_running_stats
     from . import layers
-    impl = _FusedBN if layers.KERNELS == "fused" else _TorchBN
+    impl = _FusedBN if layers.fused("bn_act") else _TorchBN
     if impl is _FusedBN:
         from . import ops
         ops.require("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply")

@@ -40,7 +40,7 @@ def bare(model):
 
 
 def _cudnn_epilogue(x, relu):
-    return layers.KERNELS == "fused" and x.is_cuda and relu and x.dtype in (torch.float16, torch.float32)
+    return layers.fused("bn_act") and x.is_cuda and relu and x.dtype in (torch.float16, torch.float32)
 
 
 REFUSED = {}  # conv configuration -> cuDNN's error, for each one its fused call refused (Folded logs them)
@@ -224,7 +224,7 @@ def for_eval(model, cfg, amp=None, log=print):
     half = amp.dtype if amp is not None and (amp.use_autocast or amp.cast_model is not None) else None
     dtype = half or torch.float32
     fmt = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
-    key = (dtype, fmt, cfg.get("compile", "none"), layers.KERNELS)
+    key = (dtype, fmt, cfg.get("compile", "none"), layers.describe())
     hit = _CACHE.get(src)
     if hit is not None and hit[0] == key:
         hit[1].refresh()
@@ -232,7 +232,7 @@ def for_eval(model, cfg, amp=None, log=print):
     t0 = time.time()
     net = Folded(src, dtype, fmt, log)
     log(f"fold: {len(net.units)} conv-BN units folded into single convs ({str(dtype)[6:]}, "
-        f"{'channels_last' if fmt is torch.channels_last else 'NCHW'}, kernels {layers.KERNELS}) in "
+        f"{'channels_last' if fmt is torch.channels_last else 'NCHW'}, kernels {layers.describe()}) in "
         f"{time.time() - t0:.1f} s")
     from .compile import compile_module
     compile_module(net.net, cfg.get("compile", "none"), log, what="eval", dynamic=True)

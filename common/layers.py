@@ -9,17 +9,41 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 KERNELS = "torch"  # 'torch' | 'fused'; set once at start-up by set_kernels(), logged by the trainer
+OPS = ("bn_act", "upsample_concat", "upsample_ce")  # the blocks below that have a fused kernel
+KEEP_ATEN = frozenset()  # ops that stay on ATen under 'fused': where --kernels auto measured ATen faster
+
+# --kernels auto, per device type: (ops kept on ATen, why). Change it only with a measurement beside it.
+AUTO = {
+    "cpu": (frozenset(), "fused measured faster end to end, bench/results/2026-12-05-cpu-2core-epyc-train.md"),
+    "cuda": (frozenset(), "not yet measured on a card (issue #19), so all fused"),
+}
 
 
-def set_kernels(kind):
-    """Select the implementation of every block below; 'fused' needs the compiled extension (fails loudly if absent)."""
-    global KERNELS
+def set_kernels(kind, keep_aten=()):
+    """Select the implementation of every block below; 'fused' needs the compiled extension (fails loudly if absent).
+
+    keep_aten: ops of OPS that run the ATen composition even under 'fused' (how --kernels auto applies AUTO)."""
+    global KERNELS, KEEP_ATEN
     if kind not in ("torch", "fused"):
         raise ValueError(f"kernels must be 'torch' or 'fused', got {kind!r}")
+    unknown = sorted(set(keep_aten) - set(OPS))
+    if unknown:
+        raise ValueError(f"keep_aten: unknown ops {unknown}; the ops are {list(OPS)}")
     if kind == "fused":
         from . import ops
         ops.require()  # raises with the build command when common._C (or an op in it) is missing
-    KERNELS = kind
+    KERNELS, KEEP_ATEN = kind, frozenset(keep_aten)
+
+
+def fused(op):
+    """Whether block `op` (one of OPS) runs our kernel."""
+    return KERNELS == "fused" and op not in KEEP_ATEN
+
+
+def describe():
+    """KERNELS as the log and the eval copy's cache key name it: 'torch', 'fused', 'fused (ATen: upsample_ce)'."""
+    kept = [op for op in OPS if op in KEEP_ATEN]
+    return f"fused (ATen: {', '.join(kept)})" if KERNELS == "fused" and kept else KERNELS
 
 
 # ---- conv-BN-ReLU: the unit every backbone stage and head is built from
@@ -62,7 +86,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         factor = self._running_stat_factor()
         # the fused kernel computes local statistics, with or without the ReLU (relu=False: the downsample BN), so it
         # serves every unit of this class; a subclass with its own normalize() (SyncBN) keeps the composition
-        if KERNELS == "fused" and type(self).normalize is BatchNormAct2d.normalize:
+        if fused("bn_act") and type(self).normalize is BatchNormAct2d.normalize:
             from . import ops
             if self._use_batch_stats() and x.numel() == x.shape[1]:
                 # same refusal as F.batch_norm (1 value per channel, e.g. BN on 1x1 pooled maps at batch 1)
@@ -140,7 +164,7 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
 def upsample_concat(inputs, size):
     """Bilinearly resize each (B, C_i, h_i, w_i) map to `size` and concatenate on channels -> (B, sum C_i, *size)."""
     size = tuple(int(s) for s in size)
-    if KERNELS == "fused":
+    if fused("upsample_concat"):
         from . import ops
         return ops.upsample_concat(list(inputs), size, align_corners=False)
     # a map already at `size` is taken as is (the reference does not resize it; bilinear at scale 1 would copy it).
@@ -160,7 +184,7 @@ def seg_cross_entropy(logits, target, ignore_index=255):
     ssseg upsamples the logits to the crop size before the loss (spec §5). A target without any valid pixel gives
     0.0 (with a graph, so backward works) where F.cross_entropy's mean would give NaN (spec §6 edge case).
     """
-    if KERNELS == "fused":
+    if fused("upsample_ce"):
         from . import ops
         return ops.upsample_cross_entropy(logits, target, ignore_index=ignore_index)
     logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)

@@ -288,13 +288,14 @@ def _device(name):  # checked by config.parse (common.cli.check_device)
     return torch.device(name)
 
 
-def _kernels(kind, log):
+def _kernels(kind, device, log):
     import common
     if kind == "auto":
         if common.extension_loaded():
+            keep, why = layers.AUTO[device.type]
             try:
-                layers.set_kernels("fused")
-                return f"fused (auto; {common.build_info()})"
+                layers.set_kernels("fused", keep)
+                return f"{layers.describe()} (auto for {device.type}: {why}; {common.build_info()})"
             except Exception as e:  # built, but without an op we need: say so, then run the torch composition
                 log(f"kernels: fused unavailable ({e})")
         layers.set_kernels("torch")
@@ -389,7 +390,7 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     torch.backends.cudnn.benchmark = True
     seed_everything(cfg["seed"])
     log("config:\n" + "\n".join(config.format_config(cfg)))
-    log(f"kernels: {_kernels(cfg['kernels'], log)} | {dist.describe()} | device {device} | tf32 {cfg['tf32']}")
+    log(f"kernels: {_kernels(cfg['kernels'], device, log)} | {dist.describe()} | device {device} | tf32 {cfg['tf32']}")
 
     # the data first: a wrong --data_root fails before the model is built (--predict and --summary need none)
     root = None if cfg["predict"] or cfg["summary"] else data.dataset_root(cfg["data"], cfg["data_root"], log)

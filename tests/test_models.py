@@ -389,6 +389,56 @@ def test_kernels_switch_keeps_every_key(models, monkeypatch):
     assert shapes(fused.state_dict()) == shapes(models["deeplabv3plus"].state_dict())
 
 
+def test_keep_aten_routes_each_op_on_its_own(monkeypatch):
+    # --kernels auto may keep single ops on ATen (layers.AUTO, from a card's kernel table): each block must then take
+    # the composition while the others stay fused
+    from common import ops
+    calls = []
+    for name in ("bn_relu", "upsample_concat", "upsample_cross_entropy"):
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, **k: calls.append(_n) or "fused")
+    monkeypatch.setattr(ops, "require", lambda *names: None)  # the fakes above stand in for the compiled ops
+    monkeypatch.setattr(layers, "KERNELS", layers.KERNELS)  # both restored after the test
+    monkeypatch.setattr(layers, "KEEP_ATEN", layers.KEEP_ATEN)
+    bn, x = layers.BatchNormAct2d(3), torch.randn(2, 3, 4, 4)
+    feats, logits, target = [torch.randn(1, 2, 2, 2), torch.randn(1, 3, 4, 4)], torch.randn(1, 3, 2, 2), \
+        torch.zeros(1, 4, 4, dtype=torch.long)
+
+    def run():
+        calls.clear()
+        out = (bn(x), layers.upsample_concat(feats, (4, 4)), layers.seg_cross_entropy(logits, target))
+        return [o == "fused" if isinstance(o, str) else False for o in out]
+
+    layers.set_kernels("fused", keep_aten={"upsample_ce"})
+    assert run() == [True, True, False] and calls == ["bn_relu", "upsample_concat"]
+    assert layers.describe() == "fused (ATen: upsample_ce)"
+    layers.set_kernels("fused", keep_aten=("upsample_ce", "bn_act"))
+    assert run() == [False, True, False] and layers.describe() == "fused (ATen: bn_act, upsample_ce)"
+    layers.set_kernels("torch")  # 'torch' clears the kept set: every op on ATen, and said so plainly
+    assert run() == [False, False, False] and calls == [] and layers.describe() == "torch"
+    layers.set_kernels("fused")
+    assert run() == [True, True, True] and layers.describe() == "fused"
+    with pytest.raises(ValueError, match=r"unknown ops \['bn_relu'\]; the ops are \['bn_act', "):
+        layers.set_kernels("fused", keep_aten={"bn_relu"})
+
+
+def test_kernels_auto_applies_the_device_table_and_logs_why(monkeypatch):
+    import common
+    from common import train
+    if not common.extension_loaded():
+        pytest.skip("common._C is not built")
+    monkeypatch.setattr(layers, "KERNELS", layers.KERNELS)
+    monkeypatch.setattr(layers, "KEEP_ATEN", layers.KEEP_ATEN)
+    monkeypatch.setitem(layers.AUTO, "cpu", (frozenset({"upsample_concat"}), "measured in test"))
+    line = train._kernels("auto", torch.device("cpu"), print)
+    assert line.startswith("fused (ATen: upsample_concat) (auto for cpu: measured in test; common._C: ")
+    assert layers.fused("bn_act") and not layers.fused("upsample_concat") and layers.fused("upsample_ce")
+    assert train._kernels("fused", torch.device("cpu"), print).startswith("fused (common._C: ")  # all, as asked
+    assert layers.KEEP_ATEN == frozenset()
+    assert set(layers.AUTO) == {"cpu", "cuda"}  # every --device config.parse accepts has an entry
+    for keep, why in layers.AUTO.values():
+        assert keep <= set(layers.OPS) and why
+
+
 # ---- building blocks (torch path) against plain PyTorch
 
 @pytest.mark.parametrize("momentum", [0.1, None])
