@@ -652,3 +652,56 @@ def test_describe_and_errors():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             Amp("torch", device="cuda")
+
+
+# -----------------------------------------------------------------------------
+# gradient accumulation, describe() per mode, apex's scale bounds
+
+
+@pytest.mark.parametrize("kind,opt_level,dtype", [("none", "O1", torch.float16), ("apex", "O1", torch.float16),
+                                                  ("apex", "O2", torch.float16), ("apex", "O3", torch.bfloat16)])
+def test_gradient_accumulation_an_overflow_in_an_earlier_backward_still_skips(kind, opt_level, dtype):
+    """apex accumulates: an inf/NaN in the first of two backward passes must skip the step even though the second
+    one was clean (its inf is in the summed gradient)."""
+    model, opt, amp = make(kind, opt_level, dtype)
+    assert train_step(model, opt, amp, *batch(0)) is False  # momentum buffers exist from here on
+    before = snapshot(model, opt)
+    opt.zero_grad()
+    for i, poison in ((1, model.conv1.weight), (2, None)):
+        handle = poison.register_hook(lambda g: torch.full_like(g, float("inf"))) if poison is not None else None
+        with amp.autocast():
+            loss = F.cross_entropy(model(batch(i)[0])["out"], batch(i)[1])
+        amp.backward(loss, opt)
+        if handle is not None:
+            handle.remove()
+    assert amp.step(opt) is True
+    after = snapshot(model, opt)
+    assert same(before[0], after[0]) and same(before[1], after[1])
+    assert all(p.grad is None for p in amp_mod._optimizer_params(opt))
+
+
+def test_describe_says_what_each_mode_casts_and_scales():
+    """The log's amp line, mode by mode (amp_spec §2.1): only fp16 apex O1/O2 and torch fp16 scale the loss."""
+    for opt_level, dtype, how in (("O0", torch.float16, "fp32"), ("O3", torch.float16, "pure half"),
+                                  ("O3", torch.bfloat16, "pure half"), ("O1", torch.bfloat16, "as the O1 cast policy")):
+        d = make("apex", opt_level, dtype)[2].describe()
+        assert d.startswith(f"amp=apex {opt_level} (") and how in d and d.endswith("no loss scaling"), d
+        assert "dynamic" not in d, d
+    d = make("apex", "O2")[2].describe()
+    assert "half model, fp32 BatchNorm, fp32 master weights" in d and d.endswith("fp16, dynamic loss scale 65536"), d
+    d = make("torch", dtype=torch.bfloat16)[2].describe()
+    assert d.endswith("bf16, no loss scaling (bf16))") and "GradScaler" not in d, d
+    d = make("torch", dtype=torch.float16)[2].describe()
+    assert "torch.amp.GradScaler('cpu') init scale 65536" in d and "no loss scaling" not in d, d
+
+
+def test_from_fp16_cfg_takes_apex_scale_bounds_and_refuses_a_static_scale():
+    """apex's initialize() keys we honour (min/max_loss_scale) reach the scaler; a static loss_scale, which we do not
+    implement, is an error naming it, never silently turned into dynamic scaling (ssseg_spec §9, amp_spec §2.2)."""
+    a = Amp.from_fp16_cfg({"type": "apex", "initialize": {"opt_level": "O1", "min_loss_scale": 2.0,
+                                                          "max_loss_scale": 2.**10}}, "cpu")
+    assert (a.scaler.min_loss_scale, a.scaler.max_loss_scale, a.loss_scale) == (2.0, 2.**10, 2.**10)
+    assert Amp.from_fp16_cfg({"type": "apex", "initialize": {"loss_scale": "dynamic"}}, "cpu").scaler.dynamic
+    for static in (128.0, 1.0):
+        with pytest.raises(amp_mod.Fp16CfgError, match="loss_scale"):
+            Amp.from_fp16_cfg({"type": "apex", "initialize": {"opt_level": "O1", "loss_scale": static}}, "cpu")

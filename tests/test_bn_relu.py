@@ -638,3 +638,29 @@ def test_default_isa_is_the_best_this_cpu_runs():
     avx2 = {"avx2", "fma", "f16c"} <= flags
     want = "avx512" if avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "avx2" if avx2 else "base"
     assert torch.ops.segfp16.bn_cpu_isa() == want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_opcheck_half_inputs(dtype):
+    """The fake kernels on half x with fp32 weight and stats (BN under autocast): per-channel statistics are
+    fp32 and outputs keep x's dtype and layout (test_opcheck covers fp32 x only)."""
+    x = make((2, 5, 3, 4), torch.float32, "cpu", cl=True).to(dtype)
+    w, b = params(5, "cpu")
+    T = torch.ops.segfp16
+    torch.library.opcheck(T.bn_stats, (x,))
+    torch.library.opcheck(T.bn_relu_train, (x.detach().requires_grad_(), w.detach().requires_grad_(),
+                                            b.detach().requires_grad_(), None, 1e-5, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eval_on_half_x_takes_the_fp32_running_stats_in_float(dtype):
+    """eval under autocast / --eval_amp: half x with fp32 running stats. invstd is computed in float, so a
+    running_var beyond fp16's range (65504) or below bf16's precision still normalises (test_dtypes trains only)."""
+    x = make((2, 4, 3, 3), torch.float32, "cpu", mean=0.0, std=300.0).to(dtype)
+    w, b = params(4, "cpu")
+    rm = torch.tensor([100.0, 0.0, 0.1, -50.0])
+    rv = torch.tensor([7e4, 1.0, 1.0001, 9e4])
+    y = ops.bn_relu(x, w, b, rm, rv, False, relu=False)
+    assert y.dtype == dtype
+    ref = reference(x.float(), w, b, rm, rv, False, relu=False)
+    assert_close(y.float(), ref, GTOL[dtype])

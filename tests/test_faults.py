@@ -292,16 +292,17 @@ class ScriptedAmp:
         return skipped
 
 
-def _scripted(tmp_path, script, max_skipped, start=0.0):
+def _scripted(tmp_path, script, max_skipped, start=0.0, start_iter=0):
     model = BNNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     amp = ScriptedAmp(script)
     amp.loss_scale = start or amp.loss_scale
-    cfg = dict(config.DEFAULTS, num_classes=2, max_iters=len(script), batch_size=2, num_workers=0, log_interval=1,
-               eval_interval_epochs=0, save_interval_epochs=0, work_dir=str(tmp_path), max_skipped_steps=max_skipped)
+    cfg = dict(config.DEFAULTS, num_classes=2, max_iters=start_iter + len(script), batch_size=2, num_workers=0,
+               log_interval=1, eval_interval_epochs=0, save_interval_epochs=0, work_dir=str(tmp_path),
+               max_skipped_steps=max_skipped)
     loader = data.train_loader(Toy(), 2, 0, seed=0, num_items=4)
     try:
-        train.fit(cfg, model, opt, amp, loader, None, 0, "cpu", train.Logger(str(tmp_path)))
+        train.fit(cfg, model, opt, amp, loader, None, start_iter, "cpu", train.Logger(str(tmp_path)))
     except train.TooManySkippedSteps as e:
         return amp.i, str(e)
     return amp.i, None
@@ -322,6 +323,21 @@ def test_max_skipped_steps_ignores_the_loss_scale_warm_up(tmp_path):
     # no dynamic scale (fp32, bf16, O3): the scale does not move, so every skip counts from the first
     static = [(True, 1.0)] * 4
     assert _scripted(tmp_path / "d", static, max_skipped=2, start=1.0)[0] == 2
+
+
+def test_a_clean_step_resets_the_count_of_consecutive_skips(tmp_path):
+    """--max_skipped_steps counts skips in a row: two runs of 2 skips split by a clean step never stop a
+    --max_skipped_steps 3 run (the storm above has no counted skip before its clean step)."""
+    script = [(False, 1.0), (True, 1.0), (True, 1.0), (False, 1.0), (True, 1.0), (True, 1.0)]
+    assert _scripted(tmp_path, script, max_skipped=3, start=1.0) == (6, None)
+
+
+def test_a_resumed_run_has_no_loss_scale_warm_up(tmp_path):
+    """a resumed run's loss scale comes from its checkpoint, already settled, so its skips count from the
+    first one even while they halve a scale >= 1 (fit: settled = start_iter > 0)."""
+    halving = [(True, 32768.), (True, 16384.), (True, 8192.), (True, 4096.)]
+    n, msg = _scripted(tmp_path, halving, max_skipped=2, start=65536., start_iter=2)
+    assert n == 2 and "stopping at iteration 4: the last 2 steps were all skipped" in msg  # (fresh: 4 steps, above)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -161,6 +161,24 @@ def _records(tmp_path):
         return [json.loads(line) for line in f]
 
 
+def test_seg_loss_is_cls_plus_aux_weight_times_the_aux_ce():
+    """spec §6, loss = CE(out) + 0.4 CE(aux), each CE on logits upsampled to the crop, the aux term logged
+    already weighted; against F.interpolate + F.cross_entropy (no tiny-net run can tell a dropped 0.4)."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    out = {'out': torch.randn(2, 3, 4, 4, generator=g), 'aux': torch.randn(2, 3, 4, 4, generator=g) * 3}
+    targets = torch.randint(0, 3, (2, 16, 16), generator=g)
+    targets[0, :4] = data.IGNORE_INDEX
+
+    def ce(logits):
+        up = F.interpolate(logits.double(), size=(16, 16), mode='bilinear', align_corners=False)
+        return F.cross_entropy(up, targets, ignore_index=data.IGNORE_INDEX).item()
+    total, cls, aux = train.seg_loss(out, targets, 0.4)  # the torch composition (KERNELS' default)
+    assert cls.item() == pytest.approx(ce(out['out']), rel=1e-5)
+    assert aux.item() == pytest.approx(0.4 * ce(out['aux']), rel=1e-5)
+    assert total.item() == pytest.approx(ce(out['out']) + 0.4 * ce(out['aux']), rel=1e-5)
+
+
 def test_all_ignore_batches_give_zero_loss(tmp_path):
     _, model = _fit(tmp_path, empty=True)
     recs = [r for r in _records(tmp_path) if r['kind'] == 'train']
@@ -177,6 +195,39 @@ def test_each_optimizer_step_uses_the_poly_lr_of_the_finished_iterations(tmp_pat
     _fit(tmp_path, model=model, lr=0.02, min_lr=0.001, power=0.9,
          hook=lambda opt: opt.register_step_pre_hook(lambda o, *_: seen.append(o.param_groups[0]['lr'])))
     assert seen == [train.poly_lr(i, 6, 0.02, 0.9, 0.001) for i in range(6)] and seen[0] == 0.02
+
+
+def test_the_optimizer_steps_with_the_configured_poly_power(tmp_path):
+    """--power reaches the schedule (the test above uses the default 0.9, so a hard-coded power passes it)."""
+    model, seen = TinyNet(), []
+    _fit(tmp_path, model=model, lr=0.02, min_lr=0.0, power=2.0,
+         hook=lambda opt: opt.register_step_pre_hook(lambda o, *_: seen.append(o.param_groups[0]['lr'])))
+    assert seen == pytest.approx([0.02 * (1 - i / 6) ** 2 for i in range(6)], rel=1e-12)
+
+
+@pytest.mark.parametrize('max_iters', [6, 5])
+def test_progress_lines_number_epochs_from_one_like_the_records(tmp_path, max_iters):
+    """The log line's `ep E/N` is the 1-based epoch of its iteration, as in metrics.jsonl, out of the epochs
+    the schedule touches (2 iterations per epoch: iterations 1-2 are epoch 1, ...; 5 iterations end in a 3rd)."""
+    _fit(tmp_path, max_iters=max_iters)
+    with open(tmp_path / 'log.txt') as f:
+        text = f.read()
+    eps = [tuple(map(int, m.groups())) for m in re.finditer(rf' it (\d+)/{max_iters} ep (\d+)/3 ', text)]
+    assert eps == [(i, (i + 1) // 2) for i in range(1, max_iters + 1)]
+    recs = [r for r in _records(tmp_path) if r['kind'] == 'train']
+    assert [(r['iteration'], r['epoch']) for r in recs] == eps
+    how = '3 epochs x 2' if max_iters == 6 else '--max_iters, within 3 epochs of 2'
+    assert f'schedule: {max_iters} iterations = {how} iterations/epoch' in text
+
+
+def test_a_mid_epoch_checkpoint_names_the_epoch_its_next_iteration_belongs_to(tmp_path):
+    """common/checkpoint.py's format: `epoch` is the epoch the next iteration belongs to (iteration // ipe),
+    so a planned stop at iteration 3 of 2-iteration epochs saves epoch 1, the end of epoch 1 epoch 1."""
+    _fit(tmp_path, stop_iters=3)
+    folder = str(tmp_path)
+    ck = {f: checkpoint.load(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith('.pth')}
+    assert {f: (c['iteration'], c['epoch']) for f, c in ck.items()} == {'checkpoint-epoch-1.pth': (2, 1),
+                                                                        'checkpoint-iter-3.pth': (3, 1)}
 
 
 def test_overflow_stops_with_last_checkpoint_intact(tmp_path):
@@ -203,6 +254,28 @@ def test_overflow_stops_with_last_checkpoint_intact(tmp_path):
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all() and torch.equal(p, ck['model'][name]), name
     assert not [f for f in os.listdir(tmp_path) if '.tmp-' in f]  # no half-written temp files left behind
+
+
+def test_a_step_skipped_for_its_gradients_puts_the_bn_statistics_back(tmp_path):
+    """a step skipped for non-finite GRADIENTS (the BN buffers stayed finite, so guard.finite() saw nothing)
+    must still put back the running stats its forward moved: after the stop the model equals its last checkpoint,
+    buffers included (common/guard.py: a skipped step leaves every tensor of the model as it was)."""
+    model = TinyNet()
+    calls = []
+
+    def inject(mod, args):  # from the 3rd forward on: inf logits after the BN (-> NaN grads, finite BN buffers)
+        calls.append(1)
+        if len(calls) == 3:
+            model.gain = float('inf')
+    model.register_forward_pre_hook(inject)
+    with pytest.raises(train.TooManySkippedSteps):
+        _fit(tmp_path, model=model, max_skipped_steps=2)
+    ck = checkpoint.load(checkpoint.resolve('auto', str(tmp_path)))
+    assert ck['iteration'] == 2
+    bn = model.backbone_net[1]
+    assert int(bn.num_batches_tracked) == 2 and torch.isfinite(bn.running_var).all()
+    for name, v in model.state_dict().items():
+        assert torch.equal(v, ck['model'][name]), name
 
 
 def test_checkpoint_save_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):

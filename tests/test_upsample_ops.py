@@ -124,6 +124,16 @@ def test_concat_align_corners_and_promotion(align_corners):
     torch.testing.assert_close(out, ref_concat([x.double() for x in xs], (11, 6), align_corners), **TOL[torch.float64])
 
 
+def test_concat_promotes_to_the_widest_input_wherever_it_is():
+    """The wrapper promotes like torch.cat whichever input is widest (the test above has it first): a bf16
+    map then an fp32 one give fp32, the fp32 one not rounded to bf16."""
+    xs = [torch.randn(2, 3, 5, 4).to(torch.bfloat16), torch.randn(2, 2, 3, 7) * 1000 + 0.1]
+    out = ops.upsample_concat(xs, (11, 6))
+    assert out.dtype == torch.float32
+    # values ~1000: bf16 would round them by up to 4; fp32 interpolation is good to ~1e-4 there
+    torch.testing.assert_close(out, ref_concat([x.float() for x in xs], (11, 6)), rtol=1e-5, atol=1e-2)
+
+
 def test_concat_errors():
     with pytest.raises(RuntimeError, match="batch"):
         ops.upsample_concat([torch.randn(2, 3, 4, 4), torch.randn(3, 3, 4, 4)], (8, 8))
@@ -434,3 +444,45 @@ def test_the_torch_composition_honours_another_ignore_index():
     finally:
         layers.KERNELS = old
     torch.testing.assert_close(loss, ref_ce(logits, target, 3), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_opcheck_half_inputs(dtype):
+    """The fake kernels (torch.compile) on what autocast hands the ops: half logits give an fp32 loss and
+    lse, half inputs give half outputs and gradients, in the real kernels' layouts (test_opcheck covers fp32 only)."""
+    for layout in ("contig", "cl"):
+        xs = make_inputs([(2, 3, 4), (1, 1, 1)], 2, dtype, layout, requires_grad=True)
+        torch.library.opcheck(torch.ops.segfp16.upsample_concat.default, (xs, [5, 3], False))
+        logits, target = make_ce((2, 4, 3, 4, 7, 9), dtype, layout)
+        torch.library.opcheck(torch.ops.segfp16.upsample_cross_entropy.default, (logits.requires_grad_(), target, 255))
+
+
+def test_opcheck_ce_backward():
+    """The CE backward op's fake kernel (test_opcheck checks upsample_concat_backward only): the gradient
+    has the logits' dtype and layout, channels_last included."""
+    for layout in ("contig", "cl"):
+        for dtype in (torch.float32, torch.bfloat16):
+            logits, target = make_ce((2, 4, 3, 4, 7, 9), dtype, layout)
+            _, lse = torch.ops.segfp16.upsample_cross_entropy(logits, target, 255)
+            torch.library.opcheck(torch.ops.segfp16.upsample_cross_entropy_backward.default,
+                                  (torch.tensor(1.0), logits, target, lse, 255))
+
+
+def test_fake_layout_of_an_ambiguous_first_input_is_the_kernels():
+    """a (B, C, 1, 1) or (B, 1, H, W) map is both contiguous and channels_last; the kernels (csrc/upsample.h
+    layout_of) write NCHW outputs from it, and the fake kernels must say the same (test_opcheck's first inputs are
+    unambiguous)."""
+    for t0 in (torch.randn(2, 3, 1, 1), torch.randn(2, 1, 4, 5)):
+        assert ops.layout_of(t0) == torch.contiguous_format
+        xs = [t0, torch.randn(2, 2, 3, 3)]
+        assert ops.upsample_concat(xs, (5, 3)).is_contiguous()
+        torch.library.opcheck(torch.ops.segfp16.upsample_concat.default, (xs, [5, 3], False))
+
+
+def test_require_names_the_missing_ops_and_the_build_command():
+    """ops.require is the one clear error for a missing or stale common._C (test_cli fakes it)."""
+    import common
+    ops.require("upsample_concat", "bn_stats")  # all present: no error
+    with pytest.raises(RuntimeError, match=r"lacks \['no_such_op'\]") as e:
+        ops.require("upsample_concat", "no_such_op")
+    assert common.BUILD_COMMAND in str(e.value) and "--kernels torch" in str(e.value)
