@@ -40,7 +40,7 @@ def bare(model):
 
 
 def _cudnn_epilogue(x, relu):
-    return layers.fused("bn_act") and x.is_cuda and relu and x.dtype in (torch.float16, torch.float32)
+    return layers.fused("cudnn_conv_relu") and x.is_cuda and relu and x.dtype in (torch.float16, torch.float32)
 
 
 REFUSED = {}  # conv configuration -> cuDNN's error, for each one its fused call refused (Folded logs them)

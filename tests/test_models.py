@@ -3,6 +3,7 @@ import ast
 import importlib
 import io
 import os
+import types
 
 import pytest
 import torch
@@ -419,6 +420,12 @@ def test_keep_aten_routes_each_op_on_its_own(monkeypatch):
     assert run() == [True, True, True] and layers.describe() == "fused"
     with pytest.raises(ValueError, match=r"unknown ops \['bn_relu'\]; the ops are \['bn_act', "):
         layers.set_kernels("fused", keep_aten={"bn_relu"})
+    # the folded eval copy's cuDNN conv+ReLU is chosen the same way (it reads only is_cuda and dtype)
+    from common import fold
+    card = types.SimpleNamespace(is_cuda=True, dtype=torch.float16)
+    assert fold._cudnn_epilogue(card, relu=True)
+    layers.set_kernels("fused", keep_aten={"cudnn_conv_relu"})
+    assert not fold._cudnn_epilogue(card, relu=True) and run() == [True, True, True]
 
 
 def test_kernels_auto_applies_the_device_table_and_logs_why(monkeypatch):
