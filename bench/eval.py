@@ -5,7 +5,9 @@ repetitions interleaved (so load drift hits all alike):
   unfolded  the trained module in eval mode (conv, then BatchNormAct2d), half precision via torch.autocast, as the
             trainer's evaluation ran before common/fold.py;
   folded    common.fold.Folded: each conv-BN(-add)-ReLU unit one conv with bias + ReLU (+ residual) epilogue, the
-            copy cast to the precision (no autocast);
+            copy cast to the precision (no autocast); with --kernels fused on CUDA, one cuDNN call per unit;
+  folded_plain  the same copy with the epilogue as conv + in-place add / ReLU, whatever --kernels says: beside
+            `folded` under --kernels fused it measures the cuDNN call (layers.AUTO's cudnn_conv_relu entry);
   compiled  the folded copy under torch.compile (--compile mode, dynamic=True as the trainer's eval); its first call
             (trace + compile + one run) is reported separately as compile s.
 Each timed call is model(x)['out'] on a random (1, 3, H, W) image under torch.inference_mode, median of --reps after
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 from train import (MODELS, construct, cpu_name, csv, error_line, fmt, git_commit, md_table, sync,  # noqa: E402 (bench/train.py)
                    write_tables)
 
-VARIANTS = ("unfolded", "folded", "compiled")
+VARIANTS = ("unfolded", "folded", "folded_plain", "compiled")
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
@@ -71,7 +73,7 @@ def build_variants(model, variants, dtype, memory_format, device, compile_mode, 
     """{variant: callable(x) -> logits}; plus {variant: compile seconds} filled by the first call of 'compiled'."""
     import contextlib
 
-    from common import fold
+    from common import fold, layers
     from common.compile import compile_module
     model = model.to(device, memory_format=memory_format).eval()
     half = dtype != torch.float32
@@ -82,9 +84,19 @@ def build_variants(model, variants, dtype, memory_format, device, compile_mode, 
             with torch.inference_mode(), ctx:
                 return model(x)["out"]
         fns["unfolded"] = unfolded
-    if "folded" in variants:
+    if "folded" in variants or "folded_plain" in variants:
         folded = fold.Folded(model, dtype, memory_format)
+    if "folded" in variants:
         fns["folded"] = lambda x: folded(x)["out"]
+    if "folded_plain" in variants:
+        def folded_plain(x):
+            kept = layers.KEEP_ATEN
+            layers.KEEP_ATEN = kept | {"cudnn_conv_relu"}  # per call: the variants' repetitions interleave
+            try:
+                return folded(x)["out"]
+            finally:
+                layers.KEEP_ATEN = kept
+        fns["folded_plain"] = folded_plain
     if "compiled" in variants:
         compiled = fold.Folded(model, dtype, memory_format)
         compile_module(compiled.net, compile_mode, log, what="eval", dynamic=True)

@@ -265,12 +265,13 @@ def test_kernels_conv_top_keeps_the_most_step_time(tmp_path):
 
 
 def test_eval_quick_rows(tmp_path):
-    run(["bench/eval.py", "--quick", "--variants", "unfolded,folded"], tmp_path)
+    run(["bench/eval.py", "--quick", "--variants", "unfolded,folded,folded_plain"], tmp_path)
     with open(tmp_path / "eval.json") as f:
         res = json.load(f)
     rows = res["rows"]
     assert [(r["model"], r["size"], r["dtype"], r["variant"]) for r in rows] == [
-        ("fcn", "32x48", "float32", "unfolded"), ("fcn", "32x48", "float32", "folded")]
+        ("fcn", "32x48", "float32", "unfolded"), ("fcn", "32x48", "float32", "folded"),
+        ("fcn", "32x48", "float32", "folded_plain")]
     for r in rows:
         assert r["ms_min"] <= r["ms"] <= r["ms_max"] and r["img_per_s"] == pytest.approx(1e3 / r["ms"])
     assert rows[0]["vs_unfolded"] == pytest.approx(1.0)
@@ -429,6 +430,32 @@ def test_kernels_survive_failures(tmp_path, monkeypatch, capsys):
     assert "error: RuntimeError: CUDA error: an illegal memory access" in md and "Slowest row" in md
     out = capsys.readouterr()
     assert "2 row(s) or section(s) failed" in out.out and "Traceback" in out.err
+
+
+def test_eval_folded_plain_turns_only_the_cudnn_epilogue_off_for_its_own_calls(monkeypatch):
+    # beside `folded` under --kernels fused, `folded_plain` must time the same copy with the plain epilogue: the
+    # cuDNN call kept on ATen during its calls only (the variants' repetitions interleave), every other op as it was
+    ev = _bench("eval")
+    from common import fold, layers
+    seen = []
+    real = fold.folded_conv
+
+    def spy(*a, **k):
+        seen.append((layers.fused("cudnn_conv_relu"), layers.fused("bn_act")))
+        return real(*a, **k)
+    monkeypatch.setattr(fold, "folded_conv", spy)
+    monkeypatch.setattr(layers, "KERNELS", "fused")  # no set_kernels(): on a CPU the folded copy runs no fused op
+    monkeypatch.setattr(layers, "KEEP_ATEN", frozenset({"upsample_ce"}))
+    fns = ev.build_variants(ev.construct("fcn"), ["folded", "folded_plain"], torch.float32, torch.contiguous_format,
+                            torch.device("cpu"), "default", log=print)
+    x = torch.randn(1, 3, 32, 48)
+    with torch.inference_mode():
+        a = fns["folded"](x)
+        n = len(seen)
+        b = fns["folded_plain"](x)
+    assert n > 0 and set(seen[:n]) == {(True, True)} and set(seen[n:]) == {(False, True)}
+    assert layers.KEEP_ATEN == frozenset({"upsample_ce"})  # put back after the call
+    torch.testing.assert_close(a, b)  # on a CPU both are the plain form
 
 
 def test_eval_survives_a_failing_row(tmp_path, monkeypatch):

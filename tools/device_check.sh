@@ -13,7 +13,8 @@
 #    5 bench_train  batch 16 at 512x512: ours fp16 fused / torch x NCHW (the trainer's default) / channels_last,
 #                   our fp32 base (the reference's setting), the torchvision peer (img/s, memory, MFU)
 #    6 profile      torch.profiler of fp16 PSPNet steps, torch vs fused kernels (bench/step_profile.py)
-#    7 bench_kernels (our ops), 8 sanitizer_memcheck / racecheck (our kernels only), 9 bench_eval (unfolded, folded),
+#    7 bench_kernels (our ops), 8 sanitizer_memcheck / racecheck (our kernels only), 9 bench_eval (unfolded, folded
+#      with and without cuDNN's conv+ReLU call),
 #      bench_eval_sizes (cudnn.benchmark on / off at new image sizes), bench_kernels_conv (PSPNet's convolutions),
 #      bench_eval_compiled (an inductor compile: last)
 #    DEVICE_CHECK_COMPILE_TESTS=1 adds the compiled training rows (bench_train_compile) and the compile tests: cold
@@ -286,7 +287,8 @@ fi
 # ---- 9: eval img/s unfolded / folded (fp16 first: each row is logged as it finishes), what a new eval image size
 # costs, the conv table, then the compiled folded eval copy (an inductor compile, tens of seconds: last)
 if [ $CUDA = 1 ]; then
-  stage bench_eval 20 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half,fp32 --variants unfolded,folded \
+  stage bench_eval 20 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half,fp32 \
+    --variants unfolded,folded,folded_plain \
     --reps 5 --warmup 2 --kernels fused --out "$LOGS/eval"
   stage bench_eval_sizes 20 $PY bench/eval_sizes.py --sizes 4 --out "$LOGS/eval_sizes"
   # PSPNet's convolutions in fp16 only, the 12 with the most step time (all four models x four dtypes take minutes;
@@ -296,7 +298,7 @@ if [ $CUDA = 1 ]; then
   stage bench_eval_compiled 30 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half \
     --variants folded,compiled --reps 5 --warmup 2 --kernels fused --out "$LOGS/eval_compiled"
 else
-  stage bench_eval 20 $PY bench/eval.py --quick --variants unfolded,folded --out "$LOGS/eval"
+  stage bench_eval 20 $PY bench/eval.py --quick --variants unfolded,folded,folded_plain --out "$LOGS/eval"
   stage bench_eval_sizes 20 $PY bench/eval_sizes.py --quick --out "$LOGS/eval_sizes"
   stage bench_kernels_conv 45 env CONV_DTYPES=fp32 CONV_TOP=2 $PY bench/kernels.py --quick --only conv \
     --out "$LOGS/kernels_conv"
