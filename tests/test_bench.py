@@ -152,6 +152,47 @@ def test_add_ratios_by_hand():
     assert (compiled["vs_fp32"], compiled["vs_peer"], compiled["mem_vs_fp32"]) == (5.0, 2.0, 0.5)
     assert (small["vs_fp32"], small["vs_peer"], small["mem_vs_fp32"]) == (2.0, 3.0, 0.5)
     assert rows[0]["vs_fp32"] == 1.0 and rows[0]["mfu"] == 0.05
+    assert rows[5]["mfu"] == 0.02 and "vs_fp32" not in rows[5]  # a peer has an MFU too, and no ratios of ours
+
+
+def test_train_goals_verdict_counts_an_unmeasured_goal_as_not_met():
+    bench = _bench("train")
+    head = {"card": "NVIDIA H100 80GB HBM3 (79 GiB)", "crop": 512}
+    row = dict(model="pspnet", mode="fp16", kernels="fused", format="nhwc", batch=16, compile="none", status="ok",
+               img_per_s=400.0, vs_peer=None, vs_fp32=None, mem_vs_fp32=None)  # no fp32 base, no peer ran
+    assert bench.goals_verdict(head, [row]) == "goals not met: vs tv, vs fp32, mem vs fp32"
+
+
+def test_train_main_goes_on_past_a_failing_row(tmp_path, monkeypatch, capsys):
+    """A row that raises is an error row and the rows after it still run; an OOM row is no failure; the exit is
+    non-zero; the table, its ratios and the VERDICT line cover every row (timings faked: their arithmetic only)."""
+    bench = _bench("train")
+    ms = {"fp32": 100.0, "fp16": 50.0, "tv_fcn": 10.0}
+
+    def fake_time_steps(step, images, labels, warmup, steps, device):
+        if step == "bf16":
+            raise ValueError("cuDNN cannot do this")
+        if step == "apex-O1":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return ms[step], ms[step], ms[step], None, 1.0
+    monkeypatch.setattr(bench, "construct", lambda name: None)
+    monkeypatch.setattr(bench, "train_flops", lambda name, crop, model: 1e9)
+    monkeypatch.setattr(bench, "build_ours", lambda model, mode, *rest: (mode, None, f"amp {mode}"))
+    monkeypatch.setattr(bench, "build_peer", lambda name, *rest: (name, None, "torchvision"))
+    monkeypatch.setattr(bench, "time_steps", fake_time_steps)
+    with pytest.raises(SystemExit, match=r"^1 row\(s\) failed"):
+        bench.main(["--quick", "--device", "cpu", "--modes", "fp32,bf16,apex-O1,fp16", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "train.json").read_text())["rows"]
+    assert [(r["model"], r["mode"], r["status"]) for r in rows] == [
+        ("fcn", "fp32", "ok"), ("fcn", "bf16", "error: ValueError: cuDNN cannot do this"), ("fcn", "apex-O1", "OOM"),
+        ("fcn", "fp16", "ok"), ("tv_fcn", "autocast", "ok")]
+    assert rows[3]["img_per_s"] == 40.0 and rows[3]["vs_fp32"] == 2.0 and rows[3]["vs_peer"] == 0.2
+    md = (tmp_path / "train.md").read_text()
+    assert "| fcn | bf16 | torch | nchw | none | 2 | - |" in md and "| error: ValueError: cuDNN cannot do this |" in md
+    assert md.rstrip().splitlines()[-1].startswith("Goals: not judged here")  # the goals' line closes the table
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == (
+        "VERDICT: 3/5 rows ok, 1 failed, 1 OOM; fastest ours: fcn fp16 torch nchw b2 40.0 img/s (vs fp32 2.00, "
+        "vs tv 0.20, MFU -); goals not judged")
 
 
 def test_time_steps_reports_milliseconds():
@@ -369,6 +410,125 @@ def test_numerics_cpu_run(tmp_path):
                                                                        for r in recs[1:]]
 
 
+def test_numerics_checks_tail_mean_mIoU_and_skips_by_hand():
+    num = _bench("numerics")
+    assert num.tail_mean([8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]) == 1.5 and num.tail_mean([3.0]) == 3.0
+    recs = [_rec("fp32", [5.0, 4.0, 3.0, 2.0]), _rec("bf16", [5.0, 4.0, 3.0, 2.0], skipped=[0, 1, 1, 1]),
+            _rec("fp16", [5.0, 4.0, 3.0, 2.0], miou=math.nan), _rec("apex-O1", [], miou=None)]
+    num.analyse(recs)
+    assert recs[0]["tail_loss"] == 2.0 and "first_vs_fp32" not in recs[0]  # fp32 is not compared with itself
+    assert recs[1]["checks"] == ["1 skipped without a loss scale"]  # said once, not again as a skip after warm-up
+    assert recs[2]["checks"] == ["no finite mIoU"]
+    assert recs[3]["checks"] == ["no training loss logged"]  # a run that logged nothing fails, and the rest still run
+    recs = [_rec("fp32", [5.0, 4.0, 3.0, 2.0], miou=0.30), _rec("bf16", [5.0, 4.0, 3.0, 2.0], miou=0.25)]
+    num.analyse(recs)
+    assert recs[1]["miou_vs_fp32"] == pytest.approx(-0.05)  # below fp32's mIoU: negative
+
+
+def test_numerics_markdown_by_hand():
+    num = _bench("numerics")
+    head = dict(model="pspnet", iters=4, seed=0, card="CPU: x", torch="t", commit="c", date="d", extension="e")
+    recs = [_rec("fp32", [5.0, 4.0, 3.0, 2.0], miou=0.30),
+            _rec("fp16", [5.01, 4.0, 3.0, 2.1], skipped=[1, 2, 2, 2], miou=0.25, scale=[32768.0, 16384.0, 512.0, 8.0]),
+            _rec("bf16", [5.0, 4.0, 3.0, 2.5]), dict(mode="apex-O1", status="error: RuntimeError: boom")]
+    band, spread = num.analyse(recs)
+    lines = [line for line in num.markdown(head, recs, band, spread).splitlines() if line.startswith("|")]
+    cols = [c.strip() for c in lines[0].strip("|").split("|")]
+    body = {row[0]: row for row in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    assert all(len(row) == len(cols) for row in body.values())
+    assert body["fp32"] == ["fp32", "5.0000", "-", "2.0000", "-", "0 / 0", "1", "30.00", "-", "1", "ok", "?"]
+    assert body["fp16"] == ["fp16", "5.0100", "+0.20%", "2.1000", "+5.0%", "2 / 0", "8", "25.00", "-5.00", "1", "ok",
+                            "?"]
+    assert body["bf16"][cols.index("verdict")] == "FAIL: tail loss +25.0% of fp32 (band 10%)"
+    assert body["apex-O1"][cols.index("verdict")] == "error: RuntimeError: boom" and body["apex-O1"][-1] == "-"
+
+
+def test_numerics_main_judges_every_mode_and_exits_1_on_a_failed_check(tmp_path, monkeypatch, capsys):
+    num = _bench("numerics")
+
+    def fake_train_one(mode, args):
+        if mode == "bf16":
+            raise SystemExit("error: --crop_size 7: too small")  # a user error: one mode's failure, not the run's
+        return _rec(mode, [5.0, 4.0, 3.0, 2.0], skipped=[0, 1, 1, 1] if mode == "fp16" else None)
+    monkeypatch.setattr(num, "train_one", fake_train_one)
+    with pytest.raises(SystemExit) as exit_:
+        num.main(["--device", "cpu", "--modes", "fp32,fp16,bf16", "--work_dir", str(tmp_path / "runs"),
+                  "--out", str(tmp_path)])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "VERDICT: 1/3 modes pass; failing: fp16, bf16"
+    recs = [json.loads(line) for line in (tmp_path / "numerics.jsonl").read_text().splitlines()[1:]]
+    assert [(r["mode"], r["status"], r.get("checks")) for r in recs] == [
+        ("fp32", "ok", []), ("fp16", "ok", ["1 skipped after warm-up"]),
+        ("bf16", "error: SystemExit: error: --crop_size 7: too small", None)]
+    monkeypatch.setattr(num, "train_one", lambda mode, args: _rec(mode, [5.0, 4.0, 3.0, 2.0]))
+    # fp32 first, then its yardstick, whatever the order asked; and no run without fp32 to compare with
+    assert num.parse_args(["--out", "x", "--device", "cpu", "--modes", "bf16,fp32-seed1,fp32"]).modes == [
+        "fp32", "fp32-seed1", "bf16"]
+    with pytest.raises(SystemExit):
+        num.parse_args(["--out", "x", "--device", "cpu", "--modes", "bf16,fp16"])
+    capsys.readouterr()
+    num.main(["--device", "cpu", "--modes", "fp32,bf16", "--work_dir", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "VERDICT: 2/2 modes pass"  # and no exit
+
+
+def test_numerics_jobs_a_mode_whose_process_failed_is_an_error_row(tmp_path, monkeypatch):
+    """--jobs: each mode's process (here a stub for this script) writes its record and exits 0; one that exits
+    non-zero is that mode's error row with its last line, even when it had written its record first."""
+    num = _bench("numerics")
+    stub = tmp_path / "python"
+    stub.write_text(f"#!{sys.executable}\n" + """import json, sys
+mode, record = sys.argv[sys.argv.index("--one") + 1], sys.argv[sys.argv.index("--record") + 1]
+if mode != "bf16":
+    n = 4
+    with open(record, "w") as f:
+        json.dump(dict(mode=mode, status="ok", seconds=1.0, amp="?", iteration=list(range(1, n + 1)),
+                       loss=[5.0, 4.0, 3.0, 2.0], skipped=[0] * n, loss_scale=[1.0] * n, mIoU=0.3), f)
+if mode == "fp32":
+    sys.exit(0)
+print("Traceback (most recent call last):\\nRuntimeError: CUDA error: an illegal memory access\\n", flush=True)
+sys.exit(1)
+""")
+    stub.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stub))
+    args = num.parse_args(["--device", "cpu", "--modes", "fp32,fp16,bf16", "--jobs", "3", "--work_dir",
+                           str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    head = dict(model="pspnet", iters=4, seed=0, card="CPU: x", torch="t", commit="c", date="d", extension="e")
+    recs, md = num.train_all(args, [], head)
+    assert [(r["mode"], r["status"]) for r in recs] == [
+        ("fp32", "ok"), ("fp16", "error: exit 1: RuntimeError: CUDA error: an illegal memory access"),
+        ("bf16", "error: exit 1: RuntimeError: CUDA error: an illegal memory access")]
+    assert "| fp16 | " in md and "| fp32 | " in md
+
+
+def test_numerics_train_one_reads_the_newest_run_and_its_first_amp_line(tmp_path, monkeypatch):
+    num = _bench("numerics")
+    from common import train as trainer
+    args = num.parse_args(["--out", str(tmp_path / "out"), "--device", "cpu", "--seed", "3", "--work_dir",
+                           str(tmp_path)])
+    argv = dict(fp32=num.run_argv("fp32", args), seed1=num.run_argv("fp32-seed1", args))
+    assert argv["fp32"][argv["fp32"].index("--seed") + 1] == "3"
+    assert argv["seed1"][argv["seed1"].index("--seed") + 1] == "4"  # the yardstick: another seed
+
+    def run_folder(name, losses):
+        folder = tmp_path / "fp16" / name
+        folder.mkdir(parents=True)
+        with open(folder / "metrics.jsonl", "w") as f:
+            for i, loss in enumerate(losses, 1):
+                f.write(json.dumps(dict(kind="train", iteration=i, loss=loss, loss_scale=2.0 ** 16, skipped=0)) + "\n")
+        (folder / "log.txt").write_text("x INFO amp: amp=torch float16, GradScaler\nx INFO kernels: fused\n"
+                                        "x INFO amp: amp=torch (resumed)\n")
+    run_folder("20261201_000000", [9.0, 9.0])  # an earlier visit's run of this mode
+
+    def fake_main(cfg, build_model, argv, name):
+        run_folder("20261206_000000", [5.0, 4.0])
+        return {"mIoU": 0.5}
+    monkeypatch.setattr(trainer, "main", fake_main)
+    rec = num.train_one("fp16", args)
+    assert (rec["loss"], rec["mIoU"], rec["amp"], rec["kernels"]) == (
+        [5.0, 4.0], 0.5, "amp=torch float16, GradScaler", "fused")
+    assert rec["run_dir"].endswith("20261206_000000")
+
+
 # ---- bench/step_profile.py
 
 def test_profile_kinds():
@@ -400,6 +560,44 @@ def test_profile_cpu(tmp_path):
     md = (tmp_path / "profile.md").read_text()
     assert "## kernels torch" in md and "## kernels fused" in md and "Time per kind of work" in md
     assert md.count("| 5 | ") == 2  # --top 5: five rows in each set's table
+
+
+def test_profile_numbers_are_per_step(monkeypatch):
+    """--steps 3: calls, ms, launches and step ms are per step, the kinds add up to the total, the shares to 1."""
+    prof = _bench("step_profile")
+    a = torch.randn(64, 64)
+    monkeypatch.setattr(prof.bench_train, "construct", lambda name: None)
+    monkeypatch.setattr(prof.bench_train, "build_ours", lambda *a_: (lambda images, labels: torch.mm(a, a), None, "-"))
+    clock = iter([10.0, 10.3])  # the profiled steps' wall time: 0.3 s for 3 steps
+    monkeypatch.setattr(prof, "time", type("clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    args = prof.parse_args(["--device", "cpu", "--batch", "1", "--crop", "8", "--warmup", "1", "--steps", "3",
+                            "--out", "unused"])
+    r = prof.profile_one("torch", args, torch.device("cpu"))
+    assert r["step_ms"] == pytest.approx(100.0)
+    mm = [q for q in r["rows"] if q["name"] == "aten::mm"]
+    assert len(mm) == 1 and mm[0]["calls"] == 1.0 and mm[0]["kind"] == "conv / GEMM"
+    assert r["launches"] == pytest.approx(sum(q["calls"] for q in r["rows"]))
+    assert sum(r["kinds"].values()) == pytest.approx(r["total_ms"]) and r["total_ms"] > 0
+    assert sum(q["share"] for q in r["rows"]) == pytest.approx(1.0)
+    assert [q["ms"] for q in r["rows"]] == sorted((q["ms"] for q in r["rows"]), reverse=True)
+
+
+def test_profile_a_failing_kernel_set_is_shown_and_exits_non_zero(tmp_path, monkeypatch):
+    prof = _bench("step_profile")
+
+    def fake_profile_one(kernels, args, device):
+        if kernels == "fused":
+            raise ValueError("the fused kernels are not built")
+        return dict(kernels=kernels, amp="amp=none", step_ms=10.0, total_ms=8.0, launches=5.0, kinds={
+            "conv / GEMM": 6.0, "other": 2.0}, rows=[dict(name="aten::convolution", kind="conv / GEMM", calls=4.0,
+                                                           ms=6.0, share=0.75)])
+    monkeypatch.setattr(prof, "profile_one", fake_profile_one)
+    with pytest.raises(SystemExit, match="kernel set.s. failed: fused"):
+        prof.main(["--device", "cpu", "--out", str(tmp_path)])
+    md = (tmp_path / "profile.md").read_text()
+    assert "| torch | 10.0 | 8.0 | 5 | amp=none |" in md and "| conv / GEMM | 6.00 (75%) |" in md
+    assert "## kernels fused\n\nfailed: ValueError: the fused kernels are not built" in md
+    assert [r["kernels"] for r in json.loads((tmp_path / "profile.json").read_text())["results"]] == ["torch", "fused"]
 
 
 # ---- bench/kernels.py: a failing row or section is logged and shown, the rest still runs, the exit is non-zero
