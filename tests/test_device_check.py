@@ -138,6 +138,17 @@ def test_a_passing_dry_run_its_rows_files_and_archive(tmp_path):
     assert "logs/numerics.log" in calls["train"][1] and "logs/train.log" not in calls["train"][1]
 
 
+def test_an_out_dir_holding_a_run_is_refused_and_left_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.md").write_text("a previous run's table")
+    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "device_check.sh"), str(out)], capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, PY="/nonexistent/python"))
+    assert r.returncode == 2 and r.stderr == f"device_check: {out} already holds a run's train.md; give a new or " \
+                                             "empty OUT_DIR\n"
+    assert [p.name for p in out.iterdir()] == ["train.md"] and (out / "train.md").read_text() == "a previous run's table"
+
+
 def test_failed_and_timed_out_stages_and_the_exit_status(tmp_path):
     spec = {"numerics": dict(rc=1, out="VERDICT: first\nVERDICT: 4/6 modes pass; failing: fp16 | bf16"),
             "train": dict(rc=124, out="VERDICT: 3/5 rows ok"), "step_profile": dict(rc=137, out="profiling"),

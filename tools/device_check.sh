@@ -38,6 +38,13 @@ set -u
 OUT=${1:?usage: tools/device_check.sh OUT_DIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+# a run never overwrites another's files, and a stale train.md beside a new summary would mislead
+for f in summary.md train.md numerics.md numerics.png profile.md logs.tar.gz; do
+  if [ -e "$OUT/$f" ]; then
+    echo "device_check: $OUT already holds a run's $f; give a new or empty OUT_DIR" >&2
+    exit 2
+  fi
+done
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 WORK=${DEVICE_CHECK_WORK:-/tmp/device_check}
