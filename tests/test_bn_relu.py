@@ -262,13 +262,15 @@ def test_gradcheck_fp64(training, cl, residual, relu):
     assert torch.autograd.gradcheck(f, args)
 
 
-def opcheck_samples(device):
-    x = make((2, 5, 3, 4), torch.float32, device, cl=True)
-    xn = make((3, 4, 5), torch.float32, device)
+def opcheck_samples(device, dtype=torch.float32):
+    """Samples for every op; activations in dtype, weights and statistics fp32 (BN under autocast for a half dtype)."""
+    x = make((2, 5, 3, 4), torch.float32, device, cl=True).to(dtype)
+    xn = make((3, 4, 5), torch.float32, device).to(dtype)
     w, b = params(5, device)
     inv = torch.rand(5, device=device) + 0.5
     mean = torch.randn(5, device=device)
-    dy, y = make(x.shape, torch.float32, device, cl=True, seed=3), make(x.shape, torch.float32, device, seed=4)
+    dy, y = (make(x.shape, torch.float32, device, cl=True, seed=3).to(dtype),
+             make(x.shape, torch.float32, device, seed=4).to(dtype))
     T = torch.ops.segfp16
     # bn_stats and the backward pair are not differentiable (no autograd registration): samples without grad
     return [
@@ -288,9 +290,10 @@ def opcheck_samples(device):
     ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    for op, args in opcheck_samples(device):
+def test_opcheck(device, dtype):
+    for op, args in opcheck_samples(device, dtype):
         torch.library.opcheck(op, args)
 
 
@@ -638,18 +641,6 @@ def test_default_isa_is_the_best_this_cpu_runs():
     avx2 = {"avx2", "fma", "f16c"} <= flags
     want = "avx512" if avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "avx2" if avx2 else "base"
     assert torch.ops.segfp16.bn_cpu_isa() == want
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_opcheck_half_inputs(dtype):
-    """The fake kernels on half x with fp32 weight and stats (BN under autocast): per-channel statistics are
-    fp32 and outputs keep x's dtype and layout (test_opcheck covers fp32 x only)."""
-    x = make((2, 5, 3, 4), torch.float32, "cpu", cl=True).to(dtype)
-    w, b = params(5, "cpu")
-    T = torch.ops.segfp16
-    torch.library.opcheck(T.bn_stats, (x,))
-    torch.library.opcheck(T.bn_relu_train, (x.detach().requires_grad_(), w.detach().requires_grad_(),
-                                            b.detach().requires_grad_(), None, 1e-5, True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -286,12 +286,14 @@ def test_backward_returns_one_gradient_per_argument_passed():
         assert len(ops._ce_backward(Ctx, torch.tensor(1.0, dtype=torch.float64), None)) == passed
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_opcheck(dtype):
+    # half: what autocast hands the ops (half outputs and gradients; the loss and lse in fp32)
     for layout in ("contig", "cl"):
         for rg in (False, True):
-            xs = make_inputs([(2, 3, 4), (1, 1, 1), (3, 5, 3)], 2, torch.float32, layout, requires_grad=rg)
+            xs = make_inputs([(2, 3, 4), (1, 1, 1), (3, 5, 3)], 2, dtype, layout, requires_grad=rg)
             torch.library.opcheck(torch.ops.segfp16.upsample_concat.default, (xs, [5, 3], False))
-            logits, target = make_ce((2, 4, 3, 4, 7, 9), torch.float32, layout)
+            logits, target = make_ce((2, 4, 3, 4, 7, 9), dtype, layout)
             torch.library.opcheck(torch.ops.segfp16.upsample_cross_entropy.default,
                                   (logits.requires_grad_(rg), target, 255))
     g = torch.randn(2, 6, 5, 3).contiguous(memory_format=CL)
@@ -444,17 +446,6 @@ def test_the_torch_composition_honours_another_ignore_index():
     finally:
         layers.KERNELS = old
     torch.testing.assert_close(loss, ref_ce(logits, target, 3), **TOL[torch.float64])
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_opcheck_half_inputs(dtype):
-    """The fake kernels (torch.compile) on what autocast hands the ops: half logits give an fp32 loss and
-    lse, half inputs give half outputs and gradients, in the real kernels' layouts (test_opcheck covers fp32 only)."""
-    for layout in ("contig", "cl"):
-        xs = make_inputs([(2, 3, 4), (1, 1, 1)], 2, dtype, layout, requires_grad=True)
-        torch.library.opcheck(torch.ops.segfp16.upsample_concat.default, (xs, [5, 3], False))
-        logits, target = make_ce((2, 4, 3, 4, 7, 9), dtype, layout)
-        torch.library.opcheck(torch.ops.segfp16.upsample_cross_entropy.default, (logits.requires_grad_(), target, 255))
 
 
 def test_opcheck_ce_backward():
