@@ -12,9 +12,9 @@ def hms(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def final_summary(work_dir, seconds, pred_dir=None):
+def final_summary(work_dir, seconds, pred_dir=None, no_eval="--eval_interval_epochs 0"):
     """Total time, best and last mIoU (from metrics.jsonl: a resumed run counts the evaluations before its resume
-    too), the newest checkpoint and the prediction pictures' folder, as a few lines."""
+    too; NO_EVAL says why none ran), the newest checkpoint and the prediction pictures' folder, as a few lines."""
     evals = []
     path = os.path.join(work_dir, "metrics.jsonl")
     if os.path.isfile(path):
@@ -26,7 +26,7 @@ def final_summary(work_dir, seconds, pred_dir=None):
         miou = (f"best mIoU {100 * best['mIoU']:.2f} (iteration {best['iteration']}) | last mIoU "
                 f"{100 * last['mIoU']:.2f} (iteration {last['iteration']}, aAcc {100 * last['aAcc']:.2f})")
     else:
-        miou = "no evaluation ran (--eval_interval_epochs 0)"
+        miou = f"no evaluation ran ({no_eval})"
     try:
         ckpt = checkpoint.resolve("auto", work_dir)
     except FileNotFoundError:

@@ -345,7 +345,10 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
             metrics = _run(cfg, segmentor_cfg, build_model, device, log, stack)
             if cfg.get("run_dir") and not (cfg["eval"] or cfg["predict"] or cfg["summary"]):
                 log(report.final_summary(cfg["run_dir"], time.time() - t0,
-                                         os.path.join(cfg["run_dir"], "pred") if cfg["save_predictions"] else None))
+                                         os.path.join(cfg["run_dir"], "pred") if cfg["save_predictions"] else None,
+                                         "--eval_interval_epochs 0" if not cfg["eval_interval_epochs"] else
+                                         f"--stop_iters {cfg['stop_iters']}: stopped before the schedule's end, "
+                                         "where it evaluates; --resume continues"))
         return metrics
     except UserError as e:  # a user mistake or a bad file: one line, no traceback
         msg = f"{name}: error: {errors.one_line(e)}" + (f" (rank {dist.rank()})" if world > 1 else "")

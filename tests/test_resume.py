@@ -112,6 +112,13 @@ def test_resume_takes_the_runs_flags_from_its_checkpoint_and_keeps_a_finished_fi
     assert checkpoint.load(checkpoint.resolve("auto", str(tmp_path / "split")))["iteration"] == 7
 
 
+def test_a_stop_iters_run_without_an_evaluation_does_not_blame_eval_interval_epochs(tmp_path, capsys):
+    run(tmp_path, "--amp", "none", "--max_iters", "6", "--num_workers", "0", "--eval_interval_epochs", "2",
+        "--stop_iters", "2")
+    done = [line for line in capsys.readouterr().out.splitlines() if " done in " in line][-1]
+    assert "--eval_interval_epochs 0" not in done and "--stop_iters 2" in done
+
+
 def test_resuming_an_earlier_checkpoint_branches_into_a_new_run_folder(tmp_path, capsys):
     common = ["--amp", "none", "--max_iters", "6", "--num_workers", "0"]
     run(tmp_path, *common)  # epochs of 3 iterations: checkpoint-epoch-1.pth (iteration 3), checkpoint-final.pth
