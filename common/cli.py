@@ -208,6 +208,8 @@ def validate(cfg, num_palette=150):
                         "--summary train nothing)")
     need(not cfg['ckpt'] or cfg['predict'], 'ckpt', "is --predict's checkpoint: evaluate one with --eval CKPT, "
          "start training from its weights with --init CKPT")
+    need(not (cfg['init'] and (cfg['eval'] or cfg['predict'])), 'init', "starts a training run from a checkpoint's "
+         "weights: --predict takes its checkpoint as --ckpt CKPT, --eval as --eval CKPT")
     need(not (cfg['init'] and cfg['resume']), 'init', "and --resume both give the weights: --resume continues a "
          "run, --init starts a new one from a checkpoint's weights")
 

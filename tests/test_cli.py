@@ -77,6 +77,8 @@ def test_tuple_order_and_errors(capsys):
     (['--summary', '--predict', '.', '--ckpt', 'a.pth'], "--predict and --summary: give one"),
     (['--ckpt', 'a.pth'], "--ckpt 'a.pth': is --predict's checkpoint"),
     (['--init', 'a.pth', '--resume', 'auto'], "--init 'a.pth': and --resume both give the weights"),
+    (['--predict', '.', '--init', 'a.pth'], "--init 'a.pth': starts a training run"),  # else: the latest's weights
+    (['--eval', 'b.pth', '--init', 'a.pth'], "--init 'a.pth': starts a training run"),
     (['--tf32', 'maybe'], 'argument --tf32'),
     (['--max_iter', '20'], 'unrecognized arguments: --max_iter 20 (did you mean --max_iters?)'),
     (['--lr', '0.1', '--batchsize=8'], '(did you mean --batch_size?)'),
