@@ -531,9 +531,13 @@ _SCHEDULE = ("max_iters", "max_epochs", "batch_size", "num_train_images", "lr", 
 
 
 def _finished(ckpt, path, cfg, loader, log):
-    """--resume of a finished run: say so (True: nothing to do). A changed schedule: warn that the lr curve changes."""
+    """--resume of a finished run: say so (True: nothing to do). A changed schedule: warn that the lr curve changes.
+    A --stop_iters the run has already reached is a mistake (it would train nothing)."""
     it, max_iters = ckpt["iteration"], cfg["max_iters"] or cfg["max_epochs"] * loader.sampler.batches_per_epoch()
     saved = ckpt.get("max_iters")  # the schedule length it was trained with (older checkpoints lack it)
+    if 0 < cfg.get("stop_iters", 0) <= it < max_iters:
+        raise UserError(f"--stop_iters {cfg['stop_iters']}: {path} is already at iteration {it}; give a larger "
+                        "value (it counts from the schedule's start), or leave it out to train to the end")
     if it >= max_iters:
         if saved in (None, max_iters):
             log(f"resume: {path} already finished at iteration {it}; nothing to do")

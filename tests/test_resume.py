@@ -119,6 +119,18 @@ def test_a_stop_iters_run_without_an_evaluation_does_not_blame_eval_interval_epo
     assert "--eval_interval_epochs 0" not in done and "--stop_iters 2" in done
 
 
+def test_a_stop_iters_the_resumed_run_has_reached_is_one_line(tmp_path, capsys):
+    run(tmp_path, "--amp", "none", "--max_iters", "6", "--num_workers", "0", "--stop_iters", "4")
+    (folder,) = runs.runs(str(tmp_path))
+    before = sorted(os.listdir(folder))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--resume", "auto", "--num_workers", "0", "--stop_iters", "2")  # would train nothing
+    assert e.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("tiny: error: --stop_iters 2: ") and "already at iteration 4" in line
+    assert sorted(os.listdir(folder)) == before
+
+
 def test_resuming_an_earlier_checkpoint_branches_into_a_new_run_folder(tmp_path, capsys):
     common = ["--amp", "none", "--max_iters", "6", "--num_workers", "0"]
     run(tmp_path, *common)  # epochs of 3 iterations: checkpoint-epoch-1.pth (iteration 3), checkpoint-final.pth
