@@ -561,6 +561,7 @@ class Amp:
             scaling = "no loss scaling"
         how = {"O0": "fp32", "O1": f"torch.autocast('{self.device_type}') as the O1 cast policy",
                "O2": "half model, fp32 BatchNorm, fp32 master weights", "O3": "pure half"}[self.opt_level]
+        dt = "fp32" if self.opt_level == "O0" else dt  # O0 casts nothing: its half type never runs
         return f"amp=apex {self.opt_level} ({self.impl_note}; {how}), {dt}, {scaling}"
 
 

@@ -687,6 +687,9 @@ def test_describe_says_what_each_mode_casts_and_scales():
         d = make("apex", opt_level, dtype)[2].describe()
         assert d.startswith(f"amp=apex {opt_level} (") and how in d and d.endswith("no loss scaling"), d
         assert "dynamic" not in d, d
+    for dtype in (torch.float16, torch.bfloat16):  # O0 runs fp32: the log names no half type
+        d = make("apex", "O0", dtype)[2].describe()
+        assert d.endswith("fp32), fp32, no loss scaling") and "fp16" not in d and "bf16" not in d, d
     d = make("apex", "O2")[2].describe()
     assert "half model, fp32 BatchNorm, fp32 master weights" in d and d.endswith("fp16, dynamic loss scale 65536"), d
     d = make("torch", dtype=torch.bfloat16)[2].describe()
