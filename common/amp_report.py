@@ -597,9 +597,9 @@ def draw(records, out_path, layout=False):
         ax.set_yticklabels(names if k == 0 else [], fontsize=6)
         ax.tick_params(length=1.5, pad=1)
         axes.append(ax)
-    # the loss scale (S: the scale the gradients are shown at) above the gradient panels
+    # the loss scale (S: the scale the gradients are shown at) above the gradient panel, one point per column
     sax = fig.add_axes([axes[2].get_position().x0, (bottom_h + nr * row_h + 0.35) / height,
-                        axes[3].get_position().x1 - axes[2].get_position().x0, 0.8 / height])
+                        axes[2].get_position().width, 0.8 / height])
     cols = np.arange(nc)
     sax.step(cols, [math.log2(r["grad_scale"]) for r in records], where="mid", color="C3", marker="o", ms=3,
              label="S (gradients shown at)")
@@ -610,7 +610,7 @@ def draw(records, out_path, layout=False):
     sax.set_xticks([])
     sax.set_ylabel("log2 S", fontsize=7)
     sax.tick_params(labelsize=6)
-    sax.legend(fontsize=6, loc="best")
+    sax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the strip: its lines stay visible
     sax.grid(alpha=0.3)
     # colour bars with fp16's range marked
     cax = fig.add_axes([(width - 1.8) / width, y0 + h * 0.45, 0.12 / width, h * 0.5])

@@ -456,6 +456,14 @@ def test_the_picture_is_drawn_from_the_jsonl(tmp_path):
     assert centre.max() < 80
 
 
+def test_the_loss_scale_strip_has_its_points_over_the_gradient_columns(tmp_path):
+    pytest.importorskip("matplotlib")
+    layout = amp_report.draw(_records(), str(tmp_path / "a.png"), layout=True)
+    # the strip's x axis is the report columns (-0.5 .. n - 0.5), as the panel's: the same left and right edges
+    assert layout["scale"][0] == pytest.approx(layout["gmax"][0], abs=1)
+    assert layout["scale"][2] == pytest.approx(layout["gmax"][2], abs=1)
+
+
 def test_a_long_amp_description_wraps_inside_the_picture(tmp_path):
     pytest.importorskip("matplotlib")
     import cv2
