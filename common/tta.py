@@ -32,6 +32,8 @@ def augmented_logits(forward, image, size, scales=SCALES, flip=True):
     """
     total, n = None, 0
     for r in scales:
+        if min(int(d * r) for d in image.shape[-2:]) < 1:
+            continue  # a view with no pixel row or column (a very thin image at ratio 0.5): the others average
         # ssseg rescales the resized tensor with scale_factor (not a size): the same interpolation grid as theirs
         x = image if r == 1 else F.interpolate(image, scale_factor=r, mode="bilinear", align_corners=False)
         for mirrored in (False, True) if flip else (False,):

@@ -213,6 +213,18 @@ def test_tta_views_are_ssseg_s_six_scales_each_with_its_mirror():
     assert seen == [hw for hw in ((16, 24), (24, 36), (32, 48), (40, 60), (48, 72), (56, 84)) for _ in range(2)]
 
 
+def test_tta_leaves_out_the_views_a_thin_image_has_no_pixel_row_for():
+    # a 3000x4 image at the test scale is 1 pixel high: its 0.5 and 0.75 views would be 0 pixels high
+    seen = []
+
+    def forward(x):
+        seen.append(tuple(x.shape[-2:]))
+        return x[:, :1]
+    out = tta.augmented_logits(forward, torch.ones(1, 3, 1, 512), (4, 3000))
+    assert out.shape == (1, 1, 4, 3000) and torch.allclose(out, torch.ones_like(out))
+    assert sorted(set(seen)) == [(1, 512), (1, 640), (1, 768), (1, 896)]
+
+
 def test_predict_pictures_show_the_test_pipelines_prediction_and_the_mapped_annotation(tmp_path, monkeypatch):
     # the pictures' prediction is the evaluation's (test resize to --scale, no augmentation); their ground truth
     # (--save_predictions) is the reduce-zero-label mapped annotation
