@@ -293,7 +293,7 @@ def describe_culprit(record):
 def summary(record):
     """Scalars for metrics.jsonl / TensorBoard: the extremes of one report."""
     fwd = [e for e in record["entries"] if e["phase"] == "fwd"]
-    grads = [e for e in record["entries"] if e["phase"] == "grad"]
+    grads = [e for e in record["entries"] if e["phase"] in ("grad", "pgrad")]  # pgrad: what the scaler checks
 
     def tot(rows, key):
         n = sum(e["numel"] for e in rows)

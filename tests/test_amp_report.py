@@ -587,3 +587,7 @@ def test_summary_scalars_by_hand():
     s = amp_report.summary(rec)
     assert s["fwd_underflow"] == 0.15 and s["fwd_max_log2"] == 10.0 and s["grad_max_log2"] == 9.0  # log2(128 * 4)
     assert s["grad_scale"] == 1024.0 and s["nonfinite"] == 0
+    # the parameters' gradients count too (the scaler skips a step for theirs): the largest and the shares of both
+    rec["entries"] += [e("pgrad", 300, 4096.0, uf=0.5), e("param", 10, 2.0 ** 20)]
+    s = amp_report.summary(rec)
+    assert s["grad_max_log2"] == 14.0 and s["grad_underflow"] == 0.375 and s["fwd_max_log2"] == 10.0
