@@ -10,6 +10,8 @@ import math
 import os
 import sys
 
+from .errors import UserError, make_folder
+
 SMOOTHING = 0.6  # TensorBoard's default exponential smoothing of the loss curves
 
 
@@ -53,6 +55,11 @@ def cli_paths(parser, given, out, name, png, hint):
         out = os.path.join(out, png)
     if out and os.path.splitext(out)[1].lower() not in (".png", ".pdf", ".svg", ".jpg"):
         parser.error(f"--out {out}: give a .png (or .pdf, .svg, .jpg) file name")
+    if out:  # its folder is made, as --predict's --out is (a file in the way is one line)
+        try:
+            make_folder(os.path.dirname(os.path.abspath(out)), "--out")
+        except UserError as e:
+            parser.error(str(e))
     return path, out or os.path.join(os.path.dirname(os.path.abspath(path)), png)
 
 

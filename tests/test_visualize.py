@@ -257,6 +257,10 @@ def test_plot_and_amp_report_commands_on_the_wrong_file_or_out(tmp_path):
         (0, f"wrote {tmp_path / 'pics' / 'curves.png'}")  # a folder: the usual name inside it
     assert cli("common.plot", str(tmp_path), "--out", str(tmp_path / "c.txt"))[1].endswith(
         "give a .png (or .pdf, .svg, .jpg) file name")
+    assert cli("common.plot", str(tmp_path), "--out", str(tmp_path / "new" / "c.png"))[::2] == \
+        (0, f"wrote {tmp_path / 'new' / 'c.png'}")  # its folder is made
+    assert cli("common.plot", str(tmp_path), "--out", str(tmp_path / "ck.pth" / "a.png"))[1].endswith(
+        f"--out {tmp_path / 'ck.pth'}: cannot create this folder (a file is in the way): pass a writable folder")
     assert cli("common.plot", str(tmp_path / "ck.pth"))[:2] == \
         (1, f"python -m common.plot: {tmp_path / 'ck.pth'} is not a text file of JSON lines")
     code, line, _ = cli("common.amp_report", str(tmp_path / "metrics.jsonl"))
