@@ -53,9 +53,9 @@ def flag_docs(source_file, name='DEFAULTS'):
 
 def parse_tuple(text, n=2):
     """`512`, `512,512`, `512x512`, `512 512`, `(512, 512)`, `[512, 512]` -> (512, 512); one number = all n equal."""
-    parts = [p for p in re.split(r'[\s,xX]+', text.strip().strip('()[]')) if p]
+    parts = re.split(r'\s*[,xX]\s*|\s+', text.strip().strip('()[]').strip())
     try:
-        v = tuple(int(p) for p in parts)
+        v = tuple(int(p) for p in parts)  # an empty part (`64x`, `,64`, `64,,64`) is a mistake too
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {n} integers like 512,512 or 512x512 (or one for a square), "
                                          f"got {text!r}") from None

@@ -45,7 +45,8 @@ def test_tuple_spellings(words):
 def test_tuple_order_and_errors(capsys):
     cfg = config.parse(_seg(), ['--crop_size', '64x96', '--scale', '(256, 64)'])
     assert cfg['crop_size'] == (64, 96) and cfg['scale'] == (256, 64)
-    for bad, what in (('64,64,3', 'got 3'), ('a,b', "'a,b'"), ('0', 'positive'), ('64.5', '64.5')):
+    for bad, what in (('64,64,3', 'got 3'), ('a,b', "'a,b'"), ('0', 'positive'), ('64.5', '64.5'),
+                      ('64x', "'64x'"), ('x64', "'x64'"), ('64,', "'64,'"), ('64,,64', "'64,,64'")):  # a lost number
         assert '--crop_size' in _error(capsys, ['--crop_size', bad]) and what in _error(capsys, ['--crop_size', bad])
 
 
