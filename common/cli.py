@@ -210,6 +210,8 @@ def validate(cfg, num_palette=150):
          "start training from its weights with --init CKPT")
     need(not (cfg['init'] and (cfg['eval'] or cfg['predict'])), 'init', "starts a training run from a checkpoint's "
          "weights: --predict takes its checkpoint as --ckpt CKPT, --eval as --eval CKPT")
+    need(not cfg['out'] or cfg['eval'] or cfg['predict'], 'out', "is where --eval and --predict write their pictures; "
+         "a training run writes them into its run folder (pred/), under --work_dir")
     need(not (cfg['init'] and cfg['resume']), 'init', "and --resume both give the weights: --resume continues a "
          "run, --init starts a new one from a checkpoint's weights")
 

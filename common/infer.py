@@ -178,11 +178,12 @@ def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def output_names(paths, out_dir):
-    """The name each --predict input's pictures (NAME.png, NAME_overlay.png) get in out_dir: the file's name without
-    its extension, or with it (a_jpg) where two inputs share that name. Raises a UserError, before anything is
-    written, for an out_dir that holds input images (the pictures would mix with, and could replace, the user's
-    files) and where two inputs' pictures would have the same name."""
+def output_names(paths, out_dir, compare=False):
+    """The name each --predict input's pictures (NAME.png, NAME_overlay.png, with compare NAME_compare.png) get in
+    out_dir: the file's name without its extension, or with it (a_jpg) where two inputs share that name. Raises a
+    UserError, before anything is written, for an out_dir that holds input images or any of those pictures (the
+    pictures would mix with, and could replace, the user's files or an earlier run's) and where two inputs' pictures
+    would have the same name."""
     stems = [_stem(p) for p in paths]
     names = [s if stems.count(s) == 1 else f"{s}_{os.path.splitext(p)[1][1:]}" for s, p in zip(stems, paths)]
     held = [p for p in paths if os.path.dirname(os.path.realpath(p)) == os.path.realpath(out_dir)]
@@ -191,19 +192,28 @@ def output_names(paths, out_dir):
                                "written among (and could replace) your files there: pass another --out folder")
     writer = {}
     for path, name in zip(paths, names):
-        for suffix in ("", "_overlay"):
+        for suffix in ("", "_overlay") + (("_compare",) if compare else ()):
             out = os.path.realpath(os.path.join(out_dir, name + suffix + ".png"))
             if out in writer:
                 raise errors.UserError(f"--predict: {writer[out]} and {path} would both write {out}; rename one, "
                                        "or predict them into different --out folders")
+            if os.path.lexists(out):
+                raise errors.UserError(f"--out {out_dir}: {os.path.basename(out)} is there already (an earlier "
+                                       "--eval / --predict?) and would be replaced: pass a new or empty --out folder, "
+                                       "or leave --out out (each run then gets a folder of its own)")
             writer[out] = path
     return names
 
 
-def image_paths(path):
-    exts = (".jpg", ".jpeg", ".png", ".bmp")
+def image_paths(path, log=print):
+    """--predict's input files: the file, or the folder's images (the files of other types it holds are named)."""
+    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
     if os.path.isdir(path):
         paths = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(exts))
+        other = sorted(f for f in os.listdir(path) if not f.lower().endswith(exts))
+        if other:
+            log(f"predict: left out {len(other)} file(s) of {path} not named as images ({'/'.join(exts)}): "
+                f"{', '.join(other[:5])}{', ...' if len(other) > 5 else ''}")
     else:
         paths = [path]
     if not paths or not all(os.path.isfile(p) for p in paths):
@@ -211,9 +221,13 @@ def image_paths(path):
     return paths
 
 
+def prediction_inputs(cfg, val_loader):
+    """(image, annotation) paths of the val images save_predictions draws: the first --save_predictions."""
+    return [val_loader.dataset.paths(i) for i in range(min(cfg["save_predictions"], len(val_loader.dataset)))]
+
+
 def save_predictions(model, cfg, val_loader, out_dir, device, amp, log, tta=False):
     """Pictures of the first --save_predictions val images, with their ground truth beside the prediction."""
     if cfg["save_predictions"] and dist.is_main():
-        n = min(cfg["save_predictions"], len(val_loader.dataset))
         net, eval_amp = fold.for_eval(model, cfg, amp, log)  # the same folded copy as the evaluation's (cached)
-        predict(net, [val_loader.dataset.paths(i) for i in range(n)], out_dir, cfg, device, eval_amp, log, tta)
+        predict(net, prediction_inputs(cfg, val_loader), out_dir, cfg, device, eval_amp, log, tta)

@@ -414,8 +414,10 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
                         "replace) its files: pass a folder outside it")
     if cfg["predict"] or (cfg["eval"] and cfg["save_predictions"]):
         errors.make_folder(pred_dir, "--out")  # before any work: a file in the way is one line, not a traceback
+        if not cfg["out"]:  # each --eval / --predict its own folder, as each training run: none replaces another's
+            pred_dir = _on_main(lambda: runs.new_run_dir(pred_dir))
     if cfg["predict"]:
-        images = infer.image_paths(cfg["predict"])
+        images = infer.image_paths(cfg["predict"], log)
         names = infer.output_names(images, pred_dir)  # refused before any work: pictures never overwrite files
     if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14); half: --eval_amp
         flag = "--eval" if cfg["eval"] else "--ckpt"
@@ -435,12 +437,18 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
                 raise SystemExit(1)  # the warnings above name each file; the rest were written
             return None
         val_loader = _val_loader(cfg, root, device)
+        if cfg["save_predictions"]:  # an --out holding an earlier evaluation's pictures: refused before the work
+            images = [image for image, _ in infer.prediction_inputs(cfg, val_loader)]
+            infer.output_names(images, pred_dir, compare=True)
         metrics = infer.evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log, tta=cfg["tta"])
         infer.save_predictions(model, cfg, val_loader, pred_dir, device, half, log, cfg["tta"])
         return metrics
     if cfg["tta"]:
         log("tta: --tta applies to --eval and --predict (the reference's test.py); evaluations during training run "
             "one view, as the reference's")
+    if cfg["eval_amp"]:
+        log("eval_amp: --eval_amp applies to --eval and --predict; evaluations during training run in the training's "
+            "precision")
 
     if dist.world_size() == 1:
         _check_pooled_bn_batch(model, cfg["batch_size"])
@@ -563,19 +571,27 @@ def _keep_final(path, it, log):
     log(f"resume: the finished run's checkpoint stays as {kept} (this longer schedule writes a new final one)")
 
 
-def _open_run(cfg, resume_path, log, stack):
-    """Rank 0 creates/locks the run folder; every rank gets its name (or the same one-line error)."""
-    folder = err = None
+def _on_main(make):
+    """make() on rank 0 (a folder it creates); every rank gets its result (or the same one-line error)."""
+    result = err = None
     if dist.is_main():
         try:
-            folder, lock = runs.open_run(cfg["work_dir"], resume_path, log)
-            stack.callback(lock.release)
+            result = make()
         except UserError as e:
             err = str(e)
-    folder, err = dist.all_gather_object((folder, err))[0]
+    result, err = dist.all_gather_object((result, err))[0]
     if err:
         raise UserError(err)
-    return folder
+    return result
+
+
+def _open_run(cfg, resume_path, log, stack):
+    """Rank 0 creates/locks the run folder; every rank gets its name."""
+    def make():
+        folder, lock = runs.open_run(cfg["work_dir"], resume_path, log)
+        stack.callback(lock.release)
+        return folder
+    return _on_main(make)
 
 
 def _val_loader(cfg, root, device):

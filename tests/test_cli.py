@@ -78,6 +78,7 @@ def test_tuple_order_and_errors(capsys):
     (['--summary', '--predict', '.', '--ckpt', 'a.pth'], "--predict and --summary: give one"),
     (['--ckpt', 'a.pth'], "--ckpt 'a.pth': is --predict's checkpoint"),
     (['--init', 'a.pth', '--resume', 'auto'], "--init 'a.pth': and --resume both give the weights"),
+    (['--out', 'o'], "--out 'o': is where --eval and --predict write their pictures"),  # else: ignored
     (['--predict', '.', '--init', 'a.pth'], "--init 'a.pth': starts a training run"),  # else: the latest's weights
     (['--eval', 'b.pth', '--init', 'a.pth'], "--init 'a.pth': starts a training run"),
     (['--tf32', 'maybe'], 'argument --tf32'),
@@ -338,6 +339,31 @@ def test_eval_pictures_inside_the_dataset_are_one_line_before_any_work(tmp_path,
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count('\n') == 1 and f"--out {target}: inside the dataset" in err, err
     assert sorted(os.listdir(target)) == before
+
+
+def test_each_eval_gets_its_own_pictures_folder_and_an_out_holding_them_is_refused_before_the_work(tmp_path, capsys):
+    torch.save({'state_dict': Tiny().state_dict()}, tmp_path / 'ck.pth')
+    argv = _argv(tmp_path / 'w', '--data', 'demo', '--eval', str(tmp_path / 'ck.pth'), '--num_val_images', '2')
+    build = lambda cfg, num_classes: Tiny(num_classes)  # noqa: E731
+    train.main(_seg(), build, argv, name='tiny')
+    train.main(_seg(), build, argv, name='tiny')  # again: a second folder, the first one's pictures untouched
+    folders = sorted((tmp_path / 'w' / 'pred').iterdir())
+    assert len(folders) == 2 and all(len([f for f in os.listdir(d) if f.endswith('_compare.png')]) == 2
+                                     for d in folders)
+    before = {p.name: p.stat().st_mtime_ns for p in folders[0].iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # --out naming a folder that holds them: one line, before the evaluation
+        train.main(_seg(), build, argv + ['--out', str(folders[0])], name='tiny')
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and err.count('\n') == 1 and 'is there already' in err and 'eval:' not in out, err
+    assert {p.name: p.stat().st_mtime_ns for p in folders[0].iterdir()} == before
+
+
+def test_eval_amp_in_a_training_run_says_it_applies_to_eval_and_predict(tmp_path, capsys):
+    train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes),
+               _argv(tmp_path, '--data', 'demo', '--max_iters', '1', '--num_val_images', '1', '--eval_amp'),
+               name='tiny')
+    assert "eval_amp: --eval_amp applies to --eval and --predict" in capsys.readouterr().out
 
 
 def test_a_full_disk_at_the_runs_first_file_is_one_line(tmp_path, capsys, monkeypatch):

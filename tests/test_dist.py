@@ -504,7 +504,9 @@ def test_predict_on_two_ranks_writes_each_picture_once(tmp_path, demo_root):
     assert "rank 0: predict: wrote 3, skipped 0" in out[0] and "rank 1: predict: wrote 2, skipped 0" in out[0]
     assert out[1] == ""  # rank 0 logs for both
     names = sorted(os.path.splitext(f)[0] for f in os.listdir(images))
-    assert sorted(os.listdir(tmp_path / "w" / "pred")) == sorted(f"{n}{s}.png" for n in names for s in ("", "_overlay"))
+    (folder,) = os.listdir(tmp_path / "w" / "pred")  # rank 0's new folder: both ranks write into it
+    assert sorted(os.listdir(tmp_path / "w" / "pred" / folder)) == sorted(
+        f"{n}{s}.png" for n in names for s in ("", "_overlay"))
 
 
 # ---- under torchrun itself (slow: each run starts fresh interpreters)

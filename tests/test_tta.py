@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import checkpoint, config, infer, train, tta
+from common import checkpoint, config, data, infer, train, tta
 from common.amp import Amp
 from common.errors import UserError
 
@@ -169,11 +169,16 @@ def test_predict_skips_unreadable_image_and_exits_nonzero(tmp_path, capsys):
     assert not os.path.exists(tmp_path / 'w' / 'log.txt')
     assert 'WARNING: predict: skipping' in log and 'bad.jpg' in log and 'wrote 2, skipped 1' in log
     assert 'has seen only 8 of ADE20k' in log  # a demo model says so
-    assert sorted(os.listdir(tmp_path / 'w' / 'pred')) == ['good0.png', 'good0_overlay.png', 'good1.png',
-                                                           'good1_overlay.png']
+    (first,) = (tmp_path / 'w' / 'pred').iterdir()  # without --out: a folder of its own, as a training run's
+    assert sorted(os.listdir(first)) == ['good0.png', 'good0_overlay.png', 'good1.png', 'good1_overlay.png']
+    assert f'PNGs in {first})' in log
     assert 'Traceback' not in out.err
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
     os.remove(tmp_path / 'in' / 'bad.jpg')
     assert train.main(seg, _build, argv + ['--tta'], name='tiny') is None  # all readable: a normal return
+    second = sorted(set((tmp_path / 'w' / 'pred').iterdir()) - {first})
+    assert len(second) == 1 and sorted(os.listdir(second[0])) == sorted(before)  # the first run's pictures stay
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
 
 
 def test_predict_never_overwrites_an_input_or_another_inputs_pictures(tmp_path, capsys):
@@ -197,6 +202,12 @@ def test_predict_never_overwrites_an_input_or_another_inputs_pictures(tmp_path, 
                                                     'good0_png_overlay.png', 'good1.png', 'good1_overlay.png',
                                                     'solo.png', 'solo_overlay.png']
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'out').iterdir()}
+    with pytest.raises(SystemExit) as e:  # the same --out again: the earlier pictures would be replaced
+        train.main(seg, _build, argv + ['--out', str(tmp_path / 'out')], name='tiny')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'good0_jpg.png is there already' in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'out').iterdir()} == written
     with pytest.raises(UserError, match=r"a\.jpg and .*a_jpg\.png would both write .*a_jpg\.png"):
         infer.output_names(['x/a.jpg', 'x/a.png', 'y/a_jpg.png'], str(tmp_path / 'o'))
     assert infer.output_names(['x/a.jpg', 'y/b.jpg'], str(tmp_path / 'o')) == ['a', 'b']
@@ -254,9 +265,15 @@ def test_predict_inputs_upper_case_extensions_and_empty_folders(tmp_path):
     with pytest.raises(UserError, match='no image file'):  # an empty folder is one line, not "wrote 0"
         infer.image_paths(str(tmp_path / 'none'))
     (tmp_path / 'in').mkdir()
-    for name in ('A.JPG', 'b.png'):  # cameras write .JPG
+    for name in ('A.JPG', 'b.png', 'c.webp', 'd.TIF'):  # cameras write .JPG
         cv2.imwrite(str(tmp_path / 'in' / name), np.zeros((4, 4, 3), np.uint8))
-    assert infer.image_paths(str(tmp_path / 'in')) == [str(tmp_path / 'in' / 'A.JPG'), str(tmp_path / 'in' / 'b.png')]
+    (tmp_path / 'in' / 'notes.txt').write_text('not an image')
+    lines = []
+    assert infer.image_paths(str(tmp_path / 'in'), lines.append) == [
+        str(tmp_path / 'in' / n) for n in ('A.JPG', 'b.png', 'c.webp', 'd.TIF')]
+    assert lines == [f"predict: left out 1 file(s) of {tmp_path / 'in'} not named as images "
+                     "(.jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff): notes.txt"]  # not silently
+    assert data.read_image(str(tmp_path / 'in' / 'c.webp')).shape == (4, 4, 3)
 
 
 def test_output_names_see_the_input_folder_in_any_spelling_and_overlay_clashes(tmp_path):
