@@ -346,9 +346,7 @@ def main(segmentor_cfg, build_model, argv=None, name=None):
             if cfg.get("run_dir") and not (cfg["eval"] or cfg["predict"] or cfg["summary"]):
                 log(report.final_summary(cfg["run_dir"], time.time() - t0,
                                          os.path.join(cfg["run_dir"], "pred") if cfg["save_predictions"] else None,
-                                         "--eval_interval_epochs 0" if not cfg["eval_interval_epochs"] else
-                                         f"--stop_iters {cfg['stop_iters']}: stopped before the schedule's end, "
-                                         "where it evaluates; --resume continues"))
+                                         _no_eval_reason(cfg)))
         return metrics
     except UserError as e:  # a user mistake or a bad file: one line, no traceback
         msg = f"{name}: error: {errors.one_line(e)}" + (f" (rank {dist.rank()})" if world > 1 else "")
@@ -569,6 +567,16 @@ def _keep_final(path, it, log):
     if not os.path.exists(kept):
         checkpoint.link_or_copy(path, kept)
     log(f"resume: the finished run's checkpoint stays as {kept} (this longer schedule writes a new final one)")
+
+
+def _no_eval_reason(cfg):
+    """Why a training run that logged no evaluation had none (the final summary's words)."""
+    if not cfg["eval_interval_epochs"]:
+        return "--eval_interval_epochs 0"
+    if cfg["stop_iters"]:
+        return (f"--stop_iters {cfg['stop_iters']}: stopped before the schedule's end, where it evaluates; --resume "
+                "continues")
+    return f"none was due: --eval_interval_epochs {cfg['eval_interval_epochs']}"
 
 
 def _on_main(make):

@@ -268,6 +268,7 @@ def test_predict_inputs_upper_case_extensions_and_empty_folders(tmp_path):
     for name in ('A.JPG', 'b.png', 'c.webp', 'd.TIF'):  # cameras write .JPG
         cv2.imwrite(str(tmp_path / 'in' / name), np.zeros((4, 4, 3), np.uint8))
     (tmp_path / 'in' / 'notes.txt').write_text('not an image')
+    (tmp_path / 'in' / 'sub').mkdir()  # a folder is not a file left out
     lines = []
     assert infer.image_paths(str(tmp_path / 'in'), lines.append) == [
         str(tmp_path / 'in' / n) for n in ('A.JPG', 'b.png', 'c.webp', 'd.TIF')]
