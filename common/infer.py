@@ -209,9 +209,9 @@ def image_paths(path, log=print):
     """--predict's input files: the file, or the folder's images (the files of other types it holds are named)."""
     exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
     if os.path.isdir(path):
-        paths = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(exts))
-        other = sorted(f for f in os.listdir(path) if not f.lower().endswith(exts)
-                       and os.path.isfile(os.path.join(path, f)))
+        listed = os.listdir(path)
+        paths = sorted(os.path.join(path, f) for f in listed if f.lower().endswith(exts))
+        other = sorted(f for f in listed if not f.lower().endswith(exts) and os.path.isfile(os.path.join(path, f)))
         if other:
             log(f"predict: left out {len(other)} file(s) of {path} not named as images ({'/'.join(exts)}): "
                 f"{', '.join(other[:5])}{', ...' if len(other) > 5 else ''}")
