@@ -212,6 +212,8 @@ def validate(cfg, num_palette=150):
          "weights: --predict takes its checkpoint as --ckpt CKPT, --eval as --eval CKPT")
     need(not cfg['out'] or cfg['eval'] or cfg['predict'], 'out', "is where --eval and --predict write their pictures; "
          "a training run writes them into its run folder (pred/), under --work_dir")
+    need(not (cfg['out'] and cfg['eval'] and not cfg['save_predictions']), 'out', "would stay empty: --eval draws "
+         "pictures of the first --save_predictions val images, and that is 0; pass --save_predictions N or drop --out")
     need(not (cfg['init'] and cfg['resume']), 'init', "and --resume both give the weights: --resume continues a "
          "run, --init starts a new one from a checkpoint's weights")
 

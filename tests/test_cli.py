@@ -79,6 +79,7 @@ def test_tuple_order_and_errors(capsys):
     (['--ckpt', 'a.pth'], "--ckpt 'a.pth': is --predict's checkpoint"),
     (['--init', 'a.pth', '--resume', 'auto'], "--init 'a.pth': and --resume both give the weights"),
     (['--out', 'o'], "--out 'o': is where --eval and --predict write their pictures"),  # else: ignored
+    (['--eval', 'a.pth', '--out', 'o', '--save_predictions', '0'], "--out 'o': would stay empty"),  # else: unused
     (['--predict', '.', '--init', 'a.pth'], "--init 'a.pth': starts a training run"),  # else: the latest's weights
     (['--eval', 'b.pth', '--init', 'a.pth'], "--init 'a.pth': starts a training run"),
     (['--tf32', 'maybe'], 'argument --tf32'),
