@@ -173,7 +173,7 @@ DEFAULTS = dict(
     eval='',  # checkpoint path, or ssseg:NAME (the published model, e.g. ssseg:pspnet): evaluate it on val and exit
     predict='',  # image file or folder: write colour masks of --ckpt's predictions to --out and exit
     ckpt='',  # checkpoint for --predict (a path or ssseg:NAME)
-    out='',  # output folder for --predict / --eval pictures ('' = work_dir/pred, beside the run folders)
+    out='',  # output folder for --predict / --eval pictures ('' = a new work_dir/pred/<YYYYmmdd_HHMMSS> per call)
     summary=False,  # print the parameter / multiply-accumulate table and exit
     # --- evaluation and inference
     inference_mode='whole',  # whole | slide (the reference evaluates whole images, spec §8)
