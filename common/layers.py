@@ -16,7 +16,8 @@ KEEP_ATEN = frozenset()  # ops that stay on ATen under 'fused': where --kernels 
 
 # --kernels auto, per device type: (ops kept on ATen, why). Change it only with a measurement beside it.
 AUTO = {
-    "cpu": (frozenset(), "fused 0.95-1.10x torch's img/s end to end on two CPUs, bench/results/*cpu-2core*train.md"),
+    "cpu": (frozenset(), "fused 0.95-1.09x torch's step time end to end on two CPUs, "
+                         "bench/results/*cpu-2core*train.md"),
     "cuda": (frozenset(), "not yet measured on a card (issue #19), so all fused"),
 }
 
