@@ -43,8 +43,3 @@ def compile_module(module, mode, log=print, what="train", dynamic=None, backend=
     module._compiled_call_impl = first_call
     return module
 
-
-def compile_counters():
-    """torch._dynamo's counters of compiled frames (for tests and benchmarks: how many graphs were built)."""
-    from torch._dynamo.utils import counters
-    return dict(counters["stats"])
