@@ -12,7 +12,7 @@ import torch.nn as nn
 from . import dist
 from .checkpoint import check_matches, few, load, model_state
 from .errors import MissingFile, UserError
-from .layers import BatchNormAct2d, conv_bn_relu
+from .layers import conv_bn_relu
 
 # output stride 8 (spec §4): layer3/4 trade their stride for dilation, so the maps stay at 1/8.
 # contract_dilation: the first block of a dilated stage uses d // 2 (layer3 [1, 2, 2, 2, 2, 2], layer4 [2, 4, 4]).
