@@ -246,7 +246,7 @@ def build_record(rec, iteration, scale, amp, trigger, **extra):
         culprit = dict(name=first["name"], phase=first["phase"], order=first["order"], max=first["max"],
                        nonfinite=first["nonfinite"],
                        nan=first["nan"], numel=first["numel"], dtype=first["dtype"],
-                       by=_producers(first, rec.consumers, out))
+                       by=_producers(first, rec.consumers))
     return dict(kind="amp_report", iteration=iteration, trigger=trigger,
                 amp=amp.describe() if hasattr(amp, "describe") else type(amp).__name__,
                 dtype=str(dtype).replace("torch.", ""),
@@ -254,7 +254,7 @@ def build_record(rec, iteration, scale, amp, trigger, **extra):
                 first_nonfinite=culprit, entries=out, **extra)
 
 
-def _producers(first, consumers, rows):
+def _producers(first, consumers):
     """Who computed the first non-finite tensor: the module itself (forward, parameter grad) or, for the gradient of
     an output, the deepest modules that consumed that output (their backward made it); [] = the loss."""
     if first["phase"] in ("fwd", "param"):
