@@ -344,9 +344,9 @@ def check_matches(model, sd, path, hint=None):
                            + "; ".join(p for p in parts if p))
 
 
-def load_weights(model, path, log=print, ckpt=None):
+def load_weights(model, path, log=print):
     """Load a checkpoint's model weights into `model` strictly; errors list the mismatching keys and shapes."""
-    sd = model_state(load(path) if ckpt is None else ckpt, path)
+    sd = model_state(load(path), path)
     check_matches(model, sd, path)
     model.load_state_dict(sd)
     log(f"loaded weights: {path} ({len(sd)} tensors)")
