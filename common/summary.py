@@ -26,7 +26,7 @@ def _linear_macs(m, inputs, output):
 
 
 def count_macs(model, input_shape):
-    """{module name: MACs} for one forward of a (meta) input of `input_shape`, and the output."""
+    """{module name: MACs} for one training-mode forward of a (meta) input of `input_shape`."""
     meta = copy.deepcopy(model).to("meta")  # shapes only: no memory, no compute, real weights untouched
     meta.train()  # training runs every head (the aux one too)
     B = input_shape[0]
@@ -55,18 +55,17 @@ def group_of(name):
     return "backbone" if "backbone" in top else "auxiliary" if "aux" in top else "head"
 
 
-def summarize(model, input_shape=(1, 3, 512, 512), per_child=True):
-    """A table of parameters and GMACs per group (backbone / head / auxiliary) and, with per_child, per child."""
+def summarize(model, input_shape=(1, 3, 512, 512)):
+    """A table of parameters and GMACs per group (backbone / head / auxiliary) and per child module."""
     macs = count_macs(model, input_shape)
     params = {name: p.numel() for name, p in model.named_parameters()}
     rows = defaultdict(lambda: [0, 0])  # key -> [params, MACs]
 
     def add(name, i, n):
         rows[(group_of(name), "")][i] += n
-        if per_child:
-            parts = name.split(".")
-            child = ".".join(parts[:2]) if group_of(name) == "backbone" and len(parts) >= 2 else parts[0]
-            rows[(group_of(name), child)][i] += n
+        parts = name.split(".")
+        child = ".".join(parts[:2]) if group_of(name) == "backbone" and len(parts) >= 2 else parts[0]
+        rows[(group_of(name), child)][i] += n
 
     for name, n in params.items():
         add(name.rsplit(".", 1)[0], 0, n)  # a parameter belongs to its module
