@@ -28,7 +28,7 @@ from .layers import BatchNormAct2d
 
 DEFAULT_TIMEOUT_S = 1800  # 30 min: longer than any step or eval we run, far shorter than ssseg's 10 h
 
-_state = {"rank": 0, "world_size": 1, "local_rank": 0, "backend": None, "timeout_s": None}
+_state = {"local_rank": 0, "timeout_s": None}  # what torch.distributed does not keep for us
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,8 +86,8 @@ def init(device=None, timeout_s=None):
         else:
             raise ValueError(f"dist.init: device must be 'cuda' or 'cpu', got {device}")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-        _state.update(backend=backend, timeout_s=timeout_s)
-    _state.update(rank=rank, world_size=world, local_rank=local)
+        _state.update(timeout_s=timeout_s)
+    _state.update(local_rank=local)
     return rank, world, local
 
 
@@ -185,7 +185,7 @@ def shutdown():
     """Leave the process group (end of main; also on the way out of an exception)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _state.update(rank=0, world_size=1, local_rank=0, backend=None, timeout_s=None)
+    _state.update(local_rank=0, timeout_s=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -428,7 +428,7 @@ def wrap_ddp(model, device, amp_kind, fp16_compress=None, amp_dtype=None):
     if fp16_compress:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    ddp.fp16_compress = bool(fp16_compress)  # for the log line
+    ddp.fp16_compress = bool(fp16_compress)  # what auto resolved to (tests/test_dist.py reads it)
     return ddp
 
 
