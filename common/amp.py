@@ -86,7 +86,8 @@ CPU_HALF_DTYPE = torch.bfloat16
 
 
 def cpu_half_dtype():
-    """The half type the CPU demo preset should use with --amp torch|apex (measured above)."""
+    """The CPU's half type for --amp torch|apex with --amp_dtype auto (measured above; common/cpu.py decides whether
+    it runs natively or as fp32 arithmetic)."""
     return CPU_HALF_DTYPE
 
 

@@ -41,7 +41,7 @@ def one_line(e):
 
 def make_folder(path, flag):
     """os.makedirs(path, exist_ok=True); a folder that cannot be made (a file in the way, no permission, a read-only
-    disk) is a UserError naming the flag, where it was an OSError traceback."""
+    disk) is a UserError naming the flag, not an OSError traceback."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

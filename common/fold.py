@@ -210,7 +210,7 @@ _CACHE = weakref.WeakKeyDictionary()  # training model -> its Folded copy
 def for_eval(model, cfg, amp=None, log=print):
     """(module to evaluate, amp to evaluate it under): the one call evaluate() / predict() callers make.
 
-    cfg['fold'] false: the model itself and `amp` (autocast), as before. Otherwise the folded copy, in `amp`'s half
+    cfg['fold'] false: the model itself, unfolded, and `amp` (autocast). Otherwise the folded copy, in `amp`'s half
     type when it has one (fp16 CUDA, bf16 CPU), channels_last if cfg says so, compiled per cfg['compile'], and no amp
     (the copy is already in its dtype: autocast would re-cast every weight at every call).
     """

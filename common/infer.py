@@ -53,7 +53,7 @@ def predict_logits(model, image, size, cfg, amp=None, tta=False):
         with amp.autocast() if amp is not None else torch.autocast("cpu", enabled=False):
             if cfg.get("inference_mode", "whole") == "slide":
                 return slide_logits(model, x, cfg["slide_crop"], cfg["slide_stride"], probs)
-            out = model(x)["out"]  # (1, K, h/8, w/8)
+            out = model(x)["out"]  # (1, K, h/8, w/8) (h/4: DeepLabV3+)
             return out.float().softmax(1) if probs else out
 
     if tta:

@@ -56,7 +56,7 @@ def train_step(model, images, targets, criterion, amp, optimizer, guard):
     optimizer.zero_grad(set_to_none=True)
     guard.snapshot()
     with amp.autocast():
-        out = model(images)  # {'out': (B, K, H/8, W/8), 'aux': (B, K, H/8, W/8)}
+        out = model(images)  # {'out': (B, K, H/8, W/8) (H/4: DeepLabV3+), 'aux': (B, K, H/8, W/8)}
         loss, loss_cls, loss_aux = criterion(out, targets)
     amp.backward(loss, optimizer)
     bad_buffers = not guard.finite()  # BN saw an inf/NaN (or overflowed its variance) in this forward
