@@ -53,10 +53,10 @@ def eval_macs(model, h, w):
     return sum(v for k, v in count_macs(model, (1, 3, h, w)).items() if not k.startswith("auxiliary"))
 
 
-def matmul_flops(dtype, device, n=None):
+def matmul_flops(dtype, device):
     """FLOP/s of the best of 5 (n x n) @ (n x n) matmuls in dtype: the practical peak the convolutions approach."""
     # CPU bf16 without AVX-512 BF16 runs a scalar fallback (~1 GFLOP/s on our AVX2 box): a smaller matmul there
-    n = n or (8192 if device.type == "cuda" else 2048 if dtype == torch.float32 else 512)
+    n = 8192 if device.type == "cuda" else 2048 if dtype == torch.float32 else 512
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     torch.mm(a, b)
     best = float("inf")
