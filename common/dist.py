@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import ops
 from .layers import BatchNormAct2d
 
 DEFAULT_TIMEOUT_S = 1800  # 30 min: longer than any step or eval we run, far shorter than ssseg's 10 h
@@ -248,24 +249,11 @@ class _TorchBN:
 
 
 class _FusedBN:
-    """The same four steps as KERNELS-I's csrc ops (torch.ops.segfp16.*; contract in csrc/ops.cpp)."""
-
-    @staticmethod
-    def stats(x):
-        return torch.ops.segfp16.bn_stats(x)
-
-    @staticmethod
-    def apply(x, mean, invstd, weight, bias, residual, relu):
-        return torch.ops.segfp16.bn_apply(x, mean, invstd, weight, bias, residual, relu)
-
-    @staticmethod
-    def backward_reduce(dy, y, x, mean, invstd, relu):
-        return torch.ops.segfp16.bn_backward_reduce(dy, y, x, mean, invstd, relu)
-
-    @staticmethod
-    def backward_apply(dy, y, x, mean, invstd, weight, mean_dz, mean_dz_xhat, relu, residual_grad):
-        return torch.ops.segfp16.bn_backward_apply(dy, y, x, mean, invstd, weight, mean_dz, mean_dz_xhat, relu,
-                                                   residual_grad)
+    """The same four steps as KERNELS-I's csrc ops, through their wrappers (common/ops.py; contract in csrc/ops.cpp)."""
+    stats = staticmethod(ops.bn_stats)
+    apply = staticmethod(ops.bn_apply)
+    backward_reduce = staticmethod(ops.bn_backward_reduce)
+    backward_apply = staticmethod(ops.bn_backward_apply)
 
 
 class _SyncBNAct(torch.autograd.Function):
