@@ -506,3 +506,94 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.pth')) == ['checkpoint-epoch-3.pth',
                                                                              'checkpoint-final.pth']
     assert checkpoint.resolve('auto', str(tmp_path)).endswith('checkpoint-final.pth')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# spec §7: the schedule the loop runs and the set-up main does (what the recipe dicts above only name)
+
+
+def _fit_epochs(tmp_path, monkeypatch, **over):
+    """train.fit on ToyData (2 iterations per epoch) with max_iters 0, so the schedule comes from max_epochs.
+    Records per step (lr, aux weight, sampler epoch), and the iterations of each evaluation and checkpoint."""
+    seen = dict(steps=[], evals=[], saves=[])
+    model = TinyNet()
+    loader = data.train_loader(ToyData(), 2, 0, seed=0, num_items=4)
+    seg_loss = train.seg_loss
+
+    def loss(out, targets, aux_weight):
+        seen['steps'].append((opt.param_groups[0]['lr'], aux_weight, loader.sampler.epoch))
+        return seg_loss(out, targets, aux_weight)
+    monkeypatch.setattr(train, 'seg_loss', loss)
+    monkeypatch.setattr(train.fold, 'for_eval', lambda model, cfg, amp, log: (model, amp))
+    monkeypatch.setattr(train.infer, 'evaluate', lambda net, *a, **k: seen['evals'].append(it()) or dict(
+        mIoU=0.0, mAcc=0.0, aAcc=0.0, precision='fp32', IoU=[], Acc=[]))
+    monkeypatch.setattr(checkpoint, 'save', lambda path, state, root=None: seen['saves'].append(
+        (os.path.basename(path), state['iteration'])) or path)
+    it = lambda: len(seen['steps'])  # noqa: E731 (iterations run so far)
+    cfg = dict(config.DEFAULTS, num_classes=2, max_iters=0, batch_size=2, num_workers=0, log_interval=1,
+               work_dir=str(tmp_path), kernels='torch')
+    cfg.update(over)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg['lr'], momentum=cfg['momentum'])
+    amp = Amp('none', device='cpu')
+    model, opt = amp.initialize(model, opt)
+    train.fit(cfg, model, opt, amp, loader, val_loader=[], start_iter=0, device='cpu', log=train.Logger(str(tmp_path)))
+    return seen
+
+
+def test_the_schedule_is_max_epochs_times_the_loader_with_evals_every_n_epochs_and_at_the_end(tmp_path, monkeypatch):
+    """spec §7/§1: max_iters = max_epochs x iterations per epoch (the poly lr decays over it), a new shuffle each
+    epoch (sampler.set_epoch), a checkpoint every save_interval_epochs and an evaluation every eval_interval_epochs,
+    both also at the last epoch (130 epochs, eval every 10: 13 evaluations, the last at epoch 130)."""
+    seen = _fit_epochs(tmp_path, monkeypatch, max_epochs=5, eval_interval_epochs=2, save_interval_epochs=2,
+                       lr=0.02, min_lr=0.001)
+    assert [s[0] for s in seen['steps']] == [train.poly_lr(i, 10, 0.02, 0.9, 0.001) for i in range(10)]
+    assert [s[2] for s in seen['steps']] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # sampler epoch of every batch
+    assert seen['evals'] == [4, 8, 10]  # epochs 2, 4 and the last, 5
+    assert seen['saves'] == [('checkpoint-epoch-2.pth', 4), ('checkpoint-epoch-4.pth', 8), ('checkpoint-final.pth', 10)]
+
+
+def test_the_loop_weights_the_aux_loss_with_the_configured_factor(tmp_path, monkeypatch):
+    """spec §6: the aux CE is scaled by the config's loss_aux scale_factor (recipe() -> cfg['aux_weight'] -> fit);
+    test_seg_loss_* checks seg_loss with the weight it is given, this that fit gives it cfg's, not a constant."""
+    seen = _fit_epochs(tmp_path, monkeypatch, max_epochs=1, aux_weight=0.25, eval_interval_epochs=0,
+                       save_interval_epochs=0)
+    assert [s[1] for s in seen['steps']] == [0.25, 0.25]
+
+
+class _Built(Exception):
+    pass
+
+
+def test_main_sets_up_the_references_optimizer_and_backends(tmp_path, monkeypatch):
+    """spec §7 steps 3-5, §1: TF32 off for matmul and cuDNN, cudnn.benchmark on, and one SGD param group over every
+    parameter (weight decay on BN and bias too) with the script's lr 0.01, momentum 0.9, weight decay 5e-4, no
+    nesterov or dampening. The tests above build their own SGD; this one stops main right after it builds its own."""
+    import fcn
+    for sub in ('images', 'annotations'):
+        os.makedirs(tmp_path / 'ADE20k' / 'ADEChallengeData2016' / sub)  # found; never read (main stops first)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    built, sgd = [], torch.optim.SGD
+
+    class Spy(sgd):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            built.append(self)
+            raise _Built
+    monkeypatch.setattr(torch.optim, 'SGD', Spy)
+    models = []
+
+    def build(cfg=None, num_classes=150):
+        models.append(TinyNet())
+        return models[-1]
+    with pytest.raises(_Built):
+        train.main(fcn.SEGMENTOR_CFG, build, ['--data_root', str(tmp_path / 'ADE20k'), '--device', 'cpu',
+                                              '--pretrained', 'none', '--kernels', 'torch',
+                                              '--work_dir', str(tmp_path / 'w')], name='fcn')
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    assert torch.backends.cudnn.benchmark is True
+    (group,) = built[0].param_groups
+    assert [id(p) for p in group['params']] == [id(p) for p in models[0].parameters()]  # BN and biases included
+    assert (group['lr'], group['momentum'], group['weight_decay'], group['dampening'], group['nesterov']) == \
+        (0.01, 0.9, 5e-4, 0, False)
