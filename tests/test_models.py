@@ -314,6 +314,51 @@ def test_every_parameter_gets_a_gradient():
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
+def reference_v1c_forward(sd, x):
+    """ResNet-50 v1c OS8 in eval mode, written from spec §4 with F.* on a state dict: deep stem, max pool 3x3/2/1,
+    bottlenecks relu(bn3(conv3) + downsample(x)) with the stride on the 3x3, contract dilation in layers 3-4."""
+    def bn(p, y):
+        return F.batch_norm(y, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"],
+                            False, 0.0, 1e-5)
+
+    def conv(p, y, stride=1, dilation=1):
+        w = sd[f"{p}.weight"]
+        return F.conv2d(y, w, stride=stride, padding=dilation * (w.shape[-1] // 2), dilation=dilation)
+    for i, stride in enumerate((2, 1, 1)):
+        x = F.relu(bn(f"stem.{3 * i + 1}", conv(f"stem.{3 * i}", x, stride)))
+    x, outs = F.max_pool2d(x, 3, 2, 1), []
+    for s, (blocks, stride, dilations) in enumerate([(3, 1, [1] * 3), (4, 2, [1] * 4), (6, 1, [1] + [2] * 5),
+                                                    (3, 1, [2, 4, 4])]):
+        for b in range(blocks):
+            p, st = f"layer{s + 1}.{b}", stride if b == 0 else 1
+            y = F.relu(bn(f"{p}.bn1", conv(f"{p}.conv1", x)))
+            y = F.relu(bn(f"{p}.bn2", conv(f"{p}.conv2", y, st, dilations[b])))
+            identity = bn(f"{p}.downsample.1", conv(f"{p}.downsample.0", x, st)) if b == 0 else x
+            x = F.relu(bn(f"{p}.bn3", conv(f"{p}.conv3", y)) + identity)
+        outs.append(x)
+    return outs
+
+
+def test_backbone_forward_matches_a_functional_transcription_of_the_spec():
+    # the key, shape, stride and dilation tests above cannot see the forward: a dropped residual or ReLU, the
+    # identity taken before the downsample, another pooling. No BN is an identity: random affine parameters, and
+    # running statistics of the input itself (one train-mode pass at momentum 1), which keep every layer's values
+    # near unit scale (PyTorch's 0 / 1 would shrink them into slow denormals by layer4)
+    torch.manual_seed(0)
+    backbone, x = ResNetV1c(), torch.randn(1, 3, 35, 41)
+    bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = 1.0
+        m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_(0, 0.1)
+    with torch.no_grad():
+        backbone.train()(x)
+        backbone.eval()
+        ours, ref = backbone(x), reference_v1c_forward(backbone.state_dict(), x)
+    assert [tuple(o.shape) for o in ours] == [(1, 256, 9, 11), (1, 512, 5, 6), (1, 1024, 5, 6), (1, 2048, 5, 6)]
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+
+
 # ---- concat orders (spec §5, §10.1)
 
 def constant_branch(seq_or_bn, value):
