@@ -301,3 +301,21 @@ def test_use_probs_before_resize_flag(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--use_probs_before_resize: invalid choice: 'yes'" in err[0]
+
+
+@pytest.mark.parametrize('script', ['fcn', 'pspnet', 'deeplabv3', 'deeplabv3plus'])
+def test_evaluation_runs_the_base_configs_inference_by_default(script):
+    """spec §1/§8: whole-image inference, multiscale [1] without flip, logits resized (use_probs_before_resize False),
+    fp32 for --eval (test.py), TF32 off. recipe() does not read SEGMENTOR_CFG['inference']: the flags' defaults are
+    what evaluate() runs, so they must say the same as the dict (an edit to either side alone fails here)."""
+    import importlib
+    seg = importlib.import_module(script).SEGMENTOR_CFG
+    cfg = config.parse(seg, [], script)
+    ref = seg['inference']
+    assert ref == {'forward': {'mode': 'whole', 'cropsize': None, 'stride': None},
+                   'tta': {'multiscale': [1], 'flip': False, 'use_probs_before_resize': False},
+                   'evaluate': {'metric_list': ['iou', 'miou']}}
+    assert cfg['inference_mode'] == ref['forward']['mode']
+    assert cfg['tta'] is ref['tta']['flip'] is False  # one view: scale 1, no mirror
+    assert tta.use_probs(cfg, cfg['tta']) is ref['tta']['use_probs_before_resize']
+    assert (cfg['eval_amp'], cfg['tf32']) == (False, False)
