@@ -359,6 +359,24 @@ def test_backbone_forward_matches_a_functional_transcription_of_the_spec():
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_every_layer_keeps_pytorchs_default_init(models, name):
+    # spec §4: no custom initialisation anywhere: conv weights (and the classifiers' biases) U(-b, b), b = 1/sqrt(fan_in)
+    # (kaiming_uniform_ with a = sqrt(5)), BN weight 1 and bias 0. Not mmseg's kaiming-normal convs or N(0, 0.01)
+    # classifiers with zero bias: the heads start training from these numbers
+    for mname, m in models[name].named_modules():
+        if isinstance(m, nn.Conv2d):
+            w = m.weight.detach()
+            bound = (w[0].numel()) ** -0.5  # fan_in = in_channels / groups x kh x kw
+            assert w.abs().max() <= bound * (1 + 1e-6), mname
+            if w.numel() >= 4096:  # the uniform's std, bound / sqrt(3), to a few percent
+                assert w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05), mname
+            if m.bias is not None:
+                assert 0 < m.bias.detach().abs().max() <= bound * (1 + 1e-6), mname
+        if isinstance(m, nn.BatchNorm2d):
+            assert bool((m.weight == 1).all()) and bool((m.bias == 0).all()), mname
+
+
 # ---- concat orders (spec §5, §10.1)
 
 def constant_branch(seq_or_bn, value):
