@@ -361,8 +361,8 @@ def test_backbone_forward_matches_a_functional_transcription_of_the_spec():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_layer_keeps_pytorchs_default_init(models, name):
-    # spec §4: no custom initialisation anywhere: conv weights (and the classifiers' biases) U(-b, b), b = 1/sqrt(fan_in)
-    # (kaiming_uniform_ with a = sqrt(5)), BN weight 1 and bias 0. Not mmseg's kaiming-normal convs or N(0, 0.01)
+    # spec §4: no custom initialisation anywhere: conv weights (and the classifiers' biases) U(-b, b),
+    # b = 1/sqrt(fan_in) (kaiming_uniform_ with a = sqrt(5)), BN weight 1 and bias 0. Not mmseg's kaiming-normal convs or N(0, 0.01)
     # classifiers with zero bias: the heads start training from these numbers
     for mname, m in models[name].named_modules():
         if isinstance(m, nn.Conv2d):
