@@ -571,9 +571,10 @@ def test_main_sets_up_the_references_optimizer_and_backends(tmp_path, monkeypatc
     import fcn
     for sub in ('images', 'annotations'):
         os.makedirs(tmp_path / 'ADE20k' / 'ADEChallengeData2016' / sub)  # found; never read (main stops first)
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
-    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    backends = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = backends[0].allow_tf32, backends[1].allow_tf32, backends[1].benchmark  # not monkeypatch: torch 2.11's
+    backends[0].allow_tf32 = backends[1].allow_tf32 = True  # cuBLAS module has no attribute to restore by setattr
+    backends[1].benchmark = False
     built, sgd = [], torch.optim.SGD
 
     class Spy(sgd):
@@ -587,12 +588,14 @@ def test_main_sets_up_the_references_optimizer_and_backends(tmp_path, monkeypatc
     def build(cfg=None, num_classes=150):
         models.append(TinyNet())
         return models[-1]
-    with pytest.raises(_Built):
-        train.main(fcn.SEGMENTOR_CFG, build, ['--data_root', str(tmp_path / 'ADE20k'), '--device', 'cpu',
-                                              '--pretrained', 'none', '--kernels', 'torch',
-                                              '--work_dir', str(tmp_path / 'w')], name='fcn')
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
-    assert torch.backends.cudnn.benchmark is True
+    try:
+        with pytest.raises(_Built):
+            train.main(fcn.SEGMENTOR_CFG, build, ['--data_root', str(tmp_path / 'ADE20k'), '--device', 'cpu',
+                                                  '--pretrained', 'none', '--kernels', 'torch',
+                                                  '--work_dir', str(tmp_path / 'w')], name='fcn')
+        assert (backends[0].allow_tf32, backends[1].allow_tf32, backends[1].benchmark) == (False, False, True)
+    finally:
+        backends[0].allow_tf32, backends[1].allow_tf32, backends[1].benchmark = saved
     (group,) = built[0].param_groups
     assert [id(p) for p in group['params']] == [id(p) for p in models[0].parameters()]  # BN and biases included
     assert (group['lr'], group['momentum'], group['weight_decay'], group['dampening'], group['nesterov']) == \
