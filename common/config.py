@@ -228,9 +228,75 @@ def _fp16_flat(fp16_cfg):
     return kind, kw.get('opt_level', 'O1'), dtype
 
 
+# what the code runs whatever a SEGMENTOR_CFG says: (key path, the value it runs, what to do instead). An edited
+# value here would be dropped without a word, so recipe() refuses it, as it refuses an fp16_cfg key (spec §1, §2)
+_RESNET50_D8 = {'type': 'ResNet', 'depth': 50, 'structure_type': 'resnet50conv3x3stem', 'outstride': 8,
+                'use_conv3x3_stem': True}
+_FIXED = (
+    (('scheduler', 'type'), 'PolyScheduler', "the poly schedule is common/train.py's (--power, --min_lr)"),
+    (('scheduler', 'optimizer', 'type'), 'SGD', "the optimiser is SGD over every parameter (common/train.py)"),
+    (('scheduler', 'optimizer', 'params_rules'), {}, "one parameter group (common/train.py)"),
+    (('losses', 'loss_cls', 'scale_factor'), 1.0, "the main loss has weight 1; --aux_weight sets the auxiliary's"),
+    (('inference', 'forward', 'mode'), 'whole', "use the --inference_mode flag"),
+    (('inference', 'tta', 'multiscale'), [1], "use the --tta flag"),
+    (('inference', 'tta', 'flip'), False, "use the --tta flag"),
+    (('norm_cfg',), {'type': 'SyncBatchNorm'}, "BatchNorm, synced under torchrun, is built in (common/layers.py)"),
+    (('act_cfg',), {'type': 'ReLU', 'inplace': True}, "ReLU is built in (common/layers.py)"),
+    (('align_corners',), False, "every resize runs align_corners=False"),
+) + tuple((('losses', loss, key), value, "the loss is common/layers.py's seg_cross_entropy")
+          for loss in ('loss_cls', 'loss_aux') for key, value in (
+              ('type', 'CrossEntropyLoss'), ('ignore_index', 255), ('reduction', 'mean')))
+
+
+def _check_fixed(seg_cfg):
+    """UserError naming the first SEGMENTOR_CFG entry that differs from what the code runs (_FIXED, the backbone, the
+    data pipelines but for their sizes); an entry the config leaves out runs the code's value, as in ssseg."""
+    def norm(v):  # lists and tuples compare alike: (0.5, 2.0) == [0.5, 2.0]
+        return tuple(map(norm, v)) if isinstance(v, (list, tuple)) else {k: norm(x) for k, x in v.items()} \
+            if isinstance(v, dict) else v
+
+    def at(path):
+        cfg = seg_cfg
+        for key in path:
+            if not isinstance(cfg, dict) or key not in cfg:
+                return None
+            cfg = cfg[key]
+        return cfg
+
+    if 'losses' in seg_cfg and 'loss_aux' not in seg_cfg['losses']:
+        raise UserError("['losses'] has no 'loss_aux', but every model here trains its auxiliary head; set its "
+                        "scale_factor to 0 (or pass --aux_weight 0) to train without its loss")
+    if seg_cfg.get('backbone') not in (None, BASE_SEGMENTOR_CFG['backbone']):  # the base's is a placeholder
+        for key, value in _RESNET50_D8.items():
+            if seg_cfg['backbone'].get(key, value) != value:
+                raise UserError(f"['backbone']['{key}'] {seg_cfg['backbone'][key]!r}: the scripts build the "
+                                f"ResNet-50-D8 backbone only (common/backbone.py); set {value!r}")
+    for path, value, how in _FIXED:
+        got = at(path)
+        if got is not None and norm(got) != norm(value):
+            raise UserError(f"{''.join(f'[{k!r}]' for k in path)} {got!r}: the scripts run {value!r} whatever the "
+                            f"config says ({how}); remove the edit")
+    for split in ('train', 'test'):  # the sizes are read (crop_size, scale) or follow them (Padding); nothing else
+        got = at(('dataset', split, 'data_pipelines'))
+        want = DATASET_CFG_ADE20k_512x512[split]['data_pipelines']
+        sizeless = lambda steps: [(n, {k: v for k, v in a.items() if k not in ('crop_size', 'output_size')})  # noqa
+                                  for n, a in steps]
+        try:
+            same = got is None or norm(sizeless(got)) == norm(sizeless(want))
+        except (TypeError, ValueError, AttributeError):  # not a list of (name, {args}) pairs
+            same = False
+        if not same:
+            raise UserError(f"['dataset']['{split}']['data_pipelines']: only the sizes (RandomCrop crop_size, Resize "
+                            f"output_size) are read from it, the steps and their other settings are common/data.py's "
+                            f"(the reference's: {[n for n, _ in want]}); use --crop_size / --scale, remove the edit")
+
+
 def recipe(seg_cfg):
     """The flat numbers the reference config fixes (spec §1, §2), read from a SEGMENTOR_CFG."""
+    _check_fixed(seg_cfg)
     sched, out = seg_cfg.get('scheduler', {}), {}
+    if seg_cfg.get('backbone', {}).get('pretrained') is False:  # ssseg's way to train from scratch
+        out['pretrained'] = 'none'
     opt = sched.get('optimizer', {})
     for key, src in (('lr', opt), ('momentum', opt), ('weight_decay', opt), ('power', sched), ('min_lr', sched)):
         if src.get(key) is not None:

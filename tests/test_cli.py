@@ -1,5 +1,6 @@
 """The command line: tuple spellings, up-front checks as one-line errors (exit 2), --help from DEFAULTS's comments,
 --eval / --predict taking the checkpoint's config, user errors vs crashes in main(), the log's shape."""
+import copy
 import json
 import os
 import re
@@ -137,6 +138,40 @@ def test_a_script_fp16_cfg_setting_the_flags_cannot_carry_is_one_line(capsys, fp
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
     assert err.startswith('pspnet: error: SEGMENTOR_CFG: ') and key in err, err
+
+
+@pytest.mark.parametrize("edit,key", [
+    (lambda s: s['backbone'].update(depth=101), "['backbone']['depth'] 101"),
+    (lambda s: s['scheduler']['optimizer'].update(type='AdamW'), "'AdamW'"),
+    (lambda s: s['losses'].pop('loss_aux'), "loss_aux"),
+    (lambda s: s['inference']['forward'].update(mode='slide'), "--inference_mode"),
+    (lambda s: s['dataset']['train']['data_pipelines'][1][1].update(one_category_max_ratio=1.0), "data_pipelines"),
+    (lambda s: s['dataset']['train']['data_pipelines'].pop(2), "data_pipelines"),
+    (lambda s: s.update(align_corners=True), "align_corners"),
+])
+def test_a_script_config_edit_the_code_would_ignore_is_one_line(capsys, edit, key):
+    """A copied script whose SEGMENTOR_CFG asks for a ResNet-101, AdamW, no aux loss or another augmentation must not
+    train the reference's recipe without a word."""
+    import pspnet
+    seg = copy.deepcopy(pspnet.SEGMENTOR_CFG)
+    edit(seg)
+    with pytest.raises(SystemExit) as e:
+        config.parse(seg, [], 'my_pspnet')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert err.startswith('my_pspnet: error: SEGMENTOR_CFG: ') and key in err, err
+
+
+def test_a_script_config_edit_the_code_carries_runs():
+    import pspnet
+    seg = copy.deepcopy(pspnet.SEGMENTOR_CFG)
+    seg['dataset']['train']['data_pipelines'][1] = ('RandomCrop', {'crop_size': [64, 64],
+                                                                   'one_category_max_ratio': 0.75})
+    seg['dataset']['train']['data_pipelines'][0][1]['scale_range'] = [0.5, 2.0]  # a list, as a JSON-minded user writes
+    seg['backbone']['pretrained'] = False  # ssseg's from-scratch switch
+    seg['losses']['loss_aux']['scale_factor'] = 0.0
+    cfg = config.parse(seg, [], 'my_pspnet')
+    assert (cfg['crop_size'], cfg['pretrained'], cfg['aux_weight']) == ((64, 64), 'none', 0.0)
 
 
 def test_batch_must_split_over_torchrun_ranks(capsys, monkeypatch):
