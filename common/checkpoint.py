@@ -326,7 +326,7 @@ def few(names, n=5):
     return f"{len(names)} ({', '.join(names[:n])}{', ...' if len(names) > n else ''})" if names else "0"
 
 
-def check_matches(model, sd, path, hint=None):
+def check_matches(model, sd, path, hint=None, fine_tune=False):
     """Our key/shape report (before torch's 'Error(s) in loading state_dict'): BadFileError naming the file."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -336,6 +336,14 @@ def check_matches(model, sd, path, hint=None):
     if missing or unexpected or shapes:
         parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected
                  else "", f"mismatched shapes (file vs model) {few(shapes, 3)}" if shapes else ""]
+        classes = {(tuple(sd[k].shape)[0], tuple(v.shape)[0]) for k, v in own.items() if k in sd and
+                   tuple(sd[k].shape) != tuple(v.shape) and tuple(sd[k].shape)[1:] == tuple(v.shape)[1:]}
+        if hint is None and not (missing or unexpected) and len(classes) == 1 and len(shapes) <= 4:
+            # only the classifiers (main and auxiliary, weight and bias) differ: another number of classes
+            n_file, n_model = classes.pop()
+            hint = (f"it predicts {n_file} classes, the model {n_model}: --num_classes {n_file} for this file"
+                    + (f"; to fine-tune it on {n_model} classes, pass it as --pretrained {path} (its backbone; the "
+                       "heads start fresh)" if fine_tune else ""))
         if hint is None:
             from .zoo import by_tensor_count
             other = by_tensor_count(len(sd)) if len(sd) != len(own) else None
@@ -344,10 +352,11 @@ def check_matches(model, sd, path, hint=None):
                            + "; ".join(p for p in parts if p))
 
 
-def load_weights(model, path, log=print):
-    """Load a checkpoint's model weights into `model` strictly; errors list the mismatching keys and shapes."""
+def load_weights(model, path, log=print, fine_tune=False):
+    """Load a checkpoint's model weights into `model` strictly; errors list the mismatching keys and shapes
+    (fine_tune: --init's, whose error for another number of classes names --pretrained)."""
     sd = model_state(load(path), path)
-    check_matches(model, sd, path)
+    check_matches(model, sd, path, fine_tune=fine_tune)
     model.load_state_dict(sd)
     log(f"loaded weights: {path} ({len(sd)} tensors)")
     return model

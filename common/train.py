@@ -461,7 +461,8 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
         model.load_state_dict(sd)  # fp32, before amp.initialize (O2 masters copy these)
     elif cfg["init"]:
         # weights only: the schedule starts at iteration 0 (ssseg:NAME: the published file, common/zoo.py)
-        checkpoint.load_weights(model, checkpoint.resolve(cfg["init"], cfg["work_dir"], "--init", log), log)
+        checkpoint.load_weights(model, checkpoint.resolve(cfg["init"], cfg["work_dir"], "--init", log), log,
+                                fine_tune=True)
     elif cfg["pretrained"] != "none":
         from .backbone import load_pretrained
         load_pretrained(model.backbone_net, cfg["pretrained"], log=log)

@@ -539,6 +539,11 @@ FILE_CASES = {  # name: (make(path, good) -> path, {flag: expected cause}); flag
         ("--resume", "--eval", "--init"),
         r"does not match this model .*mismatched shapes \(file vs model\) 4 \(decoder\.weight \(3, 8, 1, 1\) vs "
         r"\(150, 8, 1, 1\)")),
+    # only the classifiers differ: another --num_classes; a fine-tuner (--init) is pointed to --pretrained
+    "another-num-classes": (lambda p, g: g[1], {
+        "--eval": r"it predicts 3 classes, the model 150: --num_classes 3 for this file\)",
+        "--init": r"it predicts 3 classes, the model 150: --num_classes 3 for this file; to fine-tune it on 150 "
+                  r"classes, pass it as --pretrained .*three-classes\.pth"}),
     "missing": (lambda p, g: str(p), {**dict.fromkeys(("--resume", "--eval", "--init"), r"does not exist"),
                                       "--pretrained": r"neither a file, a URL nor a key of PRETRAINED_URLS"}),
 }
