@@ -251,8 +251,11 @@ def _stems(folder, ext):
             continue
         stem, e = os.path.splitext(name)
         if e != ext:
-            raise BadFileError(f"unexpected file {os.path.join(folder, name)}: this folder should hold only *{ext}; "
-                               "move it out")
+            path = os.path.join(folder, name)
+            if e.lower() in ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp'):  # an image, misnamed
+                raise BadFileError(f"{path}: this folder's files are read as {stem}{ext} (ADE20k's layout); rename "
+                                   f"it to {stem}{ext} (its contents are decoded whatever the format)")
+            raise BadFileError(f"unexpected file {path}: this folder should hold only *{ext}; move it out")
         stems.add(stem)
     return stems
 

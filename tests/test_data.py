@@ -2,6 +2,7 @@
 distortion, normalisation), F.pad for the centred padding, hand-computed resize sizes, and images whose pixels
 encode their own coordinates for alignment. Everything is tiny: the whole file runs in seconds."""
 import os
+import re
 
 import cv2
 import numpy as np
@@ -103,6 +104,19 @@ def test_image_without_annotation(tmp_path):
     os.remove(os.path.join(base, 'images', 'training', 'a.jpg'))
     with pytest.raises(FileNotFoundError, match=r"a\.png has no image"):
         D.ADE20k(tmp_path, 'train')
+
+
+def test_a_misnamed_image_is_named_with_its_new_name(tmp_path):
+    # a camera's .JPG, a .jpeg or a .png image is no stray file: "move it out" would lose the sample
+    base = write_split(tmp_path, 'train', [rand_item('a')])
+    images = os.path.join(base, 'images', 'training')
+    for name in ('a.JPG', 'a.jpeg', 'a.png'):
+        os.rename(os.path.join(images, os.listdir(images)[0]), os.path.join(images, name))
+        with pytest.raises(UserError, match=rf"{re.escape(name)}: .*rename it to a\.jpg") as e:
+            D.ADE20k(tmp_path, 'train')
+        assert 'move it out' not in str(e.value)
+    os.rename(os.path.join(images, 'a.png'), os.path.join(images, 'a.jpg'))
+    assert D.ADE20k(tmp_path, 'train').ids == ['a']
 
 
 def test_list_names_missing_file(tmp_path):
