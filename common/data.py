@@ -153,7 +153,8 @@ def read_label(path):
     if hi > len(CLASSES):
         bad = np.unique(lab[lab > len(CLASSES)])[:10].tolist()
         raise BadFileError(f"annotation {path} has values {bad} outside 0..{len(CLASSES)} (ADE20k has 150 classes, "
-                         "0 = unlabelled)")
+                         "0 = unlabelled)" + ("; 255 is not 'ignore' in ADE's raw labels, 0 is: map 255 to 0"
+                                              if IGNORE_INDEX in bad else ""))
     return lab
 
 

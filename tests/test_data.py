@@ -206,7 +206,12 @@ def test_label_values_out_of_range(tmp_path):
         D.ADE20k(tmp_path, 'train')[0]
     lab[5, 6] = 150  # 151 alone, the first value past the classes, is refused too
     write_split(tmp_path, 'train', [(stem, img, lab)])
-    with pytest.raises(ValueError, match=r"a\.png has values \[151\] outside 0\.\.150"):
+    with pytest.raises(ValueError, match=r"a\.png has values \[151\] outside 0\.\.150") as e:
+        D.ADE20k(tmp_path, 'train')[0]
+    assert "map 255" not in str(e.value)
+    lab[3, 4] = 255  # mmseg's ignore value in a user's own labels: ADE's raw unlabelled is 0
+    write_split(tmp_path, 'train', [(stem, img, lab)])
+    with pytest.raises(ValueError, match=r"values \[255\] outside 0\.\.150 .*: map 255 to 0"):
         D.ADE20k(tmp_path, 'train')[0]
 
 
