@@ -32,6 +32,7 @@ import torch
 from .errors import BadFileError, UserError
 
 LATEST = "latest"  # a one-line text file naming the newest complete checkpoint (in a run folder and the work dir)
+BEST = "checkpoint-best.pth"  # a run folder's second name for the checkpoint of its best evaluation (never pruned)
 
 
 class DiskFullError(UserError, OSError):
@@ -123,6 +124,18 @@ def link_or_copy(src, dst):
             _replace_atomically(lambda out: shutil.copyfileobj(f, out), dst, os.path.getsize(src))
 
 
+def keep_as_best(path):
+    """Name the checkpoint `path` also <its folder>/checkpoint-best.pth, replacing the previous best's name; the old
+    file keeps its own name until pruned, and pruning never takes this one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{BEST}.tmp-{os.getpid()}")  # temp_files() finds it if we die here
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    link_or_copy(path, tmp)
+    os.replace(tmp, os.path.join(folder, BEST))
+    return os.path.join(folder, BEST)
+
+
 def _replace_atomically(write, path, size_hint=0):
     """write(file) into a temp file next to `path`, fsync it, then rename over `path`: readers see old or new."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -196,12 +209,13 @@ def _on_cpu(tree):
 
 
 def older_than_newest(work_dir, keep):
-    """Our checkpoint files in work_dir except the `keep` newest; [] for keep <= 0 (keep all). Newest by modification
-    time: a run folder's checkpoints are written in iteration order (a resume continues in place only from the newest),
-    and their names mix epochs and iterations (epoch-9, iter-1200, final), so they cannot be compared."""
+    """Our checkpoint files in work_dir except the `keep` newest and the best; [] for keep <= 0 (keep all). Newest
+    by modification time: a run folder's checkpoints are written in iteration order (a resume continues in place only
+    from the newest), and their names mix epochs and iterations (epoch-9, iter-1200, final), so they cannot be
+    compared."""
     if keep <= 0:
         return []
-    mine = [f for f in os.listdir(work_dir) if f.startswith("checkpoint-") and f.endswith(".pth")]
+    mine = [f for f in os.listdir(work_dir) if f.startswith("checkpoint-") and f.endswith(".pth") and f != BEST]
     mine.sort(key=lambda f: os.path.getmtime(os.path.join(work_dir, f)))
     return [os.path.join(work_dir, f) for f in mine[:-keep]]
 

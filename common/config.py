@@ -163,7 +163,7 @@ DEFAULTS = dict(
     work_dir='',  # '' = work_dirs/<SEGMENTOR_CFG's work_dir, else the script name>[_demo]
     eval_interval_epochs=10,  # evaluate every N epochs and always at the end (spec §1); 0 = never
     save_interval_epochs=1,  # checkpoint every N epochs and always at the end (spec §1); 0 = never
-    keep_checkpoints=3,  # delete older checkpoint files beyond the newest N (0 = keep all, as ssseg)
+    keep_checkpoints=3,  # delete older checkpoint files beyond the newest N and the best (0 = keep all, as ssseg)
     log_interval=50,  # iterations between progress lines (spec §7)
     tensorboard=False,  # also write the logged scalars and a few val pictures per evaluation to RUN_DIR/tensorboard
     max_skipped_steps=100,  # stop when this many consecutive steps are skipped for non-finite gradients

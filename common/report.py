@@ -12,14 +12,26 @@ def hms(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def evaluations(run_dir):
+    """The evaluation records of a run folder's metrics.jsonl (a resumed run's include those before its resume)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if r.get("kind") == "eval"]
+
+
+def best_kept(evals):
+    """The best evaluation that had a checkpoint written at its iteration (the one checkpoint-best.pth names)."""
+    return max((r for r in evals if r.get("checkpoint")), key=lambda r: r["mIoU"], default=None)
+
+
 def final_summary(work_dir, seconds, pred_dir=None, no_eval="--eval_interval_epochs 0"):
     """Total time, best and last mIoU (from metrics.jsonl: a resumed run counts the evaluations before its resume
-    too; NO_EVAL says why none ran), the newest checkpoint and the prediction pictures' folder, as a few lines."""
-    evals = []
+    too; NO_EVAL says why none ran), the newest and the best checkpoint and the prediction pictures' folder, as a few
+    lines."""
+    evals = evaluations(work_dir)
     path = os.path.join(work_dir, "metrics.jsonl")
-    if os.path.isfile(path):
-        with open(path) as f:
-            evals = [r for r in map(json.loads, f) if r.get("kind") == "eval"]
     if evals:
         best = max(evals, key=lambda r: r["mIoU"])
         last = evals[-1]
@@ -32,6 +44,9 @@ def final_summary(work_dir, seconds, pred_dir=None, no_eval="--eval_interval_epo
     except FileNotFoundError:
         ckpt = "none written (--save_interval_epochs 0)"
     lines = [f"done in {hms(seconds)} | {miou}", f"  checkpoint: {ckpt}"]
+    kept, best = best_kept(evals), os.path.join(work_dir, checkpoint.BEST)
+    if kept is not None and os.path.isfile(best):
+        lines.append(f"  best: {best} (iteration {kept['iteration']}, mIoU {100 * kept['mIoU']:.2f})")
     if pred_dir is not None and os.path.isdir(pred_dir):
         lines.append(f"  pictures: {pred_dir}{os.sep}")
     lines.append(f"  log: {os.path.join(work_dir, 'log.txt')} | metrics: {path}")

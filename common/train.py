@@ -167,6 +167,8 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
     def criterion(out, targets):  # common/amp_report.py replays it on a batch it diagnoses
         return seg_loss(out, targets, cfg["aux_weight"])
     reporter = AmpReport(cfg, model, amp, optimizer, folder, log, criterion)  # --amp_report, skipped-step diagnosis
+    kept = report.best_kept(report.evaluations(folder))  # a resumed run's best so far
+    best = kept["mIoU"] if kept else -math.inf
 
     def save(tag):
         rng = dist.all_gather_object(checkpoint.rng_state())  # every rank's generators (rank r resumes from rng[r])
@@ -179,11 +181,13 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
                 log(f"saved {checkpoint.save(path, state, root)}")
             except checkpoint.NonFiniteState as e:  # never written, never pointed to
                 log(f"WARNING: not saving {path}: {e}; latest stays {checkpoint.latest(folder) or 'unset'}")
+                path = None
             else:
-                # ssseg keeps every epoch's file (130 x ~0.4 GB for PSPNet); we keep the newest few
+                # ssseg keeps every epoch's file (130 x ~0.4 GB for PSPNet); we keep the newest few (and the best)
                 for old in checkpoint.older_than_newest(folder, cfg.get("keep_checkpoints", 0)):
                     os.remove(old)
         dist.barrier()
+        return path if dist.is_main() else None
 
     while it < stop:
         epoch = it // ipe
@@ -232,10 +236,11 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
         end_of_epoch, last = it % ipe == 0, it == max_iters
         ep = math.ceil(it / ipe)  # 1-based number of the epoch just finished
         every = cfg["save_interval_epochs"]  # 0 = never (smoke tests)
+        saved = None  # the checkpoint of this iteration (rank 0), which an evaluation now may make the best
         if every and (last or (end_of_epoch and ep % every == 0)):
-            save("final" if last else f"epoch-{ep}")
+            saved = save("final" if last else f"epoch-{ep}")
         elif it == stop < max_iters:
-            save(f"iter-{it}")  # a planned stop mid-schedule: checkpoint so that --resume continues from here
+            saved = save(f"iter-{it}")  # a planned stop mid-schedule: checkpoint so that --resume continues from here
         every = cfg["eval_interval_epochs"]  # 0 = never (smoke tests)
         if val_loader is not None and every and (last or (end_of_epoch and ep % every == 0)):
             tb = getattr(log, "tb", None)
@@ -243,8 +248,12 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             net, eval_amp = fold.for_eval(model, cfg, amp, log)  # a folded copy: the training model is untouched
             metrics = infer.evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log,
                                      pictures=NUM_PICTURES if tb is not None else 0)
+            if saved is not None and metrics["mIoU"] > best:  # --keep_checkpoints' pruning never takes it
+                best = metrics["mIoU"]
+                log(f"best mIoU so far: {os.path.basename(saved)} is also {checkpoint.keep_as_best(saved)}")
             if hasattr(log, "record"):
-                log.record(kind="eval", iteration=it, epoch=ep, **{k: metrics[k] for k in (
+                ckpt = {"checkpoint": os.path.basename(saved)} if saved else {}  # written at this iteration
+                log.record(kind="eval", iteration=it, epoch=ep, **ckpt, **{k: metrics[k] for k in (
                     "mIoU", "mAcc", "aAcc", "precision", "IoU", "Acc")})
             if tb is not None:
                 tb.pictures(it, metrics.pop("pictures"))

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common import checkpoint, config, data, infer, runs, train
+from common import checkpoint, config, data, infer, report, runs, train
 from common.amp import Amp
 from common.errors import BadFileError
 
@@ -140,7 +140,7 @@ class TinyNet(nn.Module):
         return {'out': self.decoder(f) * self.gain, 'aux': self.auxiliary_decoder(f)}
 
 
-def _fit(tmp_path, empty=False, model=None, hook=None, **over):
+def _fit(tmp_path, empty=False, model=None, hook=None, val_loader=None, **over):
     cfg = dict(config.DEFAULTS, num_classes=2, max_iters=6, batch_size=2, num_workers=0, log_interval=1,
                eval_interval_epochs=0, save_interval_epochs=1, work_dir=str(tmp_path), kernels='torch')
     cfg.update(over)
@@ -153,7 +153,7 @@ def _fit(tmp_path, empty=False, model=None, hook=None, **over):
     model, opt = amp.initialize(model, opt)
     loader = data.train_loader(ToyData(empty), 2, 0, seed=0, num_items=4)  # 2 iterations per epoch
     log = train.Logger(str(tmp_path))
-    return train.fit(cfg, model, opt, amp, loader, None, 0, 'cpu', log), model
+    return train.fit(cfg, model, opt, amp, loader, val_loader, 0, 'cpu', log), model
 
 
 def _records(tmp_path):
@@ -452,9 +452,11 @@ def test_main_writes_config_jsonl_and_eval(tmp_path, monkeypatch):
     config_lines = log[log.index(next(line for line in log if line.endswith(' config:'))) + 1:]
     config_lines = config_lines[:next(i for i, line in enumerate(config_lines) if ' kernels: ' in line)]
     assert 5 <= len(config_lines) <= 20 and max(map(len, config_lines)) <= 120  # a few lines, not one JSON line
-    summary = '\n'.join(log[-4:])
+    summary = '\n'.join(log[-5:])
     assert re.search(r' done in \dm\d\ds \| best mIoU [\d.]+ \(iteration 3\) \| last mIoU', summary)
     assert f"checkpoint: {tmp_path / 'checkpoint-final.pth'}" in summary and f"pictures: {tmp_path / 'pred'}" in summary
+    assert f"best: {tmp_path / 'checkpoint-best.pth'} (iteration 3, mIoU" in summary  # the final one: one evaluation
+    assert evals[0]['checkpoint'] == 'checkpoint-final.pth'
     assert ck['config']['max_iters'] == 3 and ck['iteration'] == 3
 
 
@@ -508,6 +510,53 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     assert checkpoint.resolve('auto', str(tmp_path)).endswith('checkpoint-final.pth')
 
 
+def _scripted_evals(monkeypatch, mious):
+    """train.fit's evaluations return these mIoUs in turn (the model is not evaluated)."""
+    mious = iter(mious)
+    monkeypatch.setattr(train.fold, 'for_eval', lambda model, cfg, amp, log: (model, amp))
+    monkeypatch.setattr(train.infer, 'evaluate', lambda *a, **k: dict(
+        mIoU=next(mious), mAcc=0.0, aAcc=0.0, precision='fp32', IoU=[], Acc=[]))
+
+
+def test_the_best_evaluations_checkpoint_outlives_the_pruning(tmp_path, monkeypatch):
+    # keep 1 of the epochs' checkpoints: epoch 2's (mIoU 0.5, the best) stays as checkpoint-best.pth
+    _scripted_evals(monkeypatch, [0.3, 0.5, 0.4, 0.45])
+    _fit(tmp_path, val_loader=[], keep_checkpoints=1, max_iters=8, eval_interval_epochs=1)
+    assert sorted(f for f in os.listdir(tmp_path) if '.pth' in f) == ['checkpoint-best.pth', 'checkpoint-final.pth']
+    assert checkpoint.load(str(tmp_path / 'checkpoint-best.pth'))['iteration'] == 4
+    assert checkpoint.resolve('auto', str(tmp_path)).endswith('checkpoint-final.pth')  # latest is still the newest
+    evals = [r for r in _records(tmp_path) if r['kind'] == 'eval']
+    assert [r['checkpoint'] for r in evals] == ['checkpoint-epoch-1.pth', 'checkpoint-epoch-2.pth',
+                                                'checkpoint-epoch-3.pth', 'checkpoint-final.pth']
+    log = (tmp_path / 'log.txt').read_text()
+    assert log.count('best mIoU so far') == 2 and 'checkpoint-epoch-2.pth is also' in log
+    assert checkpoint.temp_files(str(tmp_path)) == []
+    summary = report.final_summary(str(tmp_path), 1)
+    assert f"best: {tmp_path / 'checkpoint-best.pth'} (iteration 4, mIoU 50.00)" in summary
+
+
+def test_a_resumed_run_keeps_the_best_of_its_earlier_evaluations(tmp_path, monkeypatch):
+    # metrics.jsonl's evaluations before the resume count; one without a checkpoint at its iteration does not
+    earlier = [dict(kind='eval', iteration=2, mIoU=0.9), dict(kind='eval', iteration=4, mIoU=0.6,
+                                                              checkpoint='checkpoint-epoch-2.pth')]
+    (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in earlier))
+    _scripted_evals(monkeypatch, [0.5, 0.55])
+    _fit(tmp_path, val_loader=[], max_iters=4, eval_interval_epochs=1)
+    assert not (tmp_path / 'checkpoint-best.pth').exists()  # 0.55 < 0.6
+    _scripted_evals(monkeypatch, [0.7, 0.65])
+    _fit(tmp_path, val_loader=[], max_iters=4, eval_interval_epochs=1)
+    assert checkpoint.load(str(tmp_path / 'checkpoint-best.pth'))['iteration'] == 2  # 0.7 > 0.6, though < 0.9
+
+
+def test_no_checkpoint_no_best(tmp_path, monkeypatch):
+    # evaluations at epochs without a checkpoint (save every 2, eval every 1) make nothing the best
+    _scripted_evals(monkeypatch, [0.9, 0.3, 0.2])
+    _fit(tmp_path, val_loader=[], max_iters=6, eval_interval_epochs=1, save_interval_epochs=2)
+    assert checkpoint.load(str(tmp_path / 'checkpoint-best.pth'))['iteration'] == 4  # epoch 1's 0.9 had no file
+    assert [r.get('checkpoint') for r in _records(tmp_path) if r['kind'] == 'eval'] == [
+        None, 'checkpoint-epoch-2.pth', 'checkpoint-final.pth']
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # spec §7: the schedule the loop runs and the set-up main does (what the recipe dicts above only name)
 
@@ -527,6 +576,7 @@ def _fit_epochs(tmp_path, monkeypatch, **over):
     monkeypatch.setattr(train.fold, 'for_eval', lambda model, cfg, amp, log: (model, amp))
     monkeypatch.setattr(train.infer, 'evaluate', lambda net, *a, **k: seen['evals'].append(it()) or dict(
         mIoU=0.0, mAcc=0.0, aAcc=0.0, precision='fp32', IoU=[], Acc=[]))
+    monkeypatch.setattr(checkpoint, 'keep_as_best', lambda path: path)  # the saves below write no file
     monkeypatch.setattr(checkpoint, 'save', lambda path, state, root=None: seen['saves'].append(
         (os.path.basename(path), state['iteration'])) or path)
     it = lambda: len(seen['steps'])  # noqa: E731 (iterations run so far)
