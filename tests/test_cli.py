@@ -533,3 +533,65 @@ def test_build_info_names_another_checkouts_build(monkeypatch):
     monkeypatch.setattr(common._C, "__file__", "/elsewhere/common/_C.so")  # loaded through another's editable install
     assert common.build_info().endswith("; loaded from /elsewhere/common/_C.so, another checkout's build: run "
                                         "`pip install --no-build-isolation -e .` here to use this one's csrc/)")
+
+
+def test_a_script_config_that_leaves_entries_out_or_writes_tuples_runs():
+    """An entry a SEGMENTOR_CFG leaves out runs the code's value (as in ssseg), a tuple reads as its list, and a
+    backbone dict without 'pretrained' keeps the ImageNet weights (only False means --pretrained none)."""
+    import pspnet
+    seg = copy.deepcopy(pspnet.SEGMENTOR_CFG)
+    for key in ('align_corners', 'norm_cfg', 'act_cfg'):
+        seg.pop(key)
+    seg['inference'].pop('forward')
+    seg['losses']['loss_aux'].pop('ignore_index')
+    seg['backbone'].pop('use_conv3x3_stem')
+    seg['backbone'].pop('pretrained')
+    cfg = config.parse(seg, [], 'my_pspnet')
+    assert cfg['pretrained'] == config.DEFAULTS['pretrained'] != 'none'
+    seg = copy.deepcopy(pspnet.SEGMENTOR_CFG)
+    seg['inference']['tta']['multiscale'] = (1,)  # the reference's [1], as a tuple
+    assert config.parse(seg, [], 'my_pspnet')['tta'] == config.DEFAULTS['tta']
+
+
+@pytest.mark.parametrize("edit,key", [
+    (lambda s: s['inference']['tta'].update(flip=True), "['inference']['tta']['flip'] True"),
+    (lambda s: s['inference']['tta'].update(multiscale=[0.5, 1.0]), "['inference']['tta']['multiscale']"),
+    (lambda s: s.update(norm_cfg={'type': 'GroupNorm'}), "['norm_cfg']"),
+    (lambda s: s.update(act_cfg={'type': 'LeakyReLU'}), "['act_cfg']"),
+    (lambda s: s['scheduler']['optimizer'].update(params_rules={'backbone_net': 0.1}), "params_rules"),
+    (lambda s: s['scheduler'].update(type='CosineScheduler'), "['scheduler']['type']"),
+    (lambda s: s['losses']['loss_cls'].update(scale_factor=2.0), "['losses']['loss_cls']['scale_factor']"),
+    (lambda s: s['losses']['loss_aux'].update(type='FocalLoss'), "['losses']['loss_aux']['type']"),
+    (lambda s: s['losses']['loss_aux'].update(ignore_index=-100), "['losses']['loss_aux']['ignore_index']"),
+    (lambda s: s['losses']['loss_cls'].update(reduction='sum'), "['losses']['loss_cls']['reduction']"),
+    (lambda s: s['backbone'].update(outstride=16), "['backbone']['outstride'] 16"),
+    (lambda s: s['dataset']['test']['data_pipelines'][0][1].update(keep_ratio=False), "['test']['data_pipelines']"),
+    (lambda s: s['dataset']['train'].update(data_pipelines='Resize'), "['train']['data_pipelines']"),
+])
+def test_each_fixed_config_entry_edit_is_refused(capsys, edit, key):
+    """Every SEGMENTOR_CFG entry the code runs whatever its value (config._FIXED, the backbone, both pipelines)."""
+    import pspnet
+    seg = copy.deepcopy(pspnet.SEGMENTOR_CFG)
+    edit(seg)
+    with pytest.raises(SystemExit) as e:
+        config.parse(seg, [], 'my_pspnet')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert err.startswith('my_pspnet: error: SEGMENTOR_CFG: ') and key in err, err
+
+
+def test_predict_writes_to_out_whatever_save_predictions_says(tmp_path):
+    # --save_predictions counts --eval's pictures; --predict draws every image it is given
+    ck = _ckpt(tmp_path)
+    cfg = config.parse(_seg(), ['--predict', '.', '--ckpt', ck, '--out', 'o', '--save_predictions', '0'], 'pspnet')
+    assert (cfg['out'], cfg['save_predictions']) == ('o', 0)
+    assert config.parse(_seg(), ['--eval', ck, '--out', 'o', '--save_predictions', '1'], 'pspnet')['out'] == 'o'
+
+
+def test_final_summary_reads_only_the_evaluation_records(tmp_path):
+    # metrics.jsonl also holds train and --amp_report records (no mIoU)
+    recs = [dict(kind='train', iteration=1), dict(kind='amp_report', iteration=2, skipped=1),
+            dict(kind='eval', iteration=2, mIoU=0.5, aAcc=0.8, checkpoint='checkpoint-epoch-1.pth')]
+    (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    assert report.evaluations(str(tmp_path)) == recs[2:]
+    assert 'best mIoU 50.00 (iteration 2) | last mIoU 50.00' in report.final_summary(str(tmp_path), 5)

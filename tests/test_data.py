@@ -698,3 +698,16 @@ def test_labels_beyond_num_classes_are_one_line_naming_the_flag_and_file(tmp_pat
         [ds[i] for i in range(2)]
     ok = D.ADE20k(tmp_path, 'train', num_classes=raw_max)
     assert all(int(ok[i][1][ok[i][1] != 255].max()) < raw_max for i in range(2))
+
+
+def test_every_image_extension_is_named_with_its_new_name(tmp_path):
+    # the other image formats cv2 decodes (.bmp, .tif/.tiff, .webp), in any case, are misnamed samples too
+    base = write_split(tmp_path, 'train', [rand_item('a')])
+    images = os.path.join(base, 'images', 'training')
+    for name in ('a.bmp', 'a.TIF', 'a.tiff', 'a.webp'):
+        os.rename(os.path.join(images, os.listdir(images)[0]), os.path.join(images, name))
+        with pytest.raises(UserError, match=rf"{re.escape(name)}: .*rename it to a\.jpg"):
+            D.ADE20k(tmp_path, 'train')
+    os.rename(os.path.join(images, 'a.webp'), os.path.join(images, 'a.txt'))  # not an image: a stray file
+    with pytest.raises(UserError, match=r"unexpected file .*a\.txt: .*move it out"):
+        D.ADE20k(tmp_path, 'train')

@@ -650,3 +650,83 @@ def test_main_sets_up_the_references_optimizer_and_backends(tmp_path, monkeypatc
     assert [id(p) for p in group['params']] == [id(p) for p in models[0].parameters()]  # BN and biases included
     assert (group['lr'], group['momentum'], group['weight_decay'], group['dampening'], group['nesterov']) == \
         (0.01, 0.9, 5e-4, 0, False)
+
+
+def test_a_tied_evaluation_keeps_the_first_best(tmp_path, monkeypatch):
+    # an equal mIoU later is no better: checkpoint-best.pth stays the file the summary's best line names (the first)
+    _scripted_evals(monkeypatch, [0.5, 0.5, 0.4, 0.4])
+    _fit(tmp_path, val_loader=[], keep_checkpoints=0, max_iters=8, eval_interval_epochs=1)
+    assert checkpoint.load(str(tmp_path / 'checkpoint-best.pth'))['iteration'] == 2
+    log = (tmp_path / 'log.txt').read_text()
+    assert log.count('best mIoU so far') == 1
+    assert f"checkpoint-epoch-1.pth is also {tmp_path / 'checkpoint-best.pth'}" in log
+    assert f"best: {tmp_path / 'checkpoint-best.pth'} (iteration 2, mIoU 50.00)" in report.final_summary(
+        str(tmp_path), 1)
+
+
+def test_a_stop_checkpoint_can_be_the_best(tmp_path, monkeypatch):
+    # --stop_iters at an epoch end with an evaluation due but no epoch checkpoint: the iter-N file is the eval's
+    _scripted_evals(monkeypatch, [0.5])
+    _fit(tmp_path, val_loader=[], max_iters=8, eval_interval_epochs=1, save_interval_epochs=3, stop_iters=2)
+    assert [r.get('checkpoint') for r in _records(tmp_path) if r['kind'] == 'eval'] == ['checkpoint-iter-2.pth']
+    assert checkpoint.load(str(tmp_path / 'checkpoint-best.pth'))['iteration'] == 2
+
+
+def test_the_summary_names_the_best_evaluation_with_a_checkpoint(tmp_path, monkeypatch):
+    # the run's best mIoU (0.9, epoch 1, no file) is not the kept one (0.3 at iteration 4)
+    _scripted_evals(monkeypatch, [0.9, 0.3, 0.2])
+    _fit(tmp_path, val_loader=[], max_iters=6, eval_interval_epochs=1, save_interval_epochs=2)
+    summary = report.final_summary(str(tmp_path), 1)
+    assert 'best mIoU 90.00 (iteration 2)' in summary
+    assert f"best: {tmp_path / 'checkpoint-best.pth'} (iteration 4, mIoU 30.00)" in summary
+    os.remove(tmp_path / 'checkpoint-best.pth')  # no file, no line
+    assert 'best:' not in report.final_summary(str(tmp_path), 1)
+
+
+def test_keep_as_best_links_the_file_and_a_killed_one_leaves_a_temp_file_that_is_found(tmp_path, monkeypatch):
+    path = checkpoint.save(str(tmp_path / 'checkpoint-epoch-1.pth'), {'model': {'w': torch.ones(1)}})
+    leftover = tmp_path / f'.checkpoint-best.pth.tmp-{os.getpid()}'  # a killed process of this pid left it
+    leftover.write_bytes(b'half')
+    assert checkpoint.keep_as_best(path) == str(tmp_path / 'checkpoint-best.pth')
+    assert os.path.samefile(tmp_path / 'checkpoint-best.pth', path) and not leftover.exists()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint.os, 'replace', killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.keep_as_best(path)
+    monkeypatch.undo()
+    assert checkpoint.temp_files(str(tmp_path)) == [str(leftover)]
+
+
+def test_only_the_classifiers_differing_is_named_another_number_of_classes(tmp_path):
+    sd = TinyNet().state_dict()
+    three = dict(sd, **{f'{m}.{p}': torch.zeros((3, 4, 1, 1) if p == 'weight' else (3,))
+                        for m in ('decoder', 'auxiliary_decoder') for p in ('weight', 'bias')})
+    with pytest.raises(BadFileError, match=r'it predicts 3 classes, the model 2: --num_classes 3'):
+        checkpoint.check_matches(TinyNet(), three, 'f.pth')
+    others = {  # another head width; a head of 3 and one of 5 classes; 3 classes and an extra tensor
+        'width': dict(sd, **{f'{m}.weight': torch.zeros(2, 8, 1, 1) for m in ('decoder', 'auxiliary_decoder')}),
+        'two-counts': dict(three, **{'auxiliary_decoder.weight': torch.zeros(5, 4, 1, 1),
+                                     'auxiliary_decoder.bias': torch.zeros(5)}),
+        'extra': dict(three, extra=torch.zeros(1))}
+    for name, other in others.items():
+        with pytest.raises(BadFileError) as e:
+            checkpoint.check_matches(TinyNet(), other, 'f.pth')
+        assert 'predicts' not in str(e.value), (name, str(e.value))
+
+
+def test_a_checkpoint_refused_for_non_finite_state_is_no_evaluations_checkpoint(tmp_path, monkeypatch):
+    # the final save is refused (NonFiniteState: nothing written): its evaluation, the best mIoU, names no file
+    save = checkpoint.save
+
+    def refusing(path, state, root=None):
+        if path.endswith('checkpoint-final.pth'):
+            raise checkpoint.NonFiniteState('1 non-finite tensor(s), e.g. decoder.weight')
+        return save(path, state, root)
+    monkeypatch.setattr(checkpoint, 'save', refusing)
+    _scripted_evals(monkeypatch, [0.3, 0.9])
+    _fit(tmp_path, val_loader=[], max_iters=4, eval_interval_epochs=1)
+    assert [r.get('checkpoint') for r in _records(tmp_path) if r['kind'] == 'eval'] == ['checkpoint-epoch-1.pth', None]
+    assert checkpoint.load(str(tmp_path / 'checkpoint-best.pth'))['iteration'] == 2
+    assert 'WARNING: not saving' in (tmp_path / 'log.txt').read_text()
