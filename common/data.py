@@ -154,7 +154,7 @@ def read_label(path):
         bad = np.unique(lab[lab > len(CLASSES)])[:10].tolist()
         raise BadFileError(f"annotation {path} has values {bad} outside 0..{len(CLASSES)} (ADE20k has 150 classes, "
                          "0 = unlabelled)" + ("; 255 is not 'ignore' in ADE's raw labels, 0 is: map 255 to 0"
-                                              if IGNORE_INDEX in bad else ""))
+                                              if hi == IGNORE_INDEX else ""))
     return lab
 
 

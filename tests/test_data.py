@@ -213,6 +213,10 @@ def test_label_values_out_of_range(tmp_path):
     write_split(tmp_path, 'train', [(stem, img, lab)])
     with pytest.raises(ValueError, match=r"values \[255\] outside 0\.\.150 .*: map 255 to 0"):
         D.ADE20k(tmp_path, 'train')[0]
+    lab[0, :11] = np.arange(151, 162)  # more wrong values than the message lists: the hint stays
+    write_split(tmp_path, 'train', [(stem, img, lab)])
+    with pytest.raises(ValueError, match=r"values \[151, .*, 160\] outside 0\.\.150 .*: map 255 to 0"):
+        D.ADE20k(tmp_path, 'train')[0]
 
 
 def test_colour_label_refused(tmp_path):
