@@ -133,7 +133,7 @@ def keep_as_best(path):
         os.remove(tmp)
     link_or_copy(path, tmp)
     os.replace(tmp, os.path.join(folder, BEST))
-    return os.path.join(folder, BEST)
+    return os.path.join(os.path.dirname(path), BEST)  # spelled as `path` is (the log's other paths are relative)
 
 
 def _replace_atomically(write, path, size_hint=0):
