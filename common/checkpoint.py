@@ -345,13 +345,13 @@ def check_matches(model, sd, path, hint=None, fine_tune=False):
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    mismatched = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items()
+                  if k in sd and tuple(sd[k].shape) != tuple(v.shape)]  # (key, file's shape, model's shape)
+    shapes = [f"{k} {a} vs {b}" for k, a, b in mismatched]
     if missing or unexpected or shapes:
         parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected
                  else "", f"mismatched shapes (file vs model) {few(shapes, 3)}" if shapes else ""]
-        classes = {(tuple(sd[k].shape)[0], tuple(v.shape)[0]) for k, v in own.items() if k in sd and
-                   tuple(sd[k].shape) != tuple(v.shape) and tuple(sd[k].shape)[1:] == tuple(v.shape)[1:]}
+        classes = {(a[0], b[0]) for _, a, b in mismatched if a and b and a[1:] == b[1:]}  # (a scalar has no [0])
         if hint is None and not (missing or unexpected) and len(classes) == 1 and len(shapes) <= 4:
             # only the classifiers (main and auxiliary, weight and bias) differ: another number of classes
             n_file, n_model = classes.pop()
