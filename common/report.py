@@ -1,8 +1,8 @@
 """The last lines of a training run's log: what it took, what it reached, where its files are."""
-import json
 import os
 
 from . import checkpoint
+from .plot import read_jsonl
 
 
 def hms(seconds):
@@ -17,8 +17,7 @@ def evaluations(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [r for r in map(json.loads, f) if r.get("kind") == "eval"]
+    return [r for r in read_jsonl(path, "common/report.py") if r.get("kind") == "eval"]  # past a killed run's cut line
 
 
 def best_kept(evals):

@@ -548,6 +548,18 @@ def test_a_resumed_run_keeps_the_best_of_its_earlier_evaluations(tmp_path, monke
     assert checkpoint.load(str(tmp_path / 'checkpoint-best.pth'))['iteration'] == 2  # 0.7 > 0.6, though < 0.9
 
 
+def test_a_killed_runs_cut_metrics_line_does_not_stop_its_resume(tmp_path, monkeypatch, capsys):
+    # kill -9 mid-write leaves a partial line, which the resumed run's first record then continues: the best so far
+    # and the final summary read past it (one stderr note), as curves.png does
+    (tmp_path / 'metrics.jsonl').write_text(json.dumps(dict(kind='eval', iteration=2, mIoU=0.6,
+                                                            checkpoint='checkpoint-epoch-1.pth')) + '\n{"kind": "tr')
+    _scripted_evals(monkeypatch, [0.5, 0.7])
+    _fit(tmp_path, val_loader=[], max_iters=4, eval_interval_epochs=1)
+    assert checkpoint.load(str(tmp_path / 'checkpoint-best.pth'))['iteration'] == 4  # 0.7 > 0.6; 0.5 was not
+    assert 'iteration 4, mIoU 70.00' in report.final_summary(str(tmp_path), 1)
+    assert 'not JSON, skipped' in capsys.readouterr().err
+
+
 def test_no_checkpoint_no_best(tmp_path, monkeypatch):
     # evaluations at epochs without a checkpoint (save every 2, eval every 1) make nothing the best
     _scripted_evals(monkeypatch, [0.9, 0.3, 0.2])
