@@ -276,11 +276,12 @@ def _check_fixed(seg_cfg):
         if got is not None and norm(got) != norm(value):
             raise UserError(f"{''.join(f'[{k!r}]' for k in path)} {got!r}: the scripts run {value!r} whatever the "
                             f"config says ({how}); remove the edit")
+    def sizeless(steps):
+        return [(n, {k: v for k, v in a.items() if k not in ('crop_size', 'output_size')}) for n, a in steps]
+
     for split in ('train', 'test'):  # the sizes are read (crop_size, scale) or follow them (Padding); nothing else
         got = at(('dataset', split, 'data_pipelines'))
         want = DATASET_CFG_ADE20k_512x512[split]['data_pipelines']
-        sizeless = lambda steps: [(n, {k: v for k, v in a.items() if k not in ('crop_size', 'output_size')})  # noqa
-                                  for n, a in steps]
         try:
             same = got is None or norm(sizeless(got)) == norm(sizeless(want))
         except (TypeError, ValueError, AttributeError):  # not a list of (name, {args}) pairs
