@@ -250,7 +250,7 @@ _FIXED = (
 
 def _check_fixed(seg_cfg):
     """UserError naming the first SEGMENTOR_CFG entry that differs from what the code runs (_FIXED, the backbone, the
-    data pipelines but for their sizes); an entry the config leaves out runs the code's value, as in ssseg."""
+    data pipelines but for their sizes, and a size that follows another); an entry the config leaves out runs the code's value, as in ssseg."""
     def norm(v):  # lists and tuples compare alike: (0.5, 2.0) == [0.5, 2.0]
         return tuple(map(norm, v)) if isinstance(v, (list, tuple)) else {k: norm(x) for k, x in v.items()} \
             if isinstance(v, dict) else v
@@ -276,10 +276,11 @@ def _check_fixed(seg_cfg):
         if got is not None and norm(got) != norm(value):
             raise UserError(f"{''.join(f'[{k!r}]' for k in path)} {got!r}: the scripts run {value!r} whatever the "
                             f"config says ({how}); remove the edit")
-    def sizeless(steps):
-        return [(n, {k: v for k, v in a.items() if k not in ('crop_size', 'output_size')}) for n, a in steps]
+    def sizeless(steps):  # a size's value is checked below, its presence here
+        return [(n, {k: 'size' if k in ('crop_size', 'output_size') else v for k, v in a.items()}) for n, a in steps]
 
-    for split in ('train', 'test'):  # the sizes are read (crop_size, scale) or follow them (Padding); nothing else
+    steps = {}
+    for split in ('train', 'test'):  # the sizes are read (crop_size, scale) or follow them; nothing else
         got = at(('dataset', split, 'data_pipelines'))
         want = DATASET_CFG_ADE20k_512x512[split]['data_pipelines']
         try:
@@ -290,6 +291,23 @@ def _check_fixed(seg_cfg):
             raise UserError(f"['dataset']['{split}']['data_pipelines']: only the sizes (RandomCrop crop_size, Resize "
                             f"output_size) are read from it, the steps and their other settings are common/data.py's "
                             f"(the reference's: {[n for n, _ in want]}); use --crop_size / --scale, remove the edit")
+        steps[split] = dict(got or want)
+    train, test = steps['train'], steps['test']
+    sizes = {"['train'] Resize output_size": train['Resize']['output_size'],
+             "['train'] RandomCrop crop_size": train['RandomCrop']['crop_size'],
+             "['train'] Padding output_size": train['Padding']['output_size'],
+             "['test'] Resize output_size": test['Resize']['output_size']}
+    for where, value in sizes.items():
+        if not (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(type(n) is int and n > 0 for n in value)):
+            raise UserError(f"['dataset']{where} {value!r}: a size is two positive integers, e.g. (512, 512)")
+    # two sizes follow another (one flag sets both): test images are resized as the train ones, batches padded to the
+    # crop; a different value would be dropped
+    for where, ref, flag in (("['test'] Resize output_size", "['train'] Resize output_size", '--scale'),
+                             ("['train'] Padding output_size", "['train'] RandomCrop crop_size", '--crop_size')):
+        if norm(sizes[where]) != norm(sizes[ref]):
+            raise UserError(f"['dataset']{where} {sizes[where]!r}: the scripts run {ref} {sizes[ref]!r} for it "
+                            f"({flag} sets both); set the two equal")
 
 
 def recipe(seg_cfg):

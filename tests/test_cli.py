@@ -161,6 +161,21 @@ def test_a_script_fp16_cfg_setting_the_flags_cannot_carry_is_one_line(capsys, fp
     (lambda s: s['backbone'].update(outstride=16), "['backbone']['outstride'] 16"),
     (lambda s: s['dataset']['test']['data_pipelines'][0][1].update(keep_ratio=False), "['test']['data_pipelines']"),
     (lambda s: s['dataset']['train'].update(data_pipelines='Resize'), "['train']['data_pipelines']"),
+    (lambda s: s['dataset']['test']['data_pipelines'][0][1].update(output_size=(2048, 1024)),
+     "['test'] Resize output_size (2048, 1024): the scripts run ['train'] Resize output_size (2048, 512) for it "
+     "(--scale sets both)"),
+    (lambda s: s['dataset']['train']['data_pipelines'][0][1].update(output_size=(1024, 384)),
+     "['test'] Resize output_size (2048, 512): the scripts run ['train'] Resize output_size (1024, 384)"),
+    (lambda s: s['dataset']['train']['data_pipelines'][6][1].update(output_size=[640, 640]),
+     "['train'] Padding output_size [640, 640]: the scripts run ['train'] RandomCrop crop_size (512, 512) for it "
+     "(--crop_size sets both)"),
+    (lambda s: s['dataset']['train']['data_pipelines'][1][1].update(crop_size=512),
+     "['train'] RandomCrop crop_size 512: a size is two positive integers"),
+    (lambda s: s['dataset']['test']['data_pipelines'][0][1].update(output_size=(2048, 0)),
+     "['test'] Resize output_size (2048, 0): a size is two positive integers"),
+    (lambda s: s['dataset']['train']['data_pipelines'][0][1].update(output_size=(2048.0, 512)),
+     "two positive integers"),
+    (lambda s: s['dataset']['test']['data_pipelines'][0][1].pop('output_size'), "['test']['data_pipelines']"),
 ])
 def test_a_script_config_edit_the_code_would_ignore_is_one_line(capsys, edit, key):
     """A copied script whose SEGMENTOR_CFG asks for a ResNet-101, AdamW, no aux loss or another augmentation must not
@@ -181,6 +196,7 @@ def test_a_script_config_edit_the_code_carries_runs():
     seg = copy.deepcopy(pspnet.SEGMENTOR_CFG)
     seg['dataset']['train']['data_pipelines'][1] = ('RandomCrop', {'crop_size': [64, 64],
                                                                    'one_category_max_ratio': 0.75})
+    seg['dataset']['train']['data_pipelines'][6][1]['output_size'] = (64, 64)  # the padding follows the crop
     seg['dataset']['train']['data_pipelines'][0][1]['scale_range'] = [0.5, 2.0]  # a list, as a JSON-minded user writes
     seg['backbone']['pretrained'] = False  # ssseg's from-scratch switch
     seg['losses']['loss_aux']['scale_factor'] = 0.0

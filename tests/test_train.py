@@ -92,8 +92,9 @@ def test_an_edited_config_is_what_parse_and_help_use(capsys):
     seg['logger']['log_interval_iters'] = 7
     seg['dataloader']['expected_total_train_bs_for_assert'] = 8
     pipelines = dict(seg['dataset']['train']['data_pipelines'])  # the same dicts as in the list
-    pipelines['RandomCrop']['crop_size'] = (256, 320)
-    pipelines['Resize']['output_size'] = (1024, 384)
+    pipelines['RandomCrop']['crop_size'] = pipelines['Padding']['output_size'] = (256, 320)
+    test_resize = dict(seg['dataset']['test']['data_pipelines'])['Resize']
+    pipelines['Resize']['output_size'] = test_resize['output_size'] = (1024, 384)  # one --scale for both
     want = dict(num_classes=100, eval_interval_epochs=3, save_interval_epochs=2, max_epochs=7, power=0.8, min_lr=3e-5,
                 lr=0.03, momentum=0.8, weight_decay=1e-4, aux_weight=0.3, log_interval=7, batch_size=8,
                 crop_size=(256, 320), scale=(1024, 384))
