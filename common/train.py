@@ -393,7 +393,6 @@ def _check_pooled_bn_batch(model, batch):
 
 
 def _run(cfg, segmentor_cfg, build_model, device, log, stack):
-    from .compile import compile_module
     # system set-up (spec §7 steps 3-4): TF32 off unless asked, cudnn.benchmark on
     torch.backends.cuda.matmul.allow_tf32 = cfg["tf32"]
     torch.backends.cudnn.allow_tf32 = cfg["tf32"]
@@ -415,6 +414,13 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     if cfg["tensorboard"]:
         from .tboard import require
         require()  # a missing package stops here, before any work
+    if cfg["eval"] or cfg["predict"]:
+        return _infer(cfg, model, root, device, memory_format, log)
+    return _train(cfg, model, root, device, memory_format, log, stack)
+
+
+def _infer(cfg, model, root, device, memory_format, log):
+    """--eval (its metrics) or --predict (None) with the checkpoint's weights."""
     pred_dir = cfg["out"] or os.path.join(cfg["work_dir"], "pred")  # --eval / --predict: beside the run folders
     if cfg["eval"] and cfg["save_predictions"] and _inside(pred_dir, root):
         raise UserError(f"--out {pred_dir}: inside the dataset {root}; the pictures would be written among (and could "
@@ -426,30 +432,34 @@ def _run(cfg, segmentor_cfg, build_model, device, log, stack):
     if cfg["predict"]:
         images = infer.image_paths(cfg["predict"], log)
         names = infer.output_names(images, pred_dir)  # refused before any work: pictures never overwrite files
-    if cfg["eval"] or cfg["predict"]:  # fp32 inference, as the reference's test.py (spec §10.14); half: --eval_amp
-        flag = "--eval" if cfg["eval"] else "--ckpt"
-        checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"], flag,
-                                                          log), log)
-        model.to(device, memory_format=memory_format).eval()
-        half = _amp(cfg, device, log) if cfg["eval_amp"] and cfg["amp"] != "none" else None  # autocast or a half copy
-        if cfg["eval_amp"] and cfg["amp"] == "none":
-            log("eval_amp: --amp none has no half type, so this runs in fp32 (--amp torch or apex picks one)")
-        if half is not None and half.fp32_math:
-            log(f"eval_amp: {half.describe()}")  # --eval_amp asked for the half type: say why it is fp32
-        net, eval_amp = fold.for_eval(model, cfg, half, log)
-        if cfg["predict"]:
-            skipped = infer.predict_paths(net, images, names, pred_dir, cfg, device, eval_amp, log=log,
-                                          tta=cfg["tta"])
-            if skipped:
-                raise SystemExit(1)  # the warnings above name each file; the rest were written
-            return None
-        val_loader = _val_loader(cfg, root, device)
-        if cfg["save_predictions"]:  # an --out holding an earlier evaluation's pictures: refused before the work
-            images = [image for image, _ in infer.prediction_inputs(cfg, val_loader)]
-            infer.output_names(images, pred_dir, compare=True)
-        metrics = infer.evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log, tta=cfg["tta"])
-        infer.save_predictions(model, cfg, val_loader, pred_dir, device, half, log, cfg["tta"])
-        return metrics
+    # fp32 inference, as the reference's test.py (spec §10.14); half: --eval_amp
+    flag = "--eval" if cfg["eval"] else "--ckpt"
+    checkpoint.load_weights(model, checkpoint.resolve(cfg["eval"] or cfg["ckpt"] or "auto", cfg["work_dir"], flag,
+                                                      log), log)
+    model.to(device, memory_format=memory_format).eval()
+    half = _amp(cfg, device, log) if cfg["eval_amp"] and cfg["amp"] != "none" else None  # autocast or a half copy
+    if cfg["eval_amp"] and cfg["amp"] == "none":
+        log("eval_amp: --amp none has no half type, so this runs in fp32 (--amp torch or apex picks one)")
+    if half is not None and half.fp32_math:
+        log(f"eval_amp: {half.describe()}")  # --eval_amp asked for the half type: say why it is fp32
+    net, eval_amp = fold.for_eval(model, cfg, half, log)
+    if cfg["predict"]:
+        skipped = infer.predict_paths(net, images, names, pred_dir, cfg, device, eval_amp, log=log, tta=cfg["tta"])
+        if skipped:
+            raise SystemExit(1)  # the warnings above name each file; the rest were written
+        return None
+    val_loader = _val_loader(cfg, root, device)
+    if cfg["save_predictions"]:  # an --out holding an earlier evaluation's pictures: refused before the work
+        images = [image for image, _ in infer.prediction_inputs(cfg, val_loader)]
+        infer.output_names(images, pred_dir, compare=True)
+    metrics = infer.evaluate(net, val_loader, cfg["num_classes"], device, cfg, eval_amp, log, tta=cfg["tta"])
+    infer.save_predictions(model, cfg, val_loader, pred_dir, device, half, log, cfg["tta"])
+    return metrics
+
+
+def _train(cfg, model, root, device, memory_format, log, stack):
+    """Train, or --resume, to the schedule's end: the last evaluation's metrics (None without one)."""
+    from .compile import compile_module
     if cfg["tta"]:
         log("tta: --tta applies to --eval and --predict (the reference's test.py); evaluations during training run "
             "one view, as the reference's")
