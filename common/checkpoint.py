@@ -4,9 +4,9 @@ A checkpoint is one torch.save'd dict of tensors, containers and primitives only
 torch.load(weights_only=True) (no pickled code runs at load):
     model      the unwrapped module's state_dict (fp32; for apex O2 the fp32 master weights)
     optimizer  optimizer.state_dict()      amp  amp.state_dict() (apex's {'loss_scaler0': ...} format for apex)
-    iteration  finished optimizer steps    epoch  the epoch the next iteration belongs to
+    iteration  finished iterations (a skipped step counts)    epoch  the epoch the next iteration belongs to
     max_iters  the schedule's length (so --resume can tell a finished run and a changed schedule)
-    rng        python / numpy / torch CPU / CUDA generator states
+    rng        a list, one per rank: python / numpy / torch CPU / CUDA generator states
     config     the resolved run config (common.config.parse)
 ssseg's own checkpoints ({'model': sd, 'optimizer': ..., 'cur_epoch': ...}) and bare state dicts load for
 --eval / --predict / --init through model_state(); `ssseg:NAME` names a published one (common/zoo.py). A state
@@ -209,10 +209,10 @@ def _on_cpu(tree):
 
 
 def older_than_newest(work_dir, keep):
-    """Our checkpoint files in work_dir except the `keep` newest and the best; [] for keep <= 0 (keep all). Newest
-    by modification time: a run folder's checkpoints are written in iteration order (a resume continues in place only
-    from the newest), and their names mix epochs and iterations (epoch-9, iter-1200, final), so they cannot be
-    compared."""
+    """Our checkpoint files in work_dir (a run folder) except the `keep` newest and the best; [] for keep <= 0 (keep
+    all). Newest by modification time: a run folder's checkpoints are written in iteration order (a resume continues
+    in place only from the newest), and their names mix epochs and iterations (epoch-9, iter-1200, final), so they
+    cannot be compared."""
     if keep <= 0:
         return []
     mine = [f for f in os.listdir(work_dir) if f.startswith("checkpoint-") and f.endswith(".pth") and f != BEST]
@@ -351,10 +351,11 @@ def check_matches(model, sd, path, hint=None, fine_tune=False):
     if missing or unexpected or shapes:
         parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected
                  else "", f"mismatched shapes (file vs model) {few(shapes, 3)}" if shapes else ""]
-        classes = {(a[0], b[0]) for _, a, b in mismatched if a and b and a[1:] == b[1:]}  # (a scalar has no [0])
-        if hint is None and not (missing or unexpected) and len(classes) == 1 and len(shapes) <= 4:
+        # (file's, model's) first dim of each mismatch that differs only there (a scalar has no [0])
+        class_counts = {(a[0], b[0]) for _, a, b in mismatched if a and b and a[1:] == b[1:]}
+        if hint is None and not (missing or unexpected) and len(class_counts) == 1 and len(shapes) <= 4:
             # only the classifiers (main and auxiliary, weight and bias) differ: another number of classes
-            n_file, n_model = classes.pop()
+            n_file, n_model = class_counts.pop()
             hint = (f"it predicts {n_file} classes, the model {n_model}: --num_classes {n_file} for this file"
                     + (f"; to fine-tune it on {n_model} classes, pass it as --pretrained {path} (its backbone; the "
                        "heads start fresh)" if fine_tune else ""))
