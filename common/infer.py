@@ -79,8 +79,8 @@ PROGRESS_S = 60  # an evaluation longer than this logs its progress about this o
 @torch.no_grad()
 def evaluate(model, loader, num_classes=150, device="cpu", cfg=None, amp=None, log=print, classes=None, tta=False,
              pictures=0):
-    """Whole-split confusion matrix (all ranks) -> {'aAcc', 'mIoU', 'mAcc', 'IoU', 'Acc'}; logs mmseg's per-class
-    table. pictures=N adds 'pictures': image | ground truth | prediction of this rank's first N images."""
+    """Whole-split confusion matrix (all ranks) -> {'aAcc', 'mIoU', 'mAcc', 'IoU', 'Acc', 'precision'}; logs mmseg's
+    per-class table. pictures=N adds 'pictures': image | ground truth | prediction of this rank's first N images."""
     from .metrics import ConfusionMatrix
     cfg = cfg or {}
     model = dist.unwrap(model)  # DDP's forward would broadcast buffers: ranks run different image counts here
@@ -190,18 +190,18 @@ def output_names(paths, out_dir, compare=False):
     if held:
         raise errors.UserError(f"--out {out_dir}: this folder holds the input image {held[0]}; the pictures would be "
                                "written among (and could replace) your files there: pass another --out folder")
-    writer = {}
+    written_by = {}  # picture path -> the input that writes it
     for path, name in zip(paths, names):
         for suffix in ("", "_overlay") + (("_compare",) if compare else ()):
             out = os.path.realpath(os.path.join(out_dir, name + suffix + ".png"))
-            if out in writer:
-                raise errors.UserError(f"--predict: {writer[out]} and {path} would both write {out}; rename one, "
+            if out in written_by:
+                raise errors.UserError(f"--predict: {written_by[out]} and {path} would both write {out}; rename one, "
                                        "or predict them into different --out folders")
             if os.path.lexists(out):
                 raise errors.UserError(f"--out {out_dir}: {os.path.basename(out)} is there already (an earlier "
                                        "--eval / --predict?) and would be replaced: pass a new or empty --out folder, "
                                        "or leave --out out (each run then gets a folder of its own)")
-            writer[out] = path
+            written_by[out] = path
     return names
 
 
