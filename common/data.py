@@ -9,7 +9,8 @@ Decisions worth knowing:
 * We hand RGB around (dataset[i] with transform=None is RGB), the reference hands BGR around. Where that matters, the
   photometric distortion, the reference calls COLOR_RGB2HSV/HSV2RGB on BGR data (spec §10.4: hue and saturation act
   on swapped R/B). On RGB data the same numbers come from COLOR_BGR2HSV/HSV2BGR: both treat the true blue channel
-  as red (the reference's channel 0, our channel 2). tests/test_data.py checks this against a BGR re-implementation of the reference's step.
+  as red (the reference's channel 0, our channel 2). tests/test_data.py checks this against a BGR re-implementation
+  of the reference's step.
 * Every per-pixel step of the reference (brightness, contrast, saturation scale, hue shift, and the normalisation)
   maps a uint8 value to a value through float32 math, so it is a 256-entry table: cv2.LUT gives the same numbers
   ~4x faster, neighbouring tables compose into one, and the last ones fold into the normalisation table, which
@@ -301,12 +302,13 @@ class TrainTransform:
         if box is not None:
             y, x, h, w = box
             image, label = image[y:y + h, x:x + w], label[y:y + h, x:x + w]  # views
-        # 3. flip (p 0.5). Steps 3-4 act per pixel, so doing them on the crop alone changes no number.
+        # 3. flip (p 0.5); like the reference, steps 3-4 see only the crop window (the whole image when uncropped)
         if rng.random() < 0.5:
             image, label = cv2.flip(image, 1), cv2.flip(label, 1)
         # 4. photometric distortion; its trailing per-value steps come back as a table, folded into step 5
         image, lut = photometric_lut(image, rng)
-        # 5-7. normalise, HWC -> CHW, centred pad to the crop size (image 0 after normalising, label ignore)
+        # 5-7. normalise, HWC -> CHW, centred pad to the crop size (image 0 after normalising, label ignore); the
+        # pending table is applied to the centred window alone: a per-value step, so the numbers are the same
         return _to_tensor(image, self.crop_size, lut), _label_to_tensor(label, self.crop_size)
 
     def crop_box(self, label, rng):
@@ -349,7 +351,7 @@ def photometric_lut(image, rng, brightness_delta=32, contrast_range=(0.5, 1.5), 
         h, s, v = cv2.split(cv2.cvtColor(image, cv2.COLOR_BGR2HSV))
         if step == 'saturation':  # scale S
             s = cv2.LUT(s, _lut(alpha=rng.uniform(*saturation_range)))
-        else:  # H += randint(-18, 18), mod 180 (OpenCV's 8-bit hue is 0..179)
+        else:  # H += an integer in [-18, 17] (spec §2.1 step 4), mod 180 (OpenCV's 8-bit hue is 0..179)
             shift = np.arange(256) + int(rng.integers(-hue_delta, hue_delta))
             h = cv2.LUT(h, (shift % 180).astype(np.uint8))
         image = cv2.cvtColor(cv2.merge((h, s, v)), cv2.COLOR_HSV2BGR)
@@ -434,7 +436,9 @@ def _rank_world():
 
 
 def seed_worker(worker_id):
-    """DataLoader worker_init_fn: seed this worker's augmentation stream from torch's per-worker seed."""
+    """DataLoader worker_init_fn: seed this worker's `random` and numpy global generators (and the transform stream of
+    a dataset that has one, e.g. a bare ADE20k) from torch's per-worker seed. train_loader's SeededSamples has no
+    transform attribute: its augmentation stream is reseeded per sample instead."""
     seed = torch.initial_seed()  # = the loader's base seed (drawn from its seeded generator) + worker_id
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -632,14 +636,14 @@ def demo_scene(h, w, rng):
 def make_demo_ade20k(root, num_train, num_val, seed=0):
     """Write num_train/num_val procedural scenes as root/ADEChallengeData2016 (JPEG images, PNG raw labels)."""
     base = os.path.join(root, 'ADEChallengeData2016')
-    for split, folder, n, tag in (('train', 'training', num_train, 'train'), ('val', 'validation', num_val, 'val')):
+    for split, folder, n in (('train', 'training', num_train), ('val', 'validation', num_val)):
         os.makedirs(os.path.join(base, 'images', folder), exist_ok=True)
         os.makedirs(os.path.join(base, 'annotations', folder), exist_ok=True)
         for i in range(n):
             rng = np.random.default_rng([seed, int(split == "val"), i])  # one stream per image: the set is reproducible
             h, w = DEMO_SIZES[(i + (split == 'val')) % len(DEMO_SIZES)]
             image, label = demo_scene(h, w, rng)
-            stem = f'ADE_{tag}_{i + 1:08d}'
+            stem = f'ADE_{split}_{i + 1:08d}'
             for path, pixels, params in (
                     (os.path.join(base, 'images', folder, stem + '.jpg'), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                      [cv2.IMWRITE_JPEG_QUALITY, 90]),
