@@ -13,7 +13,8 @@ After backward() the optimizer's params hold true (unscaled) gradients in every 
 goes between backward() and step() (amp_spec §2.4: apex unscaled at scale_loss exit too). zero_grad stays the
 trainer's: optimizer.zero_grad() clears the fp32 master grads too (for O2 the masters *are* the optimizer's params).
 A successful step() leaves the grads alone; a skipped one sets them all to None, so an inf/NaN can never leak into
-a later step. With kind='torch' call backward() once per step (GradScaler unscales once); apex accumulates.
+a later step. With kind='torch' in fp16 call backward() once per step (GradScaler unscales once); the other modes
+(apex, none, torch bf16) accumulate.
 
 kind='none'   plain fp32. backward() is loss.backward(); step() is optimizer.step(). Bit-identical to the hand-written
               step: the only extra is a non-finite check that multiplies the grads by exactly 1.0.
@@ -240,7 +241,8 @@ def _module_tensors_to_cast(model, keep_bn_fp32):
 
 
 class Amp:
-    """See the module docstring. API: initialize, autocast, backward, step, loss_scale, state_dict, describe."""
+    """See the module docstring. API: initialize, autocast, backward, step, loss_scale, state_dict, load_state_dict,
+    describe."""
 
     def __init__(self, kind, opt_level="O1", dtype=torch.float16, device="cuda", init_scale=2.**16,
                  scale_window=2000, min_loss_scale=None, max_loss_scale=2.**24, fp32_math=None):
@@ -389,7 +391,7 @@ class Amp:
     # --- the training step
 
     def autocast(self):
-        """Context for forward + loss: torch.autocast for 'torch' and apex O1, a no-op otherwise."""
+        """Context for forward + loss: torch.autocast for 'torch' and apex O1 (unless fp32_math), else a no-op."""
         if self.nvidia is not None and self.model is not None:
             return contextlib.nullcontext()  # NVIDIA's O1 patches torch globally, once initialize() has run
         if self.use_autocast:
