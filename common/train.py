@@ -67,8 +67,8 @@ def train_step(model, images, targets, criterion, amp, optimizer, guard):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# logging: rank 0 prints, appends to work_dir/log.txt (every line time-stamped), and writes one JSON object per
-# record to metrics.jsonl
+# logging: rank 0 prints, appends to the run folder's log.txt (every line time-stamped), and writes one JSON object
+# per record to its metrics.jsonl
 
 
 class Logger:
@@ -154,7 +154,8 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
     log(f"schedule: {max_iters} iterations = {how} iterations/epoch at {loader.batch_size} images/rank x "
         f"{dist.world_size()} rank(s){f'; this run stops at {stop}' if stop < max_iters else ''}")
     it, metrics = start_iter, None
-    # cfg['run_dir'] (set by main): this run's folder under the work dir, whose `latest` follows it too
+    # cfg['run_dir'] (set by _run): this run's folder under the work dir; each save also points the work dir's
+    # `latest` (root) at it
     folder, root = (cfg["run_dir"], cfg["work_dir"]) if cfg.get("run_dir") else (cfg["work_dir"], None)
     skipped_total = skipped_run = empty_total = 0
     guard = BufferGuard(raw)  # a skipped step puts the BN running stats back (common/guard.py)
@@ -201,13 +202,13 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
             if cfg.get("channels_last"):
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = targets.to(device, non_blocking=True)  # (B, H, W) int64, 255 = ignore
-            scale = None if settled else amp.loss_scale  # (a host sync: only until the scale settles)
+            scale_before = None if settled else amp.loss_scale  # (a host sync: only until the scale settles)
             with reporter.step(it, images, targets) as watch:  # hooks only on --amp_report steps
                 loss, loss_cls, loss_aux, skipped = train_step(model, images, targets, criterion, amp, optimizer,
                                                                guard)
                 if not skipped:
                     settled, skipped_run = True, 0
-                elif settled or not 1.0 <= amp.loss_scale < scale:
+                elif settled or not 1.0 <= amp.loss_scale < scale_before:
                     skipped_run += 1
                 watch.outcome(skipped, stop=skipped_run >= cfg["max_skipped_steps"])  # diagnosed on exit
             it += 1
@@ -235,14 +236,12 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
         # end of an epoch (or of this run's share of one)
         end_of_epoch, last = it % ipe == 0, it == max_iters
         ep = math.ceil(it / ipe)  # 1-based number of the epoch just finished
-        every = cfg["save_interval_epochs"]  # 0 = never (smoke tests)
         saved = None  # the checkpoint of this iteration (rank 0), which an evaluation now may make the best
-        if every and (last or (end_of_epoch and ep % every == 0)):
+        if _due(cfg["save_interval_epochs"], ep, end_of_epoch, last):
             saved = save("final" if last else f"epoch-{ep}")
         elif it == stop < max_iters:
             saved = save(f"iter-{it}")  # a planned stop mid-schedule: checkpoint so that --resume continues from here
-        every = cfg["eval_interval_epochs"]  # 0 = never (smoke tests)
-        if val_loader is not None and every and (last or (end_of_epoch and ep % every == 0)):
+        if val_loader is not None and _due(cfg["eval_interval_epochs"], ep, end_of_epoch, last):
             tb = getattr(log, "tb", None)
             from .tboard import NUM_PICTURES
             net, eval_amp = fold.for_eval(model, cfg, amp, log)  # a folded copy: the training model is untouched
@@ -261,26 +260,34 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
     return metrics
 
 
-def _log_progress(log, w, it, max_iters, epoch, max_epochs, lr, amp, skipped, skipped_run, empty, device):
+def _due(every, ep, end_of_epoch, last):
+    """Whether a checkpoint / evaluation every `every` epochs (0 = never: smoke tests) falls here: at the end of epoch
+    ep (1-based) when ep is a multiple of `every`, and always at the schedule's end."""
+    return bool(every) and (last or (end_of_epoch and ep % every == 0))
+
+
+def _log_progress(log, w, it, max_iters, epoch, max_epochs, lr, amp, skipped_total, skipped_run, empty_total,
+                  device):
     """The window's line and record; returns the run's empty batches so far (this window's counted over all ranks)."""
     # losses averaged over the window and over ranks (spec §6: logged losses are all-reduced)
     where = dist.collective_device()
     t = torch.cat([w["sums"].to(where), torch.tensor([w["n"], w["images"]], dtype=torch.float64, device=where)])
     loss, cls, aux, new_empty, n, images = dist.all_reduce(t).tolist()
-    empty += int(new_empty)
+    empty_total += int(new_empty)
     elapsed = time.time() - w["t"]
     ips = images / max(elapsed, 1e-9)
     eta = (max_iters - it) * elapsed / max(w["n"], 1)
     mem = peak_memory_gb(device)
     log(f"{_progress(it, max_iters)} it {it}/{max_iters} ep {epoch + 1}/{max_epochs} | loss {loss / n:.4f} "
-        f"(cls {cls / n:.4f} aux {aux / n:.4f}) | lr {lr:.3e} | scale {amp.loss_scale:g} | skipped {skipped} "
-        f"(run {skipped_run}) | empty batches {empty} | {ips:.1f} img/s | mem {mem:.2f} GB | eta {report.hms(eta)}")
+        f"(cls {cls / n:.4f} aux {aux / n:.4f}) | lr {lr:.3e} | scale {amp.loss_scale:g} | skipped {skipped_total} "
+        f"(run {skipped_run}) | empty batches {empty_total} | {ips:.1f} img/s | mem {mem:.2f} GB | "
+        f"eta {report.hms(eta)}")
     if hasattr(log, "record"):
         log.record(kind="train", iteration=it, epoch=epoch + 1, loss=loss / n, loss_cls=cls / n, loss_aux=aux / n,
-                   lr=lr, loss_scale=float(amp.loss_scale), skipped=skipped, empty_batches=empty, img_s=ips,
-                   mem_gb=mem)
+                   lr=lr, loss_scale=float(amp.loss_scale), skipped=skipped_total, empty_batches=empty_total,
+                   img_s=ips, mem_gb=mem)
     w.update(sums=0.0, n=0, images=0, t=time.time())
-    return empty
+    return empty_total
 
 
 def _jsonable(cfg):
