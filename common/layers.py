@@ -10,7 +10,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 KERNELS = "torch"  # 'torch' | 'fused'; set once at start-up by set_kernels(), logged by the trainer
 # the blocks with a fused kernel: the conv-BN-ReLU unit's BN (SyncBN's split ops too), the two upsample ops, and the
-# folded eval copy's cuDNN conv+bias(+add)+ReLU call (common/fold.py: ATen's cuDNN op, not ours, but chosen the same way)
+# folded eval copy's cuDNN conv+bias(+add)+ReLU call (common/fold.py: ATen's cuDNN op, not ours, chosen the same way)
 OPS = ("bn_act", "upsample_concat", "upsample_ce", "cudnn_conv_relu")
 KEEP_ATEN = frozenset()  # ops that stay on ATen under 'fused': where --kernels auto measured ATen faster
 
