@@ -154,8 +154,8 @@ def fit(cfg, model, optimizer, amp, loader, val_loader=None, start_iter=0, devic
     log(f"schedule: {max_iters} iterations = {how} iterations/epoch at {loader.batch_size} images/rank x "
         f"{dist.world_size()} rank(s){f'; this run stops at {stop}' if stop < max_iters else ''}")
     it, metrics = start_iter, None
-    # cfg['run_dir'] (set by _run): this run's folder under the work dir; each save also points the work dir's
-    # `latest` (root) at it
+    # cfg['run_dir'] (set by _run): this run's folder under the work dir; each save there also points the work dir's
+    # `latest` (root) at the new checkpoint
     folder, root = (cfg["run_dir"], cfg["work_dir"]) if cfg.get("run_dir") else (cfg["work_dir"], None)
     skipped_total = skipped_run = empty_total = 0
     guard = BufferGuard(raw)  # a skipped step puts the BN running stats back (common/guard.py)
