@@ -477,23 +477,7 @@ def _train(cfg, model, root, device, memory_format, log, stack):
     if dist.world_size() == 1:
         _check_pooled_bn_batch(model, cfg["batch_size"])
 
-    # weights: a checkpoint to resume from, else (optionally) ImageNet weights for the backbone
-    ckpt = path = None
-    if cfg["resume"]:
-        path = checkpoint.resolve(cfg["resume"], cfg["work_dir"])
-        ckpt = checkpoint.load_training(path)
-        sd = checkpoint.model_state(ckpt, path)
-        checkpoint.check_matches(model, sd, path)
-        model.load_state_dict(sd)  # fp32, before amp.initialize (O2 masters copy these)
-    elif cfg["init"]:
-        # weights only: the schedule starts at iteration 0 (ssseg:NAME: the published file, common/zoo.py)
-        checkpoint.load_weights(model, checkpoint.resolve(cfg["init"], cfg["work_dir"], "--init", log), log,
-                                fine_tune=True)
-    elif cfg["pretrained"] != "none":
-        from .backbone import load_pretrained
-        load_pretrained(model.backbone_net, cfg["pretrained"], log=log)
-    else:
-        log("pretrained: none (training the backbone from scratch; the reference starts from ImageNet weights)")
+    ckpt, path = _starting_weights(cfg, model, log)
     if dist.world_size() > 1:
         dist.convert_sync_bn(model)
     model.to(device, memory_format=memory_format)
@@ -503,19 +487,7 @@ def _train(cfg, model, root, device, memory_format, log, stack):
     amp = _amp(cfg, device, log, opt_level=cfg["opt_level"])
     model, optimizer = amp.initialize(model, optimizer)  # before DDP, as apex requires
     compile_module(model, cfg["compile"], log)  # in place: same module, keys and parameters (common/compile.py)
-    start_iter = 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        try:
-            amp.load_state_dict(ckpt["amp"])
-        except AmpStateError as e:
-            raise AmpStateError(f"--resume {path}: {e}") from None
-        rng = ckpt["rng"]
-        checkpoint.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
-        start_iter = ckpt["iteration"]
-        note = dist.resume_warning(len(rng), cfg["batch_size"])  # (DIST) saved by another world size: say so
-        if note:
-            log(f"WARNING: {note}")
+    start_iter = 0 if ckpt is None else _restore(ckpt, path, optimizer, amp, cfg, log)
     log(f"amp: {amp.describe()}")
     # (DIST) fp16 gradient all-reduce: auto = the reference's choice (on for --amp torch fp16)
     model = dist.wrap_ddp(model, device, cfg["amp"], cfg["ddp_fp16_compress"], amp_dtype=amp.dtype)
@@ -557,6 +529,43 @@ def _train(cfg, model, root, device, memory_format, log, stack):
             write_curves(cfg["run_dir"], log)
     infer.save_predictions(model, cfg, val_loader, os.path.join(cfg["run_dir"], "pred"), device, amp, log)
     return metrics
+
+
+def _starting_weights(cfg, model, log):
+    """Load what training starts from into `model`: the --resume checkpoint (returned with its path, for the rest of
+    its state), else --init's weights, else the backbone's ImageNet weights (--pretrained), else PyTorch's init."""
+    if cfg["resume"]:
+        path = checkpoint.resolve(cfg["resume"], cfg["work_dir"])
+        ckpt = checkpoint.load_training(path)
+        sd = checkpoint.model_state(ckpt, path)
+        checkpoint.check_matches(model, sd, path)
+        model.load_state_dict(sd)  # fp32, before amp.initialize (O2 masters copy these)
+        return ckpt, path
+    if cfg["init"]:
+        # weights only: the schedule starts at iteration 0 (ssseg:NAME: the published file, common/zoo.py)
+        checkpoint.load_weights(model, checkpoint.resolve(cfg["init"], cfg["work_dir"], "--init", log), log,
+                                fine_tune=True)
+    elif cfg["pretrained"] != "none":
+        from .backbone import load_pretrained
+        load_pretrained(model.backbone_net, cfg["pretrained"], log=log)
+    else:
+        log("pretrained: none (training the backbone from scratch; the reference starts from ImageNet weights)")
+    return None, None
+
+
+def _restore(ckpt, path, optimizer, amp, cfg, log):
+    """The --resume checkpoint's optimizer, AMP and RNG state (after amp.initialize); returns its iteration."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        amp.load_state_dict(ckpt["amp"])
+    except AmpStateError as e:
+        raise AmpStateError(f"--resume {path}: {e}") from None
+    rng = ckpt["rng"]
+    checkpoint.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
+    note = dist.resume_warning(len(rng), cfg["batch_size"])  # (DIST) saved by another world size: say so
+    if note:
+        log(f"WARNING: {note}")
+    return ckpt["iteration"]
 
 
 # the schedule keys whose change on --resume changes the lr curve (poly over max_iters) or the data order
