@@ -250,7 +250,8 @@ _FIXED = (
 
 def _check_fixed(seg_cfg):
     """UserError naming the first SEGMENTOR_CFG entry that differs from what the code runs (_FIXED, the backbone, the
-    data pipelines but for their sizes, and a size that follows another); an entry the config leaves out runs the code's value, as in ssseg."""
+    data pipelines but for their sizes, a size that follows another); an entry the config leaves out runs the code's
+    value, as in ssseg."""
     def norm(v):  # lists and tuples compare alike: (0.5, 2.0) == [0.5, 2.0]
         return tuple(map(norm, v)) if isinstance(v, (list, tuple)) else {k: norm(x) for k, x in v.items()} \
             if isinstance(v, dict) else v
