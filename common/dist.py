@@ -196,8 +196,9 @@ def shutdown():
 #           [n_r * mean_r, M2_r + n_r * mean_r^2, n_r] -> global mean and biased var -> normalise (+ residual, ReLU).
 #           Packing per-rank means and M2s (not raw sums of squares) in float64 keeps fp16/fp32 inputs with a large
 #           mean accurate: the fp32 rounding of each mean_r enters Q and mean^2 alike and cancels in
-#           var = Q/n - mean^2, which raw fp32 sums of x^2 would lose to cancellation. No host synchronisation: counts travel inside the tensor (torch's SyncBN all-gathers and
-#           masks empty ranks on the host every layer, kernels.md §1.3).
+#           var = Q/n - mean^2, which raw fp32 sums of x^2 would lose to cancellation. No host synchronisation:
+#           counts travel inside the tensor (torch's SyncBN all-gathers and masks empty ranks on the host every
+#           layer, ../shared/reference/kernels.md §1.3).
 # Backward: local sum(dz), sum(dz * xhat) per channel (dz = dy through the ReLU mask) -> ONE all-reduce of [2C] ->
 #           dx = w * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)) with the means over the global batch.
 #           dweight and dbias stay local sums: DDP averages parameter gradients like any other (as torch's SyncBN).
@@ -213,7 +214,7 @@ def _view(t, x):
 
 
 class _TorchBN:
-    """The four split steps in plain PyTorch, float32 math (the readable twin of the fused kernels' contract)."""
+    """The four split steps in plain PyTorch, in float32 (float64 for float64 x): the fused kernels' readable twin."""
 
     @staticmethod
     def stats(x):
@@ -249,7 +250,7 @@ class _TorchBN:
 
 
 class _FusedBN:
-    """The same four steps as KERNELS-I's csrc ops, through their wrappers (common/ops.py; contract in csrc/ops.cpp)."""
+    """The same four steps as KERNELS-I's csrc ops, through their wrappers (common/ops.py; csrc/ops_schema.h)."""
     stats = staticmethod(ops.bn_stats)
     apply = staticmethod(ops.bn_apply)
     backward_reduce = staticmethod(ops.bn_backward_reduce)
@@ -328,7 +329,6 @@ def _sync_forward(module, x, residual, relu):
     from . import layers
     impl = _FusedBN if layers.fused("bn_act") else _TorchBN
     if impl is _FusedBN:
-        from . import ops
         ops.require("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply")
     return _SyncBNAct.apply(x, module.weight, module.bias, residual, module.running_mean if track else None,
                             module.running_var if track else None, factor, module.eps, relu,
