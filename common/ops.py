@@ -20,8 +20,8 @@ def require(*names):
 
 # ---- bn_relu family (Kernels I)
 # y = act(batch_norm(x) + residual), act = ReLU (or identity with relu=False), forward and backward fused
-# (csrc/bn_relu.{cpp,cu}; schemas in csrc/ops.cpp). Their autograd is C++ (csrc/bn_relu_autograd.cpp), the fake
-# kernels for torch.compile are below.
+# (csrc/bn_relu.cpp, bn_relu_cuda.cu; schemas in csrc/ops_schema.h). Their autograd is C++
+# (csrc/bn_relu_autograd.cpp), the fake kernels for torch.compile are below.
 #
 # Saved for backward (bn_relu_train and bn_apply): x (BN needs xhat everywhere, also where the ReLU zeroed y), y (the
 # ReLU mask is y > 0; not saved when relu=False), and per-channel mean, var or invstd and weight. That is the same
@@ -39,11 +39,11 @@ def require(*names):
 # average) is resolved by the caller (BatchNormAct2d passes 1 / num_batches_tracked and increments the counter).
 #
 # SyncBN (common/dist.py) uses the halves, with one on-device all-reduce between them each way (no host sync):
-#   forward:  mean, m2 = bn_stats(x) (local); all-reduce the packed (sum x, sum x^2, count) in float64;
+#   forward:  mean, m2 = bn_stats(x) (local); all-reduce the packed (n * mean, m2 + n * mean^2, n) in float64;
 #             y = bn_apply(x, global mean, global invstd, weight, bias, residual, relu)
 #   backward: s_dz, s_dz_xhat = bn_backward_reduce(dy, y, x, mean, invstd, relu); dweight = s_dz_xhat and
 #             dbias = s_dz are these LOCAL sums (DDP averages them like any other grad, as torch's SyncBatchNorm);
-#             all-reduce a copy of both (sum), then
+#             all-reduce a copy of both (sum: S_dz, S_dz_xhat over the global batch of n values per channel), then
 #             dx, dres = bn_backward_apply(dy, y, x, mean, invstd, weight, S_dz / n, S_dz_xhat / n, relu, residual?).
 def _bn_acc(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -66,7 +66,7 @@ def bn_apply(x, mean, invstd, weight, bias, residual=None, relu=True):
 
 
 def bn_backward_reduce(dy, y, x, mean, invstd, relu=True):
-    """(sum(dz), sum(dz * xhat)) per channel with dz = dy * (y > 0): dbias and dweight before any all-reduce."""
+    """(sum(dz), sum(dz * xhat)) per channel, dz = dy * (y > 0) (dy if not relu): dbias and dweight, local sums."""
     return torch.ops.segfp16.bn_backward_reduce(dy, y, x, mean, invstd, relu)
 
 
@@ -137,7 +137,7 @@ if hasattr(torch.ops.segfp16, "bn_relu_train"):
 
 
 # ---- upsample family (Kernels II)
-# Bilinear upsampling fused into its two consumers (csrc/upsample.{h,cpp,cu}; schemas in csrc/ops.cpp):
+# Bilinear upsampling fused into its two consumers (csrc/upsample.{h,cpp}, upsample_cuda.cu; csrc/ops_schema.h):
 #   upsample_concat: PPM / ASPP / DeepLabV3+ decoder concats; every input is interpolated straight into its channel
 #     slice of one output (no per-branch upsampled tensor, no torch.cat copy); the backward is a gather (each source
 #     pixel sums the output pixels that read it), so no fp16 atomics and bit-identical runs.
