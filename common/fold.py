@@ -47,7 +47,8 @@ REFUSED = {}  # conv configuration -> cuDNN's error, for each one its fused call
 
 
 def folded_conv(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True):
-    """relu(conv2d(x, weight, bias) + residual): one cuDNN call (--kernels fused, CUDA), else conv2d + in place.
+    """relu(conv2d(x, weight, bias) + residual) (no relu with relu=False): one cuDNN call (--kernels fused, CUDA,
+    with the ReLU), else conv2d + in place.
 
     Under torch.compile the plain form: the cuDNN ops have no fake kernel, so dynamo would break the graph at every
     unit, and inductor fuses the epilogue itself. A configuration cuDNN has no fused engine for (pytorch#62926) runs
@@ -195,7 +196,7 @@ class Folded(nn.Module):
     def forward(self, x):
         with torch.inference_mode():
             out = self.net(x.to(dtype=self.dtype, memory_format=self.memory_format))
-        while len(REFUSED) > self.refusals_logged:  # rare: a line per configuration, once per process
+        while len(REFUSED) > self.refusals_logged:  # rare: a line per configuration, once per folded copy
             (weight, dtype, layout, stride, dilation, groups, add), err = list(REFUSED.items())[self.refusals_logged]
             self.log(f"fold: cuDNN's fused conv+bias{'+add' if add else ''}+ReLU refused weight {weight} {dtype} "
                      f"{layout} stride {stride} dilation {dilation} groups {groups} ({err}): those units run "
@@ -210,17 +211,17 @@ _CACHE = weakref.WeakKeyDictionary()  # training model -> its Folded copy
 def for_eval(model, cfg, amp=None, log=print):
     """(module to evaluate, amp to evaluate it under): the one call evaluate() / predict() callers make.
 
-    cfg['fold'] false: the model itself, unfolded, and `amp` (autocast). Otherwise the folded copy, in `amp`'s half
-    type when it has one (fp16 CUDA, bf16 CPU), channels_last if cfg says so, compiled per cfg['compile'], and no amp
-    (the copy is already in its dtype: autocast would re-cast every weight at every call).
+    cfg['fold'] false: the model itself, unfolded (compiled in place per cfg['compile'] if it is not yet), and `amp`
+    (autocast). Otherwise the folded copy, in `amp`'s half type when it has one (fp16 CUDA, bf16 CPU), channels_last
+    if cfg says so, compiled per cfg['compile'], and no amp (the copy is already in its dtype: autocast would re-cast
+    every weight at every call).
     """
+    src = bare(model)
     if not cfg.get("fold", True):
-        src = bare(model)
         if src._compiled_call_impl is None:  # --eval of an uncompiled model; a trained one is compiled already
             from .compile import compile_module
             compile_module(src, cfg.get("compile", "none"), log, what="eval", dynamic=True)
         return model, amp
-    src = bare(model)
     half = amp.dtype if amp is not None and (amp.use_autocast or amp.cast_model is not None) else None
     dtype = half or torch.float32
     fmt = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
