@@ -1,14 +1,15 @@
 """Run folders: a run never overwrites another run (mmseg's habit).
 
     work_dirs/<config>/                    the work dir (--work_dir)
-        latest                             -> <run>/checkpoint-*.pth: the newest checkpoint of any run
+        latest                             names <run>/checkpoint-*.pth: the newest checkpoint of any run
         20261201_103300/                   one training run: config.json, log.txt, metrics.jsonl, checkpoints, pred/
-            latest                         -> its own newest checkpoint
-            .lock                          {"pid", "host", "start"} while a process writes the folder
+            latest                         names its own newest checkpoint
+            .lock                          {"pid", "host", "start", "since"} while a process writes the folder
 
 A new run gets a new timestamped folder (mkdir is atomic, so two runs started in the same second get two folders).
 `--resume auto` follows the work dir's latest and continues in that run's own folder; `--resume PATH` continues in
-PATH's folder when it is a run folder of this work dir, else starts a new one. The work dir's `latest` only moves
+PATH's folder when it is a run folder of this work dir and PATH is that run's newest checkpoint, else starts a new
+one (open_run). The work dir's `latest` only moves
 when a checkpoint has been written, so a failed or short run never hides the last good one. The lock stops a second
 process (a second --resume auto) from writing a folder another one is writing; a lock whose process is gone (same
 host, pid dead or reused) is stale and taken over. --eval / --predict / --summary create no run folder.
@@ -69,6 +70,7 @@ def _start_time(pid):
 
 
 def _alive(pid, start):
+    """Whether pid runs and is the process that started at `start` (None: cannot tell, so assume it is)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
