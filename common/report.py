@@ -17,7 +17,7 @@ def evaluations(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
-    return [r for r in read_jsonl(path, "common/report.py") if r.get("kind") == "eval"]  # past a killed run's cut line
+    return [r for r in read_jsonl(path, "common/report.py") if r.get("kind") == "eval"]  # (a cut last line: skipped)
 
 
 def best_kept(evals):
@@ -28,9 +28,9 @@ def best_kept(evals):
 def final_summary(work_dir, seconds, pred_dir=None, no_eval="--eval_interval_epochs 0"):
     """Total time, best and last mIoU (from metrics.jsonl: a resumed run counts the evaluations before its resume
     too; NO_EVAL says why none ran), the newest and the best checkpoint and the prediction pictures' folder, as a few
-    lines."""
+    lines. work_dir: the run folder (cfg['run_dir']), not --work_dir."""
     evals = evaluations(work_dir)
-    path = os.path.join(work_dir, "metrics.jsonl")
+    metrics_path = os.path.join(work_dir, "metrics.jsonl")
     if evals:
         best = max(evals, key=lambda r: r["mIoU"])
         last = evals[-1]
@@ -43,10 +43,10 @@ def final_summary(work_dir, seconds, pred_dir=None, no_eval="--eval_interval_epo
     except FileNotFoundError:
         ckpt = "none written (--save_interval_epochs 0)"
     lines = [f"done in {hms(seconds)} | {miou}", f"  checkpoint: {ckpt}"]
-    kept, best = best_kept(evals), os.path.join(work_dir, checkpoint.BEST)
-    if kept is not None and os.path.isfile(best):
-        lines.append(f"  best: {best} (iteration {kept['iteration']}, mIoU {100 * kept['mIoU']:.2f})")
+    kept, best_path = best_kept(evals), os.path.join(work_dir, checkpoint.BEST)
+    if kept is not None and os.path.isfile(best_path):
+        lines.append(f"  best: {best_path} (iteration {kept['iteration']}, mIoU {100 * kept['mIoU']:.2f})")
     if pred_dir is not None and os.path.isdir(pred_dir):
         lines.append(f"  pictures: {pred_dir}{os.sep}")
-    lines.append(f"  log: {os.path.join(work_dir, 'log.txt')} | metrics: {path}")
+    lines.append(f"  log: {os.path.join(work_dir, 'log.txt')} | metrics: {metrics_path}")
     return "\n".join(lines)
