@@ -145,7 +145,8 @@ def plot(metrics_path, out_path):
 
 
 def write_curves(work_dir, log=print):
-    """The end-of-training hook: curves.png beside metrics.jsonl, or one line saying why not (never raises)."""
+    """The end-of-training hook: curves.png beside metrics.jsonl, or one line saying why not (never raises).
+    work_dir: the run folder (cfg['run_dir']), which holds metrics.jsonl."""
     path = os.path.join(work_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         log("curves: none (the run stopped before its first logged iteration)")
