@@ -25,7 +25,7 @@ def require():
 
 
 class Writer:
-    def __init__(self, work_dir):
+    def __init__(self, work_dir):  # the run folder (cfg['run_dir']): RUN_DIR above
         SummaryWriter = require()
         self.logdir = os.path.join(work_dir, "tensorboard")
         self.writer = SummaryWriter(self.logdir)
