@@ -3,9 +3,10 @@
 Every N iterations one training step runs with hooks and records, per module in execution order, its forward output
 and the gradient with respect to it (and each parameter and its gradient): the largest finite |x|, the inf/NaN
 count, and the shares of elements that overflow, underflow to zero or land in the subnormal range of fp16 (and of
-bf16). Without the flag, the same one-step report runs by itself at the first skipped step of a run and at the step
-that stops a run for too many skipped steps (a replay of that batch, below), and the log names the culprit in one
-line. Each report is one line of RUN_DIR/amp_report.jsonl, RUN_DIR/amp_report.png is redrawn from that file, and
+bf16). With the flag or without it, the same one-step report also runs by itself at the first skipped step of a
+run and at the step that stops a run for too many skipped steps (a replay of that batch, below), and the log names
+the culprit in one line. Each report is one line of RUN_DIR/amp_report.jsonl, RUN_DIR/amp_report.png is redrawn
+from that file, and
 
     python -m common.amp_report RUN_DIR     # redraws the picture, prints the 10 layers closest to overflow and
                                             # the 10 with the most underflow
@@ -32,8 +33,9 @@ skipped step can be replayed exactly; nothing else. A replay (the automatic repo
 --compile, which replays eagerly before the compiled step) runs forward + backward again on the same batch with the
 same RNG state and loss scale, then puts back the BatchNorm buffers, the RNG state and the gradients and never
 touches the loss scaler, so training goes on exactly as without it. DDP: each rank records its own step (its own
-batch, gradients before the all-reduce); rank 0 writes its record, and the skipped-step line gathers every rank's
-first non-finite tensor and names the first rank that has one.
+batch, gradients before the all-reduce); every report gathers every rank's first non-finite tensor, and rank 0
+writes its own record, naming the rank whose inf/NaN came earliest (forward before backward, then execution order;
+on a tie the lowest rank) when that is not rank 0.
 """
 import argparse
 import json
@@ -276,10 +278,11 @@ def describe_culprit(record):
     if c is None:
         return "no inf/NaN in any module output, gradient or parameter on this batch"
     what = "NaN" if c["nan"] == c["nonfinite"] else "inf" if c["nan"] == 0 else "inf/NaN"
-    where = f"rank {c['rank']}: " if c.get("rank") is not None else ""  # DDP: rank 0's step was finite
+    where = f"rank {c['rank']}: " if c.get("rank") is not None else ""  # DDP: another rank's inf/NaN came first
     share = f"{c['nonfinite']} of {c['numel']} elements"
     if c["phase"] == "fwd":
-        return f"{where}first {what} in forward: output of {c['name']} ({c['dtype']}, {share}; max finite |x| {c['max']:.3g})"
+        return (f"{where}first {what} in forward: output of {c['name']} ({c['dtype']}, {share}; "
+                f"max finite |x| {c['max']:.3g})")
     if c["phase"] == "param":
         return f"{where}first {what} in a parameter: {c['name']} ({share})"
     scale = record["loss_scale"]
@@ -476,7 +479,8 @@ class _Step:
             warm = "; before any clean step: the loss scale may still be looking for its level" \
                 if not rep.clean_seen and 1 <= after < float(self.scale) else ""
             culprit = describe_culprit(record)
-            if record.get("first_nonfinite") is None and (not self.scheduled or self.replayed is not None):
+            from_replay = not self.scheduled or self.replayed is not None  # the record is a replay, not the live step
+            if record.get("first_nonfinite") is None and from_replay:
                 culprit = ("the replay of this batch stayed finite, so the overflow did not reproduce"
                            + (" (CUDA kernels are not bit-reproducible: cuDNN's autotuned algorithms, atomic-add "
                               "backward passes)" if self.images.device.type == "cuda" else ""))
@@ -514,8 +518,10 @@ def _cmap():
 
 
 def grids(records):
-    """(row names, columns, fwd log2 max, fwd underflow, grad log2 max at the view scale, grad underflow, inf/NaN
-    flags fwd, grad): rows = forward outputs in execution order (union over records), columns = records."""
+    """(row names, {panel: values}, {'f' | 'g': inf/NaN flags}) for draw(), each a [rows, records] array: rows =
+    forward outputs in execution order (union over records), one column per record. Panels: 'fmax' / 'gmax' the
+    log2 max |x| of the output / of the gradient w.r.t. it (at the view scale), 'fuf' / 'guf' their underflow
+    shares; 'f' / 'g' flag an inf/NaN in the output / its gradient."""
     import numpy as np
     names = []
     for r in records:
@@ -524,7 +530,7 @@ def grids(records):
                 names.append(e["name"])
     row = {n: i for i, n in enumerate(names)}
     shape = (len(names), len(records))
-    g = {k: np.full(shape, np.nan) for k in ("fmax", "fuf", "gmax", "guf")}
+    panels = {k: np.full(shape, np.nan) for k in ("fmax", "fuf", "gmax", "guf")}
     bad = {k: np.zeros(shape, bool) for k in ("f", "g")}
     for j, r in enumerate(records):
         gs = r["grad_scale"] / r["loss_scale"]
@@ -532,12 +538,12 @@ def grids(records):
             i = row.get(e["name"])
             if i is None or e["phase"] not in ("fwd", "grad"):
                 continue
-            f = e["phase"] == "fwd"
-            mx = e["max"] * (1 if f else gs)
-            g["fmax" if f else "gmax"][i, j] = math.log2(mx) if mx > 0 else LOG2_LIM[0] - 1
-            g["fuf" if f else "guf"][i, j] = e["uf"] + e["sub"]
-            bad["f" if f else "g"][i, j] = e["nonfinite"] > 0
-    return names, g, bad
+            fwd = e["phase"] == "fwd"
+            mx = e["max"] * (1 if fwd else gs)
+            panels["fmax" if fwd else "gmax"][i, j] = math.log2(mx) if mx > 0 else LOG2_LIM[0] - 1
+            panels["fuf" if fwd else "guf"][i, j] = e["uf"] + e["sub"]
+            bad["f" if fwd else "g"][i, j] = e["nonfinite"] > 0
+    return names, panels, bad
 
 
 def draw(records, out_path, layout=False):
@@ -551,7 +557,7 @@ def draw(records, out_path, layout=False):
     import numpy as np
     from matplotlib.colors import Normalize
 
-    names, g, bad = grids(records)
+    names, panels, bad = grids(records)
     if not names:
         raise ValueError("no forward outputs recorded")
     nr, nc = len(names), len(records)
@@ -579,7 +585,7 @@ def draw(records, out_path, layout=False):
                                       ("gmax", "gradients x S: log2 max |g|"), ("guf", "gradients x S: underflow"))):
         ax = fig.add_axes([x, y0, panel_w / width, h])
         x += (panel_w + 0.25) / width
-        data = g[key]
+        data = panels[key]
         if key.endswith("max"):
             ax.imshow(data, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
             flags = bad["f" if key == "fmax" else "g"]
