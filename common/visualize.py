@@ -83,7 +83,7 @@ def overlay_picture(image, pred, classes=data.CLASSES):
 
 
 def compare_picture(image, label, pred, classes=data.CLASSES):
-    """image | ground truth | prediction, each the image blended with a mask, and a legend of both."""
+    """image | ground truth | prediction (the last two: the image blended with their mask), and a legend of both."""
     panels = [_titled(image, "image"), _titled(overlay(image, label), "ground truth"),
               _titled(overlay(image, pred), "prediction")]
     cols = [("ground truth", legend_entries(label, classes)), ("predicted", legend_entries(pred, classes))]
