@@ -59,13 +59,13 @@ def summarize(model, input_shape=(1, 3, 512, 512)):
     """A table of parameters and GMACs per group (backbone / head / auxiliary) and per child module."""
     macs = count_macs(model, input_shape)
     params = {name: p.numel() for name, p in model.named_parameters()}
-    rows = defaultdict(lambda: [0, 0])  # key -> [params, MACs]
+    rows = defaultdict(lambda: [0, 0])  # (group, child; "" = the group's total) -> [params, MACs]
 
-    def add(name, i, n):
-        rows[(group_of(name), "")][i] += n
-        parts = name.split(".")
-        child = ".".join(parts[:2]) if group_of(name) == "backbone" and len(parts) >= 2 else parts[0]
-        rows[(group_of(name), child)][i] += n
+    def add(name, column, n):  # column 0: params, 1: MACs
+        group, parts = group_of(name), name.split(".")
+        child = ".".join(parts[:2]) if group == "backbone" and len(parts) >= 2 else parts[0]  # backbone: a level down
+        rows[(group, "")][column] += n
+        rows[(group, child)][column] += n
 
     for name, n in params.items():
         add(name.rsplit(".", 1)[0], 0, n)  # a parameter belongs to its module
