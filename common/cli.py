@@ -119,6 +119,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def show(v):
+    """A value as --help, the error lines and the config lines print it: (h, w) as h,w, strings quoted."""
     return f"{v[0]},{v[1]}" if isinstance(v, tuple) and len(v) == 2 else repr(v) if isinstance(v, str) else str(v)
 
 
