@@ -144,18 +144,17 @@ def plot(metrics_path, out_path):
     return out_path
 
 
-def write_curves(work_dir, log=print):
-    """The end-of-training hook: curves.png beside metrics.jsonl, or one line saying why not (never raises).
-    work_dir: the run folder (cfg['run_dir']), which holds metrics.jsonl."""
-    path = os.path.join(work_dir, "metrics.jsonl")
+def write_curves(run_dir, log=print):
+    """The end-of-training hook: curves.png beside metrics.jsonl, or one line saying why not (never raises)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         log("curves: none (the run stopped before its first logged iteration)")
         return
     try:
-        log(f"curves: {plot(path, os.path.join(work_dir, 'curves.png'))}")
+        log(f"curves: {plot(path, os.path.join(run_dir, 'curves.png'))}")
     except ImportError:
         log("curves: not written, matplotlib is not installed (pip install -r requirements.txt; then "
-            f"`python -m common.plot {work_dir}`)")
+            f"`python -m common.plot {run_dir}`)")
     except (OSError, ValueError) as e:
         log(f"curves: not written ({e})")
 

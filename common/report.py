@@ -25,12 +25,12 @@ def best_kept(evals):
     return max((r for r in evals if r.get("checkpoint")), key=lambda r: r["mIoU"], default=None)
 
 
-def final_summary(work_dir, seconds, pred_dir=None, no_eval="--eval_interval_epochs 0"):
+def final_summary(run_dir, seconds, pred_dir=None, no_eval="--eval_interval_epochs 0"):
     """Total time, best and last mIoU (from metrics.jsonl: a resumed run counts the evaluations before its resume
     too; NO_EVAL says why none ran), the newest and the best checkpoint and the prediction pictures' folder, as a few
-    lines. work_dir: the run folder (cfg['run_dir']), not --work_dir."""
-    evals = evaluations(work_dir)
-    metrics_path = os.path.join(work_dir, "metrics.jsonl")
+    lines."""
+    evals = evaluations(run_dir)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if evals:
         best = max(evals, key=lambda r: r["mIoU"])
         last = evals[-1]
@@ -39,14 +39,14 @@ def final_summary(work_dir, seconds, pred_dir=None, no_eval="--eval_interval_epo
     else:
         miou = f"no evaluation ran ({no_eval})"
     try:
-        ckpt = checkpoint.resolve("auto", work_dir)
+        ckpt = checkpoint.resolve("auto", run_dir)
     except FileNotFoundError:
         ckpt = "none written (--save_interval_epochs 0)"
     lines = [f"done in {hms(seconds)} | {miou}", f"  checkpoint: {ckpt}"]
-    kept, best_path = best_kept(evals), os.path.join(work_dir, checkpoint.BEST)
+    kept, best_path = best_kept(evals), os.path.join(run_dir, checkpoint.BEST)
     if kept is not None and os.path.isfile(best_path):
         lines.append(f"  best: {best_path} (iteration {kept['iteration']}, mIoU {100 * kept['mIoU']:.2f})")
     if pred_dir is not None and os.path.isdir(pred_dir):
         lines.append(f"  pictures: {pred_dir}{os.sep}")
-    lines.append(f"  log: {os.path.join(work_dir, 'log.txt')} | metrics: {metrics_path}")
+    lines.append(f"  log: {os.path.join(run_dir, 'log.txt')} | metrics: {metrics_path}")
     return "\n".join(lines)

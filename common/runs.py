@@ -9,10 +9,10 @@
 A new run gets a new timestamped folder (mkdir is atomic, so two runs started in the same second get two folders).
 `--resume auto` follows the work dir's latest and continues in that run's own folder; `--resume PATH` continues in
 PATH's folder when it is a run folder of this work dir and PATH is that run's newest checkpoint, else starts a new
-one (open_run). The work dir's `latest` only moves
-when a checkpoint has been written, so a failed or short run never hides the last good one. The lock stops a second
-process (a second --resume auto) from writing a folder another one is writing; a lock whose process is gone (same
-host, pid dead or reused) is stale and taken over. --eval / --predict / --summary create no run folder.
+one (open_run). The work dir's `latest` only moves when a checkpoint has been written, so a failed or short run
+never hides the last good one. The lock stops a second process (a second --resume auto) from writing a folder
+another one is writing; a lock whose process is gone (same host, pid dead or reused) is stale and taken over.
+--eval / --predict / --summary create no run folder.
 """
 import json
 import os

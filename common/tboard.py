@@ -25,9 +25,9 @@ def require():
 
 
 class Writer:
-    def __init__(self, work_dir):  # the run folder (cfg['run_dir']): RUN_DIR above
+    def __init__(self, run_dir):
         SummaryWriter = require()
-        self.logdir = os.path.join(work_dir, "tensorboard")
+        self.logdir = os.path.join(run_dir, "tensorboard")
         self.writer = SummaryWriter(self.logdir)
 
     def record(self, kv):
