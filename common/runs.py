@@ -14,6 +14,7 @@ never hides the last good one. The lock stops a second process (a second --resum
 another one is writing; a lock whose process is gone (same host, pid dead or reused) is stale and taken over.
 --eval / --predict / --summary create no run folder.
 """
+import fcntl
 import json
 import os
 import socket
@@ -82,7 +83,8 @@ def _alive(pid, start):
 
 
 class RunLock:
-    """An exclusive lock on one run folder: a file created with O_EXCL holding the holder's pid, host, start time."""
+    """An exclusive lock on one run folder: a file holding its holder's pid, host and start time, which appears whole
+    (_create) and is taken over only from a dead holder (_remove_if_stale)."""
 
     def __init__(self, folder):
         self.path, self.held = os.path.join(folder, LOCK), False
@@ -92,37 +94,74 @@ class RunLock:
               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(me)
             except FileExistsError:
-                holder = self._holder()
-                if holder is not None and not self._stale(holder):
-                    raise RunLockedError(
-                        f"run folder {os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on "
-                        f"{holder.get('host')} (since {holder.get('since')}; lock {self.path}); wait for it to end, "
-                        f"or delete the lock file if that process is gone")
-                log(f"run: removing the stale lock {self.path} ({holder or 'unreadable'}: that process is gone)")
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
+                self._remove_if_stale(log)
                 continue
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(me, f)
             except OSError as e:  # the run's first write: a full disk or quota shows here
-                os.remove(self.path)
                 raise UserError(f"--work_dir: could not write the lock {self.path} ({e.strerror or e}): is the disk "
                                 "full?") from None
             self.held = True
             return self
         raise RunLockedError(f"cannot take the lock {self.path}: another process keeps taking it")
 
-    def _holder(self):
+    def _create(self, me):
+        """The lock file holding `me`, or FileExistsError. Written whole into a temp file, then hard-linked into
+        place (link fails if the lock exists): a process that finds the lock always reads a whole one, so an
+        unreadable lock can only be a dead process's. Where hard links fail, O_EXCL then write."""
+        tmp = f"{self.path}.tmp-{os.getpid()}"
         try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None  # empty or half-written: a process killed between create and write
+            with open(tmp, "w") as f:
+                json.dump(me, f)
+            try:
+                os.link(tmp, self.path)
+                return
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links
+                pass
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError:
+            os.remove(self.path)
+            raise
+
+    def _remove_if_stale(self, log):
+        """Remove the lock if its process is gone (or it is unreadable), else RunLockedError naming the holder. Read
+        and removed under an flock of the folder, so the file removed is the one read: two processes that both found
+        one stale lock would otherwise both remove it, the second one removing the first one's new lock."""
+        fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # a file system without flock (some NFS set-ups): the take-over is then unguarded
+            try:
+                with open(self.path) as f:
+                    holder = json.load(f)
+            except FileNotFoundError:
+                return  # removed while we waited for the flock: try again
+            except (OSError, ValueError):
+                holder = None
+            if not isinstance(holder, dict):
+                holder = None  # empty or half-written: a process killed between create and write
+            if holder is not None and not self._stale(holder):
+                raise RunLockedError(
+                    f"run folder {os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on "
+                    f"{holder.get('host')} (since {holder.get('since')}; lock {self.path}); wait for it to end, "
+                    f"or delete the lock file if that process is gone")
+            log(f"run: removing the stale lock {self.path} ({holder or 'unreadable'}: that process is gone)")
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:  # only without the flock: another process took it over first
+                pass
+        finally:
+            os.close(fd)  # releases the flock
 
     @staticmethod
     def _stale(holder):

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 
 from common import checkpoint, config, data, layers, runs, train
 from common.amp import Amp
+from common.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -441,6 +443,85 @@ def test_a_lock_of_another_users_live_process_holds(tmp_path, monkeypatch):
         runs.RunLock(str(tmp_path)).acquire(log=lambda *a: None)
     assert path.read_text() == before
 
+
+
+def test_a_lock_is_never_seen_half_written(tmp_path, monkeypatch):
+    """Another process that finds the lock must read it whole: an empty or half-written one is taken for a dead
+    process's and removed, so it must never exist while its holder is still writing it."""
+    path, dumped = tmp_path / runs.LOCK, []
+    real = runs.json.dump
+
+    def dump(obj, f):
+        dumped.append(path.exists())
+        real(obj, f)
+    monkeypatch.setattr(runs.json, "dump", dump)
+    lock = runs.RunLock(str(tmp_path)).acquire(log=lambda *a: None)
+    assert dumped == [False] and json.loads(path.read_text())["pid"] == os.getpid()
+    assert sorted(os.listdir(tmp_path)) == [runs.LOCK]  # no temp file left
+    lock.release()
+    assert os.listdir(tmp_path) == []
+
+
+
+def _contend(folder, barrier, rounds):  # one of the processes below: a file per lock it took
+    try:
+        for r in range(rounds):
+            barrier.wait(timeout=30)  # all start each round together
+            try:
+                runs.RunLock(os.path.join(folder, str(r))).acquire(log=lambda *a: None)
+                open(os.path.join(folder, f"won-{r}-{os.getpid()}"), "w").close()
+            except runs.RunLockedError:
+                pass
+    except BaseException:
+        traceback.print_exc()
+        barrier.abort()  # the others stop too, instead of waiting for this one
+        os._exit(1)
+    os._exit(0)  # a forked copy of pytest: no teardown
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_processes_racing_for_a_lock_get_one_holder(tmp_path, stale):
+    """Processes started together (two `--resume auto` at once): exactly one holds each lock. A lock created empty
+    and written after was read by the others as a dead process's, removed and taken (most rounds); two processes
+    that found one stale lock both removed it, the second one the first one's new lock (~5% of rounds)."""
+    import multiprocessing as mp
+    ctx, rounds = mp.get_context("fork"), 300
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for r in range(rounds):
+        os.mkdir(tmp_path / str(r))
+        if stale:
+            (tmp_path / str(r) / runs.LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                                   "start": 1, "since": "2026-12-01 10:00:00"}))
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_contend, args=(str(tmp_path), barrier, rounds), daemon=True) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * 4
+    wins = sorted(int(f.split("-")[1]) for f in os.listdir(tmp_path) if f.startswith("won-"))
+    assert wins == list(range(rounds)), wins  # each round: one holder
+
+def test_a_lock_where_hard_links_fail_and_on_a_full_disk(tmp_path, monkeypatch):
+    def no_link(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(runs.os, "link", no_link)  # a file system without hard links: O_EXCL, then the write
+    lock = runs.RunLock(str(tmp_path)).acquire(log=lambda *a: None)
+    assert sorted(os.listdir(tmp_path)) == [runs.LOCK] and json.loads((tmp_path / runs.LOCK).read_text())["host"]
+    with pytest.raises(runs.RunLockedError, match=f"pid {os.getpid()}"):  # and it holds
+        runs.RunLock(str(tmp_path)).acquire(log=lambda *a: None)
+    lock.release()
+    monkeypatch.undo()
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(runs.json, "dump", full)
+    with pytest.raises(UserError, match=r"could not write the lock .*No space left on device.*is the disk full"):
+        runs.RunLock(str(tmp_path)).acquire(log=lambda *a: None)
+    assert os.listdir(tmp_path) == []  # neither a lock nor its temp file stays
 
 def test_resume_auto_cleans_temp_files_finished_runs_and_changed_schedules(tmp_path, capsys):
     main(tmp_path, "--max_iters", "4", "--stop_iters", "3")
