@@ -167,7 +167,10 @@ class RunLock:
     def _stale(holder):
         if holder.get("host") != socket.gethostname():
             return False  # another machine's process: we cannot tell, so it holds
-        return not _alive(int(holder.get("pid", -1)), holder.get("start"))
+        pid = holder.get("pid")
+        if type(pid) is not int or pid <= 0:  # not a pid (kill(-1 or 0) would signal a whole group): not ours
+            return True
+        return not _alive(pid, holder.get("start"))
 
     def release(self):
         if self.held:

@@ -463,6 +463,16 @@ def test_a_lock_is_never_seen_half_written(tmp_path, monkeypatch):
 
 
 
+
+@pytest.mark.parametrize("pid", ["abc", None, -1, 0, 1.5])
+def test_a_lock_on_this_host_without_a_pid_is_taken_over(tmp_path, pid):
+    """Not a lock our processes write (theirs hold a positive int): as an unreadable one, it is taken over; -1 or 0
+    must not reach kill(), which would ask about a whole process group."""
+    (tmp_path / runs.LOCK).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "start": 1}))
+    lines = []
+    runs.RunLock(str(tmp_path)).acquire(log=lines.append).release()
+    assert len(lines) == 1 and "removing the stale lock" in lines[0]
+
 def _contend(folder, barrier, rounds):  # one of the processes below: a file per lock it took
     try:
         for r in range(rounds):
