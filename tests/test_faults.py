@@ -490,6 +490,8 @@ def _contend(folder, barrier, rounds):  # one of the processes below: a file per
 
 
 @pytest.mark.parametrize("stale", [False, True])
+# Python 3.12 warns about fork() in a threaded process; the children touch no torch, nothing another thread holds
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_processes_racing_for_a_lock_get_one_holder(tmp_path, stale):
     """Processes started together (two `--resume auto` at once): exactly one holds each lock. A lock created empty
     and written after was read by the others as a dead process's, removed and taken (most rounds); two processes
