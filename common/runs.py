@@ -146,10 +146,10 @@ class RunLock:
                     holder = json.load(f)
             except FileNotFoundError:
                 return  # removed while we waited for the flock: try again
-            except (OSError, ValueError):
+            except (OSError, ValueError):  # empty or half-written: a process killed between create and write
                 holder = None
             if not isinstance(holder, dict):
-                holder = None  # empty or half-written: a process killed between create and write
+                holder = None  # JSON, but not a lock a run wrote
             if holder is not None and not self._stale(holder):
                 raise RunLockedError(
                     f"run folder {os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on "
