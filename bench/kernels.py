@@ -7,11 +7,14 @@ R50-D8 at 512x512, plus the convolution table. Every ratio is measured side by s
     python bench/kernels.py --out DIR         # also write DIR/kernels.md and DIR/kernels.json
 """
 import argparse
+import datetime
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # bench/train.py as `train`, also when imported by a test
 
 SECTIONS = {}  # name -> fn(args, device) returning (markdown table str, list of row dicts)
 # every row or section that raised, as one line each: its traceback is printed where it happened, the run goes on
@@ -568,7 +571,14 @@ def main():
     bad = [n for n in names if n not in SECTIONS]
     if bad:
         p.error(f"--only: unknown {bad}; choose from {', '.join(SECTIONS)}")
-    md, rows = [], {}
+    # the header ties the tables to a card, a torch and a commit, as every other bench's does
+    import common
+    from train import cpu_name, git_commit  # bench/train.py
+    head = dict(card=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()}",
+                torch=torch.__version__, commit=git_commit(), extension=common.build_info(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    md, rows = ["# bench/kernels.py: " + " | ".join(f"{k} {v}" for k, v in head.items())], {"head": head}
+    print(md[0], flush=True)
     for name in names:
         try:
             table, section_rows = SECTIONS[name](args, device)

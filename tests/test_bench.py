@@ -617,13 +617,16 @@ def test_kernels_survive_failures(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(kern.SECTIONS, "broken", broken_section)
     monkeypatch.setattr(sys, "argv", ["kernels.py", "--quick", "--device", "cpu", "--only", "broken,bn_relu",
                                       "--out", str(tmp_path)])
+    monkeypatch.setenv("DEVICE_CHECK_COMMIT", "abc1234")  # the device check's copy has no .git
     with pytest.raises(SystemExit) as exit_:
         kern.main()
     assert exit_.value.code == 1
     rows = json.loads((tmp_path / "kernels.json").read_text())
     assert rows["broken"] == [] and [("error" in r) for r in rows["bn_relu"]] == [False, True, False]
     assert rows["bn_relu"][2]["fused_fb_ms"] > 0  # the shape after the failing one was still measured
+    assert rows["head"]["commit"] == "abc1234" and rows["head"]["card"].startswith("CPU")
     md = (tmp_path / "kernels.md").read_text()
+    assert md.startswith("# bench/kernels.py: card CPU") and "| commit abc1234 |" in md
     assert "### broken: error: ValueError: this section cannot start" in md
     assert "error: RuntimeError: CUDA error: an illegal memory access" in md and "Slowest row" in md
     out = capsys.readouterr()
