@@ -2,6 +2,7 @@
 import os
 
 from . import checkpoint
+from .errors import BadFileError
 from .plot import read_jsonl
 
 
@@ -42,6 +43,8 @@ def final_summary(run_dir, seconds, pred_dir=None, no_eval="--eval_interval_epoc
         ckpt = checkpoint.resolve("auto", run_dir)
     except FileNotFoundError:
         ckpt = "none written (--save_interval_epochs 0)"
+    except BadFileError as e:  # a pointer edited or a checkpoint removed by hand: the run itself has finished
+        ckpt = f"unknown ({e})"
     lines = [f"done in {hms(seconds)} | {miou}", f"  checkpoint: {ckpt}"]
     kept, best_path = best_kept(evals), os.path.join(run_dir, checkpoint.BEST)
     if kept is not None and os.path.isfile(best_path):

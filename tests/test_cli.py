@@ -529,6 +529,13 @@ def test_final_summary(tmp_path):
     assert 'checkpoint: none written' in text and f"pictures: {tmp_path / 'pred'}{os.sep}" in text
 
 
+def test_final_summary_survives_a_damaged_latest_pointer(tmp_path):
+    # the run has finished when the summary is written: a pointer edited by hand is named, not a traceback or exit 2
+    (tmp_path / 'latest').write_text('checkpoint-gone.pth')
+    text = report.final_summary(str(tmp_path), 5)
+    assert "checkpoint: unknown (" in text and "names 'checkpoint-gone.pth', which does not exist" in text
+
+
 def test_final_summary_names_no_pictures_folder_that_was_not_made(tmp_path):
     text = report.final_summary(str(tmp_path), 5, str(tmp_path / 'pred'))  # --save_predictions 0: no folder
     assert 'pictures' not in text
