@@ -504,7 +504,8 @@ SHARE_LIM = (-6.0, 0.0)   # log10 of the underflow share
 
 def _cmap():
     """log2 |x| -> colour, with fp16's landmarks where the colours change: flushed to zero (dark blue), subnormal
-    (light blue), the normal range (pale to yellow), near overflow (orange), overflow (red); inf (magenta)."""
+    (light blue), the normal range (near-white, then greens, then yellow), near overflow (orange), overflow (red); inf
+    (magenta)."""
     from matplotlib.colors import LinearSegmentedColormap
     lo, hi = LOG2_LIM
 

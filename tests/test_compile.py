@@ -6,9 +6,10 @@ forward/backward trace, functionalized running-stat updates) without inductor's 
 minutes per graph on our 2-core box. Tracing a whole R50-D8 forward + backward still takes 110-135 s per model there
 (load ~15), so the four full-model checks run when SEGFP16_COMPILE_TESTS=1, and the inductor equality test (a full
 compile; 467 s wall for one small PSPNet step on the loaded box) when SEGFP16_INDUCTOR_TESTS=1;
-tools/device_check.sh sets both. The default run keeps the small-PSPNet checks (same blocks and ops, one block per
-stage): AMP modes, eval sizes, the trainer's --compile flag, and one real inductor compile of the small PSPNet /
-DeepLabV3 eval copies (slow: ~30 s each on the quiet box), since aot_eager cannot see inductor's size guards.
+tools/device_check.sh sets both when DEVICE_CHECK_COMPILE_TESTS=1. The default run keeps the small-PSPNet checks (same
+blocks and ops, one block per stage): AMP modes, eval sizes, the trainer's --compile flag, and one real inductor
+compile of the small PSPNet / DeepLabV3 eval copies (slow: ~30 s each on the quiet box), since aot_eager cannot see
+inductor's size guards.
 """
 import copy
 import importlib
@@ -67,7 +68,8 @@ def stats():
 
 
 @pytest.mark.skipif(os.environ.get("SEGFP16_COMPILE_TESTS") != "1",
-                    reason="~2 min per model on 2 cores; set SEGFP16_COMPILE_TESTS=1 (tools/device_check.sh does)")
+                    reason="~2 min per model on 2 cores; set SEGFP16_COMPILE_TESTS=1 (tools/device_check.sh does "
+                           "with DEVICE_CHECK_COMPILE_TESTS=1)")
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_fullgraph_train_and_eval_with_fused_ops(name):
