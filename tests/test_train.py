@@ -461,6 +461,29 @@ def test_main_writes_config_jsonl_and_eval(tmp_path, monkeypatch):
     assert ck['config']['max_iters'] == 3 and ck['iteration'] == 3
 
 
+def test_main_with_tensorboard_writes_the_runs_scalars_and_pictures(tmp_path):
+    # the whole --tensorboard path of a run (set-up, records, evaluation pictures, close); the package is in
+    # requirements-test.txt, not requirements.txt
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def build(cfg=None, num_classes=150):
+        net = TinyNet()
+        net.decoder, net.auxiliary_decoder = nn.Conv2d(4, num_classes, 1), nn.Conv2d(4, num_classes, 1)
+        return net
+    argv = ['--data', 'demo', '--amp', 'none', '--device', 'cpu', '--kernels', 'torch', '--crop_size', '(32, 32)',
+            '--scale', '(128, 32)', '--batch_size', '2', '--num_workers', '0', '--num_train_images', '4',
+            '--num_val_images', '2', '--max_iters', '2', '--log_interval', '1', '--save_predictions', '2',
+            '--tensorboard', '--work_dir', str(tmp_path)]
+    metrics = train.main(_seg_cfg(), build, argv, name='tiny')
+    (run,) = runs.runs(str(tmp_path))
+    assert f"tensorboard: {os.path.join(run, 'tensorboard')}" in Path(run, 'log.txt').read_text()
+    acc = EventAccumulator(os.path.join(run, 'tensorboard')).Reload()
+    assert [(e.step, e.value) for e in acc.Scalars('eval/mIoU')] == [(2, pytest.approx(metrics['mIoU']))]
+    assert [e.step for e in acc.Scalars('train/loss')] == [1, 2]
+    assert sorted(acc.Tags()['images']) == ['val/0', 'val/1'] and acc.Images('val/0')[0].step == 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation
 
