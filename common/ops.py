@@ -13,8 +13,8 @@ def require(*names):
     lib = getattr(torch.ops, "segfp16")
     missing = [n for n in names or ("build_info",) if not hasattr(lib, n)]
     if missing:
-        why = f" ({_C_ERROR})" if _C_ERROR is not None else ""
-        raise RuntimeError(f"--kernels fused needs the compiled extension common._C, which lacks {missing}{why}. "
+        what = f"which does not load ({_C_ERROR})" if _C_ERROR is not None else f"which lacks {missing}"
+        raise RuntimeError(f"--kernels fused needs the compiled extension common._C, {what}. "
                            f"Build it with `{BUILD_COMMAND}`, or run with --kernels torch.")
 
 

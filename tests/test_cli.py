@@ -4,6 +4,9 @@ import copy
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -14,6 +17,8 @@ import torch.nn as nn
 
 from common import cli, config, data, errors, report, runs, train
 from common.errors import MissingFile, UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
@@ -560,6 +565,35 @@ def test_fused_kernels_without_the_extension_is_a_user_error(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == "tiny: error: --kernels fused needs the compiled extension common._C, " \
                                         "which lacks ['build_info']\n"
+
+
+def test_a_checkout_without_its_build_says_so_and_names_the_command(tmp_path):
+    # the real thing, not a mock: common/ copied without its .so and the editable install's finder removed, so
+    # common._C cannot be found, as in a checkout where `pip install -e .` never ran
+    shutil.copytree(os.path.join(ROOT, 'common'), tmp_path / 'common',
+                    ignore=shutil.ignore_patterns('*.so', '__pycache__'))
+    shutil.copy(os.path.join(ROOT, 'pspnet.py'), tmp_path)
+    (tmp_path / 'run.py').write_text(
+        "import runpy, sys\n"
+        "sys.meta_path = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+        "import torch, common\n"
+        "from common import train\n"
+        "print(common.__file__)\n"
+        "print(common.build_info())\n"
+        "print(train._kernels('auto', torch.device('cpu'), print))\n"
+        "sys.argv = ['pspnet.py', '--kernels', 'fused', '--device', 'cpu', '--data', 'demo', '--work_dir', 'w']\n"
+        "runpy.run_path('pspnet.py', run_name='__main__')\n")
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    r = subprocess.run([sys.executable, 'run.py'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = r.stdout.splitlines()
+    assert out[0] == str(tmp_path / 'common' / '__init__.py'), r.stdout + r.stderr  # the copy, not this checkout
+    build = '`pip install --no-build-isolation -e .`'
+    assert out[1] == f'common._C: unavailable (common._C is not built); build it with {build}'
+    assert out[2] == f'torch (auto: common._C not built; {build} for fused)'  # the log's kernels: line
+    assert r.returncode == 2 and r.stderr == (
+        'pspnet: error: --kernels fused needs the compiled extension common._C, which does not load (common._C is '
+        f'not built). Build it with {build}, or run with --kernels torch.\n')
+    assert not (tmp_path / 'w').exists()  # stopped before the run folder
 
 
 def test_build_info_names_another_checkouts_build(monkeypatch):
