@@ -3,6 +3,7 @@
 Timings on a CI box mean nothing, so the checks are on structure and on the arithmetic around the timings: the
 FLOP counts against torch's own FlopCounterMode, the derived columns against the raw ones.
 """
+import gzip
 import json
 import math
 import os
@@ -547,8 +548,13 @@ def test_profile_kinds():
 
 def test_profile_cpu(tmp_path):
     out = run(["bench/step_profile.py", "--device", "cpu", "--mode", "fp32", "--batch", "2", "--crop", "32",
-               "--warmup", "1", "--steps", "1", "--top", "5"], tmp_path)
+               "--warmup", "1", "--steps", "1", "--top", "5", "--trace"], tmp_path)
     assert "VERDICT: CPU ms per step: torch" in out
+    for kernels in ("torch", "fused"):  # --trace: one gzipped chrome trace per kernel set, nothing else left
+        with gzip.open(tmp_path / f"trace-{kernels}.json.gz") as f:
+            names = {e.get("name") for e in json.load(f)["traceEvents"]}
+        assert any(str(n).startswith("segfp16::") for n in names) == (kernels == "fused")
+    assert not list(tmp_path.glob("trace-*.json"))
     res = json.loads((tmp_path / "profile.json").read_text())
     assert [r["kernels"] for r in res["results"]] == ["torch", "fused"]
     for r in res["results"]:
