@@ -295,6 +295,20 @@ def test_kernels_conv_quick(tmp_path):
                 assert r[f"{p}_{fmt}_tflops"] == pytest.approx(r["flops"] / r[f"{p}_{fmt}_ms"] / 1e9)
 
 
+def test_kernels_upsample_and_bn_sections_quick(tmp_path):
+    # the sections the device check runs first on the card (there at full size); here every row must measure
+    out = run(["bench/kernels.py", "--quick", "--only", "upsample,bn_relu_demo"], tmp_path)
+    assert "VERDICT: upsample 6 rows, bn_relu_demo" in out and "none failed" in out
+    rows = json.loads((tmp_path / "kernels.json").read_text())
+    ups = rows["upsample"]
+    assert sorted({r["layout"] for r in ups}) == ["channels_last", "contiguous"]
+    assert sorted({r["op"].split()[0] for r in ups}) == ["upsample_concat", "upsample_cross_entropy"]
+    for r in ups + rows["bn_relu_demo"]:
+        assert "error" not in r and all(r[k] > 0 for k in r if k.endswith("_ms")), r
+    md = (tmp_path / "kernels.md").read_text()
+    assert "### upsample family, fwd+bwd (CPU" in md and "### bn_relu family" in md
+
+
 def test_kernels_conv_top_keeps_the_most_step_time(tmp_path):
     run(["bench/kernels.py", "--quick", "--only", "conv"], tmp_path / "all", CONV_DTYPES="fp32")
     run(["bench/kernels.py", "--quick", "--only", "conv"], tmp_path / "top", CONV_DTYPES="fp32", CONV_TOP="2")
