@@ -430,11 +430,16 @@ def test_each_eval_gets_its_own_pictures_folder_and_an_out_holding_them_is_refus
     assert {p.name: p.stat().st_mtime_ns for p in folders[0].iterdir()} == before
 
 
-def test_eval_amp_in_a_training_run_says_it_applies_to_eval_and_predict(tmp_path, capsys):
-    train.main(_seg(), lambda cfg, num_classes: Tiny(num_classes),
-               _argv(tmp_path, '--data', 'demo', '--max_iters', '1', '--num_val_images', '1', '--eval_amp'),
-               name='tiny')
-    assert "eval_amp: --eval_amp applies to --eval and --predict" in capsys.readouterr().out
+def test_eval_only_flags_in_a_training_run_and_eval_amp_without_a_half_type_say_so(tmp_path, capsys):
+    build = lambda cfg, num_classes: Tiny(num_classes)  # noqa: E731
+    argv = _argv(tmp_path, '--data', 'demo', '--max_iters', '1', '--num_val_images', '1')
+    train.main(_seg(), build, argv + ['--eval_amp', '--tta'], name='tiny')
+    out = capsys.readouterr().out
+    assert "eval_amp: --eval_amp applies to --eval and --predict" in out
+    assert "tta: --tta applies to --eval and --predict (the reference's test.py)" in out
+    train.main(_seg(), build, argv + ['--eval', 'auto', '--eval_amp', '--save_predictions', '0'], name='tiny')
+    out = capsys.readouterr().out  # --amp none: no half type to evaluate in
+    assert "eval_amp: --amp none has no half type, so this runs in fp32 (--amp torch or apex picks one)" in out
 
 
 def test_a_full_disk_at_the_runs_first_file_is_one_line(tmp_path, capsys, monkeypatch):

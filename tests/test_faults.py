@@ -566,6 +566,12 @@ def test_resume_auto_cleans_temp_files_finished_runs_and_changed_schedules(tmp_p
     out = capsys.readouterr().out
     assert re.search(r"resume: \S+checkpoint-final\.pth already finished at iteration 4; nothing to do", out), out
     assert _tree(tmp_path) == before
+    # a shorter schedule than the one it finished: also nothing to do, and the line names the flag that would go on
+    main(tmp_path, "--max_iters", "3", "--resume", "auto")
+    out = capsys.readouterr().out
+    assert re.search(r"resume: \S+checkpoint-final\.pth is at iteration 4, the end of this schedule is 3; nothing to "
+                     r"do \(raise --max_iters / --max_epochs to train further\)", out), out
+    assert _tree(tmp_path) == before
     # another schedule: the lr curve changes, and the warning says so
     main(tmp_path, "--max_iters", "6", "--resume", "auto")
     out = capsys.readouterr().out
