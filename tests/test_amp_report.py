@@ -201,6 +201,41 @@ def test_a_planted_backward_overflow_is_named():
     assert all(e["nonfinite"] == 0 for e in rec["entries"] if e["phase"] == "fwd")
 
 
+class _BadWeightGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, (g * x).sum((0, 2, 3), keepdim=True) * float("inf")
+
+
+class BadWeightGrad(nn.Module):
+    """x * w per channel; its weight's gradient overflows, the input's does not (fp16's common case: a weight
+    gradient sums over every pixel of the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+    def forward(self, x):
+        return _BadWeightGrad.apply(x, self.w)
+
+
+def test_a_weight_gradient_overflow_is_named_as_the_parameters():
+    torch.manual_seed(0)
+    rec = _one_step(Chain(BadWeightGrad()), Amp("none", device="cpu"))
+    first = rec["first_nonfinite"]
+    assert (first["name"], first["phase"], first["by"]) == ("middle.w", "pgrad", ["middle"])
+    assert amp_report.describe_culprit(rec).startswith("first inf in backward: gradient of the parameter middle.w "
+                                                       "(4 of 4 elements; max finite |g|")
+    grads = {e["name"]: e for e in rec["entries"] if e["phase"] == "grad"}
+    assert grads["backbone_net.1"]["nonfinite"] == 0  # the input's gradient stayed finite
+
+
 def test_a_container_own_op_and_the_loss_are_named():
     torch.manual_seed(0)
 
