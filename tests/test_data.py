@@ -191,6 +191,17 @@ def test_truncated_jpeg_caught_even_if_decoder_pads(tmp_path, monkeypatch):
             D.read_image(path)
 
 
+def test_images_are_rgb_with_or_without_opencvs_rgb_decode_flag(tmp_path, monkeypatch):
+    # OpenCV < 4.10 has no IMREAD_COLOR_RGB: the BGR decode is converted; both give the RGB the file holds
+    path = str(tmp_path / 'c.png')  # lossless, so the pixel values are exact
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 30
+    cv2.imwrite(path, rgb[..., ::-1])  # imwrite takes BGR
+    assert np.array_equal(D.read_image(path), rgb)
+    monkeypatch.setattr(D, '_IMREAD_RGB', None)
+    assert np.array_equal(D.read_image(path), rgb)
+
+
 def test_size_mismatch(tmp_path):
     stem, img, _ = rand_item('a', 20, 27)
     write_split(tmp_path, 'train', [(stem, img, np.ones((20, 26), np.uint8))])
