@@ -159,17 +159,10 @@ def collective_device():
     return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
 
 
-_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "mean": dist.ReduceOp.SUM}
-
-
-def all_reduce(t, op="sum"):
-    """In-place all-reduce of tensor t over all ranks (op: sum | mean | max | min); returns t. No-op single process."""
-    if op not in _OPS:
-        raise ValueError(f"all_reduce op must be one of {sorted(_OPS)}, got {op!r}")
+def all_reduce(t):
+    """In-place sum of tensor t over all ranks; returns t. No-op single process."""
     if is_dist():
-        dist.all_reduce(t, op=_OPS[op])  # gloo has no AVG, so mean = sum / world
-        if op == "mean":
-            t.div_(world_size())
+        dist.all_reduce(t)
     return t
 
 
