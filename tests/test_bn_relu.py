@@ -327,6 +327,17 @@ def test_autograd_is_cpp():
         assert "CppNode" in y.grad_fn.name(), y.grad_fn.name()
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_no_affine_parameters(training):
+    # weight/bias None (affine=False): the wrapper's ones / zeros, against F.batch_norm without them
+    x = make((2, 3, 4, 5), torch.float64, "cpu")
+    rm, rv = torch.full((3,), 0.3, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64)
+    rm2, rv2 = rm.clone(), rv.clone()
+    got = ops.bn_relu(x, None, None, rm, rv, training)
+    torch.testing.assert_close(got, reference(x, None, None, rm2, rv2, training), **TOL[torch.float64])
+    torch.testing.assert_close((rm, rv), (rm2, rv2), **TOL[torch.float64])
+
+
 def test_errors():
     x = make((1, 3, 1, 1), torch.float32, "cpu")
     w, b = params(3, "cpu")
@@ -336,6 +347,10 @@ def test_errors():
         ops.bn_relu(x, w, b, None, None, False, residual=x.double())
     with pytest.raises(RuntimeError, match="weight must have shape"):
         torch.ops.segfp16.bn_apply(x, w, w, w[:2], b, None, True)
+    with pytest.raises(ValueError, match="eval mode needs running_mean and running_var"):
+        ops.bn_relu(make((2, 3, 4, 5), torch.float32, "cpu"), w, b, None, None, False)
+    with pytest.raises(ValueError, match="momentum=None"):
+        ops.bn_relu(make((2, 3, 4, 5), torch.float32, "cpu"), w, b, torch.zeros(3), torch.ones(3), True, None)
     # the op's own checks (the Python wrapper's are above): a residual, dy or y the loops would misread
     x = make((2, 3, 4, 5), torch.float32, "cpu")
     T = torch.ops.segfp16
