@@ -517,6 +517,12 @@ def test_command_errors_and_the_flag(tmp_path):
     r = subprocess.run([sys.executable, "-m", "common.amp_report", str(tmp_path / "nowhere")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    # a run that has not reported yet, and a file that is not text: one line each, exit 1
+    for content, says in ((b"", "holds no report yet"), (b"\x89PNG\r\n\x1a\n\xff\xfe\x00", "is not a text file")):
+        (tmp_path / "amp_report.jsonl").write_bytes(content)
+        r = subprocess.run([sys.executable, "-m", "common.amp_report", str(tmp_path)], cwd=ROOT, capture_output=True,
+                           text=True)
+        assert r.returncode == 1 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
     with pytest.raises(SystemExit):
         config.parse(None, ["--amp_report", "-1"], "x")
     assert config.parse(None, ["--amp_report", "50"], "x")["amp_report"] == 50
