@@ -201,6 +201,11 @@ def test_on_a_card_the_extension_is_built_only_when_its_launch_failed(tmp_path):
                                             FAKE_CUDA="1", DEVICE_CHECK_STAGES="ext,build")
     assert rc == 1 and list(rows) == ["extension", "build", "extension_after_build"]
     assert limit_of(calls["setup"]) == 120
+    (tmp_path / "c").mkdir()  # it ran, with wrong values: a kernel defect that a rebuild would not change
+    wrong = "VERDICT: cpu,cuda build, sm_90; a fused bn_relu launch gave wrong values"
+    rc, rows, _, calls, _, _ = device_check(tmp_path / "c", {"extension": dict(rc=3, out=wrong)}, FAKE_CUDA="1",
+                                            DEVICE_CHECK_STAGES="ext,build")
+    assert rc == 1 and list(rows) == ["extension"] and "setup" not in calls
 
 
 # ---- tools/check_env.py, the first two stages: what counts as missing, what fails the stage

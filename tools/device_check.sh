@@ -163,7 +163,9 @@ NO_CUDA="no CUDA device (torch.cuda.is_available() is False)"
 # ---- 0, 1: the machine, the extension (build only when the prebuilt one cannot run here)
 stage modules 15 $PY tools/check_env.py modules
 stage extension 15 $PY tools/check_env.py extension
-if [ $CUDA = 1 ] && [ -f "$LOGS/extension.log" ] && ! grep -q '^VERDICT: .*launch ran' "$LOGS/extension.log"; then
+# (a launch that ran but gave wrong values is a kernel defect: the same sources built again would give it again)
+if [ $CUDA = 1 ] && [ -f "$LOGS/extension.log" ] && ! grep -q '^VERDICT: .*launch \(ran\|gave wrong values\)' \
+    "$LOGS/extension.log"; then
   # as tools/build_for_device.sh builds: in place (no pip, which an externally managed Python refuses), and CUDA or
   # nothing (FORCE_CUDA=1: a CPU-only build would spend the minutes and leave every fused CUDA stage without kernels)
   stage build 120 env FORCE_CUDA=1 $PY setup.py build_ext --inplace
