@@ -602,6 +602,36 @@ def test_profile_numbers_are_per_step(monkeypatch):
     assert [q["ms"] for q in r["rows"]] == sorted((q["ms"] for q in r["rows"]), reverse=True)
 
 
+def test_profile_step_ms_leaves_out_the_profilers_start_and_stop(monkeypatch):
+    """step ms is the profiled steps' wall time: the profiler's start (on a card CUPTI's set-up, paid by the first
+    kernel set only) and its stop (collecting the trace) would otherwise add seconds to a few steps' time."""
+    import torch.profiler
+    prof = _bench("step_profile")
+    now = [0.0]
+    a = torch.randn(8, 8)
+
+    def step(images, labels):
+        now[0] += 0.1  # each step: 100 ms
+        return torch.mm(a, a)
+
+    class SlowStartStop(torch.profiler.profile):
+        def __enter__(self):
+            now[0] += 5.0
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            out = super().__exit__(*exc)
+            now[0] += 5.0
+            return out
+    monkeypatch.setattr(torch.profiler, "profile", SlowStartStop)
+    monkeypatch.setattr(prof.bench_train, "construct", lambda name: None)
+    monkeypatch.setattr(prof.bench_train, "build_ours", lambda *a_: (step, None, "-"))
+    monkeypatch.setattr(prof, "time", type("clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    args = prof.parse_args(["--device", "cpu", "--batch", "1", "--crop", "8", "--warmup", "1", "--steps", "3",
+                            "--out", "unused"])
+    assert prof.profile_one("torch", args, torch.device("cpu"))["step_ms"] == pytest.approx(100.0)
+
+
 def test_profile_a_failing_kernel_set_is_shown_and_exits_non_zero(tmp_path, monkeypatch):
     prof = _bench("step_profile")
 
