@@ -458,6 +458,7 @@ def conv_section(args, device):
         problems = list(kinds.values())
     # the most step time first (FLOPs x uses): a run cut short by its time limit loses the least important rows
     problems.sort(key=lambda pu: -pu[0]["flops"] * sum(pu[1].values()))
+    distinct = len(problems)
     if env("CONV_TOP"):
         problems = problems[:int(env("CONV_TOP"))]
     skip = {}  # dtype -> why it is not measured here
@@ -502,6 +503,9 @@ def conv_section(args, device):
     md = conv_markdown(rows, device, models, batch, crop)
     if quick:
         md += "\n(--quick: one problem per kind only, so the step totals above cover that subset)\n"
+    if len(problems) < distinct:
+        md += (f"\n(CONV_TOP={len(problems)}: the {len(problems)} of {distinct} distinct convolutions with the most "
+               "FLOPs x uses, so the step totals above cover that subset only)\n")
     return md, rows
 
 

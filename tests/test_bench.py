@@ -318,6 +318,10 @@ def test_kernels_conv_top_keeps_the_most_step_time(tmp_path):
             rows[name] = json.load(f)["conv"]
     cost = sorted((r["flops"] * r["count"] for r in rows["all"]), reverse=True)
     assert len(rows["all"]) > 2 and [r["flops"] * r["count"] for r in rows["top"]] == cost[:2]
+    # the per-model step totals then sum the measured problems only, and the table says so
+    note = f"(CONV_TOP=2: the 2 of {len(rows['all'])} distinct convolutions with the most FLOPs x uses"
+    assert note in (tmp_path / "top" / "kernels.md").read_text()
+    assert "CONV_TOP" not in (tmp_path / "all" / "kernels.md").read_text()
 
 
 def test_eval_quick_rows(tmp_path):
