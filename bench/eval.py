@@ -19,7 +19,7 @@ of one eval forward (common.summary.count_macs, main head only), TFLOP/s = 2 x G
 divides that by the matmul rate measured on the same device in the same dtype (best of 5 square matmuls, size in the
 header): a variant at ~90% of it is bound by its convolutions, and folding can only remove the rest.
 
-    python bench/eval.py --out bench/results/x                 # 4 models x 512x683, 512x512 x fp32, half x 3 variants
+    python bench/eval.py --out bench/results/x                 # 4 models x 512x683, 512x512 x fp32, half x 4 variants
     python bench/eval.py --models pspnet --sizes 512x512 --dtypes fp32 --reps 3
     python bench/eval.py --quick                               # tiny sizes: proves the script runs (CI)
 """

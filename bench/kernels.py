@@ -32,8 +32,9 @@ def failed(what, e):
 # ---- section: bn_relu (Kernels I)
 # common.ops.bn_relu (fused BN [+ residual] + ReLU) against F.batch_norm [+ add] + F.relu, training mode with the
 # running-stat update, forward and forward+backward (torch.autograd.grad of x, weight, bias [, residual]),
-# interleaved A/B repetitions, median. CUDA: CUDA events around `inner` calls (no L2 flush: tensors of batch 16 are
-# 33-537 MB against a 50 MB L2; batch 2 rows are partly L2-resident). CPU: perf_counter, all torch threads.
+# interleaved A/B repetitions, median. CUDA: CUDA events around `inner` calls (no L2 flush: in fp16 most batch-16
+# tensors are 25-268 MB against a 50 MB L2; the PPM bins' and most batch-2 rows are partly or wholly L2-resident).
+# CPU: perf_counter, all torch threads.
 # GB/s = the bytes the op must move / time: fwd reads x (+ residual) and writes y; bwd reads dy, y, x and writes dx
 # (+ d residual); the statistics passes' extra reads are not counted.
 # Shapes: the distinct BN tensors of R50-D8 (v1c stem, OS 8) + PSP / ASPP / aux heads + the DeepLabV3+ decoder at

@@ -1,12 +1,12 @@
 """Training-step throughput (images/s) and peak memory of the four segmentors, side by side with torchvision's.
 
 One row = one (model, precision mode, kernels, memory format, batch) at one crop: a fresh model, SGD (lr 0.01,
-momentum 0.9, wd 5e-4) and Amp, fed one synthetic device-resident batch (random images, random labels with ~10%
-ignore pixels; no data loading), `--warmup` untimed steps, then the median of `--steps` timed steps (CUDA events on
-the GPU, time.perf_counter on the CPU). Peak memory is torch.cuda.max_memory_allocated over the timed steps (mmseg's
-"Mem" convention: below what nvidia-smi shows). The step is the trainer's own function, common.train.train_step
-(forward under amp.autocast(), the loss seg_cross_entropy(out) + 0.4 * seg_cross_entropy(aux) at crop size,
-amp.backward, the BN-buffer check, amp.step).
+momentum 0.9, wd 5e-4) and Amp, fed one synthetic device-resident batch (random images, random labels with ~10% ignore
+pixels; no data loading), `--warmup` untimed steps (at least one), then the median of `--steps` timed steps (CUDA
+events on the GPU, time.perf_counter on the CPU). Peak memory is torch.cuda.max_memory_allocated over the timed steps
+(mmseg's "Mem" convention: below what nvidia-smi shows). The step is the trainer's own function,
+common.train.train_step (forward under amp.autocast(), the loss seg_cross_entropy(out) + 0.4 * seg_cross_entropy(aux)
+at crop size, amp.backward, the BN-buffer check, amp.step).
 
 Also in every run, per batch:
   * our fp32 row (kernels torch, NCHW, TF32 off: the reference's setting, spec §7.3), the "vs fp32" base;

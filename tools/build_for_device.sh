@@ -7,7 +7,8 @@
 # install dir). The result is common/_C.cpython-312-x86_64-linux-gnu.so in the working tree (~30 MB; it also runs
 # on a CPU).
 # It is git-ignored, so the device tool must be told to carry it: the script prints the path to pass as `carry`.
-# tools/device_check.sh then imports it instead of building, when `import common` works and build_info says cuda.
+# tools/device_check.sh then imports it instead of building, when `import common` works, build_info says cuda and a
+# fused launch runs on the card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=2.11.0 TORCHVISION=0.26.0  # the card's

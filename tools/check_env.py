@@ -1,8 +1,9 @@
 """The first two stages of tools/device_check.sh: what the machine has, and whether our extension runs on it.
 
     python tools/check_env.py modules      # every module / tool a stage uses: version or MISSING (exit 1 if a required module is)
-    python tools/check_env.py extension    # import common._C, print build_info; exit 3 if a CUDA device is here but
-                                           # the extension has no CUDA kernels (device_check.sh then builds)
+    python tools/check_env.py extension    # import common._C, print build_info, one fused launch on a card; exit 3
+                                           # when it does not import, has no CUDA kernels on a card, or the launch
+                                           # fails (device_check.sh then builds) or gives wrong values (no build)
 Never raises: a missing piece is a line of the report, so that the stages which do not need it still run.
 """
 import importlib

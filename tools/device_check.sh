@@ -21,7 +21,7 @@
 #      inductor compiles of whole training steps take minutes, more than one visit's budget leaves them
 # Every stage runs under `timeout`; a failing stage never stops the next. Each limit leaves room for what only a card
 # costs (cudnn.benchmark searches, cuDNN fused-plan builds), so the limits add up to more than the run may take
-# (LIMITS_SUM below, + 120 s only when the extension has to be built here): the whole run is held to
+# (LIMITS_SUM below, + 135 s only when the extension has to be built and checked again here): the run is held to
 # DEVICE_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command), a stage that no longer fits
 # gets the time that is left, or is skipped, so the stages at the end (the least needed) are the ones that give way.
 #
@@ -293,8 +293,8 @@ else
     $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_bn_relu.py -k "test_dtypes or test_deterministic"
 fi
 
-# ---- 9: eval img/s unfolded / folded (fp16 first: each row is logged as it finishes), what a new eval image size
-# costs, the conv table, then the compiled folded eval copy (an inductor compile, tens of seconds: last)
+# ---- 9: eval img/s unfolded / folded (fp16 first: a dtype's rows are logged as they finish), what a new eval image
+# size costs, the conv table, then the compiled folded eval copy (an inductor compile, tens of seconds: last)
 if [ $CUDA = 1 ]; then
   stage bench_eval 25 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half,fp32 \
     --variants unfolded,folded,folded_plain \
