@@ -133,8 +133,9 @@ def error_row(rows, what, e, **row):
     print(f"{what}: {row['error']}", flush=True)
 
 
-def run_model(name, args, device, rows, peaks):
-    """Rows of one model; a failing (dtype, format) or size is logged and shown as an error row."""
+def run_model(name, args, device, rows, peaks, done=lambda: None):
+    """Rows of one model; a failing (dtype, format) or size is logged and shown as an error row. done() after each
+    size's rows (main writes the tables then: a run cut short by its time limit keeps what it finished)."""
     from common.layers import set_kernels
     set_kernels(args.kernels)
     shapes_only = construct(name)  # count_macs runs a meta copy: one construction serves every size
@@ -171,6 +172,7 @@ def run_model(name, args, device, rows, peaks):
                     print(f"{name:>14} {row['size']:>8} {row['dtype']:>8} {fmt_} {v:>9} {ms:9.1f} ms "
                           f"{row['img_per_s']:7.2f} img/s  x{fmt(row['vs_unfolded'], '.2f')} "
                           f"{row['of_mm']:4.0%} of mm {comp}", flush=True)
+                done()
             fns = model = None
             torch._dynamo.reset()
 
@@ -242,16 +244,19 @@ def main(argv=None):
     print(f"# {card} | torch {head['torch']} | commit {head['commit']} | load {head['load_start']} | matmul "
           f"{matmul_line(peaks)}", flush=True)
     rows = []
+    head["load_end"] = "(not reached: the run was cut short)"  # until the end overwrites it
+
+    def done():
+        if args.out:
+            write_tables(args.out, "eval", markdown(head, rows), head, COLUMNS, rows)
     for name in args.models:
         try:
-            run_model(name, args, device, rows, peaks)
+            run_model(name, args, device, rows, peaks, done)
         except Exception as e:  # e.g. the model cannot be built: the next model still runs
             error_row(rows, name, e, model=name, size="all", dtype="all", variant="all", format="all")
     head["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    md = markdown(head, rows)
-    print("\n" + md)
-    if args.out:
-        write_tables(args.out, "eval", md, head, COLUMNS, rows)
+    print("\n" + markdown(head, rows))
+    done()
     errors = [r for r in rows if "error" in r]
     ok = [r for r in rows if "error" not in r]
     best = max(ok, key=lambda r: r["img_per_s"], default=None)

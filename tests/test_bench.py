@@ -339,6 +339,25 @@ def test_eval_quick_rows(tmp_path):
     assert "load average" in (tmp_path / "eval.md").read_text()
 
 
+def test_eval_tables_are_written_as_rows_finish(tmp_path, monkeypatch):
+    # the device check's time limit kills a stage (an inductor compile can be slow): what finished must be on disk
+    ev = _bench("eval")
+    real, calls = ev.time_variants, []
+
+    def killed_at_the_second_size(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SystemExit(124)  # as `timeout` ends it: no handler of the script's runs
+        return real(*a, **k)
+    monkeypatch.setattr(ev, "time_variants", killed_at_the_second_size)
+    with pytest.raises(SystemExit):
+        ev.main(["--quick", "--sizes", "32x48,40x56", "--variants", "unfolded,folded", "--device", "cpu",
+                 "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert [(r["size"], r["variant"]) for r in rows] == [("32x48", "unfolded"), ("32x48", "folded")]
+    assert "at end (not reached: the run was cut short)" in (tmp_path / "eval.md").read_text()
+
+
 def test_eval_sizes_quick_and_its_break_even(tmp_path):
     out = run(["bench/eval_sizes.py", "--quick"], tmp_path)
     rows = json.loads((tmp_path / "eval_sizes.json").read_text())["rows"]

@@ -293,8 +293,8 @@ else
     $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_bn_relu.py -k "test_dtypes or test_deterministic"
 fi
 
-# ---- 9: eval img/s unfolded / folded (fp16 first: a dtype's rows are logged as they finish), what a new eval image
-# size costs, the conv table, then the compiled folded eval copy (an inductor compile, tens of seconds: last)
+# ---- 9: eval img/s unfolded / folded (fp16 first: the tables are written after each size's rows), what a new eval
+# image size costs, the conv table, then the compiled folded eval copy (an inductor compile, tens of seconds: last)
 if [ $CUDA = 1 ]; then
   stage bench_eval 25 $PY bench/eval.py --models pspnet --sizes 512x683 --dtypes half,fp32 \
     --variants unfolded,folded,folded_plain \
