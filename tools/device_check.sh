@@ -86,7 +86,7 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.
       f"cuDNN {torch.backends.cudnn.version()}, device: {dev}  ")
 EOF
   [ $CUDA = 1 ] || echo "no CUDA device: a dry run (CPU-sized stages; the CUDA-only ones say why they skip)  "
-  echo -n "stage limits sum to ${LIMITS_SUM} s (+120 s for a build here), x${SCALE}; run budget ${BUDGET} s"
+  echo -n "stage limits sum to ${LIMITS_SUM} s (+135 s for a build and its re-check here), x${SCALE}; run budget ${BUDGET} s"
   echo "${DEVICE_CHECK_STAGES:+; only: $DEVICE_CHECK_STAGES}"
   echo
   echo "| stage | exit | seconds | verdict |"
