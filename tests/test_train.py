@@ -403,12 +403,14 @@ def test_cuda_rng_states_of_more_gpus_than_visible_restore_those_that_exist(monk
     assert calls == [(10, 0), (11, 1)]
 
 
-def test_main_writes_config_jsonl_and_eval(tmp_path, monkeypatch):
-    def build(cfg=None, num_classes=150):
-        net = TinyNet()
-        net.decoder, net.auxiliary_decoder = nn.Conv2d(4, num_classes, 1), nn.Conv2d(4, num_classes, 1)
-        return net
+def build_tiny(cfg=None, num_classes=150):
+    """A segmentor builder (the scripts' signature) of TinyNet with num_classes outputs, for train.main."""
+    net = TinyNet()
+    net.decoder, net.auxiliary_decoder = nn.Conv2d(4, num_classes, 1), nn.Conv2d(4, num_classes, 1)
+    return net
 
+
+def test_main_writes_config_jsonl_and_eval(tmp_path, monkeypatch):
     pinned = []  # a CPU run on a machine with a GPU pins nothing (the pin thread would open a context on GPU 0)
     for name in ('train_loader', 'test_loader'):
         real = getattr(data, name)
@@ -419,7 +421,7 @@ def test_main_writes_config_jsonl_and_eval(tmp_path, monkeypatch):
             '--crop_size', '(32, 32)', '--scale', '(128, 32)', '--batch_size', '2', '--num_workers', '0',
             '--num_train_images', '4', '--num_val_images', '2', '--max_iters', '3', '--log_interval', '2',
             '--save_predictions', '1', '--work_dir', str(tmp_path)]
-    metrics = train.main(_seg_cfg(), build, argv, name='tiny')
+    metrics = train.main(_seg_cfg(), build_tiny, argv, name='tiny')
     assert pinned == [False, False]
     # everything lands in the run's own timestamped folder; the work dir holds only it and the latest pointer
     (run,) = runs.runs(str(tmp_path))
@@ -467,15 +469,11 @@ def test_main_with_tensorboard_writes_the_runs_scalars_and_pictures(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    def build(cfg=None, num_classes=150):
-        net = TinyNet()
-        net.decoder, net.auxiliary_decoder = nn.Conv2d(4, num_classes, 1), nn.Conv2d(4, num_classes, 1)
-        return net
     argv = ['--data', 'demo', '--amp', 'none', '--device', 'cpu', '--kernels', 'torch', '--crop_size', '(32, 32)',
             '--scale', '(128, 32)', '--batch_size', '2', '--num_workers', '0', '--num_train_images', '4',
             '--num_val_images', '2', '--max_iters', '2', '--log_interval', '1', '--save_predictions', '2',
             '--tensorboard', '--work_dir', str(tmp_path)]
-    metrics = train.main(_seg_cfg(), build, argv, name='tiny')
+    metrics = train.main(_seg_cfg(), build_tiny, argv, name='tiny')
     (run,) = runs.runs(str(tmp_path))
     assert f"tensorboard: {os.path.join(run, 'tensorboard')}" in Path(run, 'log.txt').read_text()
     acc = EventAccumulator(os.path.join(run, 'tensorboard')).Reload()
