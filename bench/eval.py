@@ -24,7 +24,6 @@ header): a variant at ~90% of it is bound by its convolutions, and folding can o
     python bench/eval.py --quick                               # tiny sizes: proves the script runs (CI)
 """
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
 
-from train import (MODELS, construct, cpu_name, csv, error_line, fmt, git_commit, md_table, sync,  # noqa: E402 (bench/train.py)
+from train import (MODELS, construct, cpu_name, csv, error_line, fmt, md_table, run_head, sync,  # noqa: E402 (bench/train.py)
                    write_tables)
 
 VARIANTS = ("unfolded", "folded", "folded_plain", "compiled")
@@ -232,12 +231,9 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False  # the trainer's settings (spec §7)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
-    import common
     card = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU: {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
-    head = dict(card=card, torch=torch.__version__, commit=git_commit(), kernels=args.kernels, compile=args.compile,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                extension=common.build_info(), reps=args.reps, warmup=args.warmup,
+    head = dict(run_head(card), kernels=args.kernels, compile=args.compile, reps=args.reps, warmup=args.warmup,
                 load_start=" ".join(f"{v:.1f}" for v in os.getloadavg()))
     dtypes = [torch.float32 if d == "fp32" else half_dtype(device) for d in args.dtypes]
     peaks = head["matmul"] = {str(d)[6:]: matmul_flops(d, device) for d in dtypes}  # name -> (FLOP/s, n)

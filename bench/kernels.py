@@ -7,7 +7,6 @@ R50-D8 at 512x512, plus the convolution table. Every ratio is measured side by s
     python bench/kernels.py --out DIR         # also write DIR/kernels.md and DIR/kernels.json
 """
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -577,11 +576,8 @@ def main():
     if bad:
         p.error(f"--only: unknown {bad}; choose from {', '.join(SECTIONS)}")
     # the header ties the tables to a card, a torch and a commit, as every other bench's does
-    import common
-    from train import cpu_name, git_commit  # bench/train.py
-    head = dict(card=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()}",
-                torch=torch.__version__, commit=git_commit(), extension=common.build_info(),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    from train import cpu_name, run_head  # bench/train.py
+    head = run_head(torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()}")
     md, rows = ["# bench/kernels.py: " + " | ".join(f"{k} {v}" for k, v in head.items())], {"head": head}
     print(md[0], flush=True)
     for name in names:

@@ -299,17 +299,12 @@ def write(args, head, recs):
 
 
 def header(args):
-    import datetime
-
     import torch
 
-    import common
-    from train import cpu_name, git_commit  # bench/train.py
+    from train import cpu_name, run_head  # bench/train.py
     cuda = args.device.startswith("cuda")
     card = torch.cuda.get_device_name() if cuda else f"CPU: {cpu_name()}"
-    return dict(model=args.model, iters=args.iters, seed=args.seed, card=card, torch=torch.__version__,
-                commit=git_commit(), extension=common.build_info(),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    return dict(model=args.model, iters=args.iters, seed=args.seed, **run_head(card))
 
 
 def parse_args(argv=None):

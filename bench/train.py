@@ -275,6 +275,14 @@ def git_commit():
         return "unknown"
 
 
+def run_head(card):
+    """What ties a table to its run, in every bench's header: the card (or CPU), torch, commit, our extension's build
+    and the UTC date."""
+    import common
+    return dict(card=card, torch=torch.__version__, commit=git_commit(), extension=common.build_info(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -294,7 +302,6 @@ def card_peak(device_name):
 
 
 def header(args, device):
-    import common
     if device.type == "cuda":
         card = torch.cuda.get_device_name(device)
         mem = torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -302,18 +309,10 @@ def header(args, device):
     else:
         card = f"CPU: {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     peak = args.peak_tflops or (card_peak(card) if device.type == "cuda" else None)
-    return {
-        "card": card,
-        "peak_fp16_tflops": peak,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "extension": common.build_info(),
-        "crop": args.crop, "warmup": args.warmup, "steps": args.steps,
-        "settings": "TF32 off, cudnn.benchmark on, synthetic device-resident batch, SGD momentum 0.9 wd 5e-4",
-    }
+    return dict(run_head(card), peak_fp16_tflops=peak, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                crop=args.crop, warmup=args.warmup, steps=args.steps,
+                settings="TF32 off, cudnn.benchmark on, synthetic device-resident batch, SGD momentum 0.9 wd 5e-4")
 
 
 # The GPU goals the README states for training, all of PSPNet fp16 at batch 16 on 512x512 crops: (what, the row's
