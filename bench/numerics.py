@@ -266,9 +266,16 @@ def plot(recs, band, path, title):
     rel.axhspan(-100 * band, 100 * band, color="0.9", label=f"band +-{band:.0%} (applies to the last quarter)")
     rel.axhline(0, color="0.5", lw=0.8)
     rel.set_title("smoothed loss vs fp32's, %")
+    if base is None:
+        rel.text(0.5, 0.75, "no fp32 run finished (see numerics.md)", ha="center", va="center",
+                 transform=rel.transAxes, color="0.4")
     sc.set_title("dynamic loss scale (fp16 modes)")
     if any(r["mode"] in SCALED for r in ok):
         sc.set_yscale("log", base=2)
+    else:  # say why the panel is empty: a CPU run has no fp16 mode, a card's may all have failed
+        ran = any(r["mode"] in SCALED for r in recs)
+        why = "no fp16 mode finished (see numerics.md)" if ran else "no fp16 mode was run"
+        sc.text(0.5, 0.5, why, ha="center", va="center", transform=sc.transAxes, color="0.4")
     for a in (ax, rel, sc):
         a.set_xlabel("iteration")
         a.grid(alpha=0.3)

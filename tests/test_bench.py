@@ -419,6 +419,18 @@ def test_numerics_checks():
         assert (recs[1]["checks"] == []) is ok, recs[1]["checks"]
 
 
+def test_numerics_plot_failed_modes(tmp_path):
+    """On a card the picture is drawn whatever failed: no fp32 to compare with, or no fp16 mode finished."""
+    num = _bench("numerics")
+    failed = dict(_rec("fp32", []), status="failed")
+    no_fp32 = [failed, _rec("fp16", [5.0, 4.0], scale=[65536.0] * 2)]
+    no_fp16 = [_rec("fp32", [5.0, 4.0]), dict(failed, mode="apex-O2")]
+    for recs in (no_fp32, no_fp16):
+        num.plot(recs, 0.1, tmp_path / "n.png", "t")
+        assert (tmp_path / "n.png").stat().st_size > 10000
+        (tmp_path / "n.png").unlink()
+
+
 def test_numerics_cpu_run(tmp_path):
     """The whole script on the CPU, tiny: fp32 and bf16 (CPU fp16 is a slow path), 2 iterations, crop 32."""
     out = run(["bench/numerics.py", "--device", "cpu", "--modes", "bf16,fp32", "--iters", "2", "--crop", "32",
