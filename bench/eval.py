@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import torch  # noqa: E402
 
-from train import (MODELS, construct, cpu_name, csv, error_line, fmt, md_table, run_head, sync,  # noqa: E402 (bench/train.py)
+from train import (MODELS, card_name, construct, csv, error_line, fmt, md_table, run_head, sync,  # noqa: E402 (bench/train.py)
                    write_tables)
 
 VARIANTS = ("unfolded", "folded", "folded_plain", "compiled")
@@ -231,8 +231,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False  # the trainer's settings (spec §7)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
-    card = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU: {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+    card = card_name(device)
     head = dict(run_head(card), kernels=args.kernels, compile=args.compile, reps=args.reps, warmup=args.warmup,
                 load_start=" ".join(f"{v:.1f}" for v in os.getloadavg()))
     dtypes = [torch.float32 if d == "fp32" else half_dtype(device) for d in args.dtypes]

@@ -576,8 +576,8 @@ def main():
     if bad:
         p.error(f"--only: unknown {bad}; choose from {', '.join(SECTIONS)}")
     # the header ties the tables to a card, a torch and a commit, as every other bench's does
-    from train import cpu_name, run_head  # bench/train.py
-    head = run_head(torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()}")
+    from train import card_name, run_head  # bench/train.py
+    head = run_head(card_name(device, threads=False))  # the CPU rows name their threads
     md, rows = ["# bench/kernels.py: " + " | ".join(f"{k} {v}" for k, v in head.items())], {"head": head}
     print(md[0], flush=True)
     for name in names:

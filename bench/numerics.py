@@ -308,9 +308,8 @@ def write(args, head, recs):
 def header(args):
     import torch
 
-    from train import cpu_name, run_head  # bench/train.py
-    cuda = args.device.startswith("cuda")
-    card = torch.cuda.get_device_name() if cuda else f"CPU: {cpu_name()}"
+    from train import card_name, run_head  # bench/train.py
+    card = card_name(torch.device(args.device), threads=False)  # each mode's run may be a process of its own
     return dict(model=args.model, iters=args.iters, seed=args.seed, **run_head(card))
 
 

@@ -294,6 +294,14 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def card_name(device, threads=True):
+    """The card, or the CPU by name with its cores and torch threads (threads=False where this process's threads do
+    not describe the runs)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {cpu_name()}" + (f" ({os.cpu_count()} cores, {torch.get_num_threads()} threads)" if threads else "")
+
+
 def card_peak(device_name):
     for pattern, tflops in PEAK_FP16_TFLOPS:
         if re.search(pattern, device_name):
@@ -302,12 +310,9 @@ def card_peak(device_name):
 
 
 def header(args, device):
+    card = card_name(device)
     if device.type == "cuda":
-        card = torch.cuda.get_device_name(device)
-        mem = torch.cuda.get_device_properties(device).total_memory / 2**30
-        card = f"{card} ({mem:.0f} GiB)"
-    else:
-        card = f"CPU: {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        card += f" ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)"
     peak = args.peak_tflops or (card_peak(card) if device.type == "cuda" else None)
     return dict(run_head(card), peak_fp16_tflops=peak, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
