@@ -473,6 +473,7 @@ def test_a_lock_on_this_host_without_a_pid_is_taken_over(tmp_path, pid):
     runs.RunLock(str(tmp_path)).acquire(log=lines.append).release()
     assert len(lines) == 1 and "removing the stale lock" in lines[0]
 
+
 @pytest.mark.parametrize("text", ["", '{"pid": 12', "[1, 2]", "null", "\xff\xfe"])
 def test_an_empty_half_written_or_foreign_lock_is_taken_over_as_unreadable(tmp_path, text):
     """Empty or cut: a process killed inside the O_EXCL fallback's create-then-write; other JSON or bytes: not a lock
