@@ -15,6 +15,8 @@ import time
 
 import torch
 
+import jit_build
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 SOURCES = [os.path.join(CSRC, "cuda_host", f) for f in ("library.cpp", "runner.cpp", "bn_relu_cuda.cpp",
@@ -58,16 +60,14 @@ def load(flavour="ieee"):
     lib = "segfp16_cudahost" if flavour == "ieee" else f"segfp16_cudahost_{flavour}"
     if hasattr(torch.ops, lib) and hasattr(getattr(torch.ops, lib), "flavour"):
         return getattr(torch.ops, lib)
-    from torch.utils.cpp_extension import load as jit_load
     base = os.environ.get("SEG_CUDAHOST_BUILD", os.path.join(os.path.expanduser("~"), ".cache", "segfp16-cudahost"))
     build = os.path.join(base, flavour)
-    os.makedirs(build, exist_ok=True)
     t0 = time.time()
-    jit_load(name=lib, sources=SOURCES, build_directory=build, is_python_module=False,
-             extra_cflags=["-std=c++20", "-pthread", "-DSEGFP16_CUDA_HOST", f"-DSEGFP16_HOST_LIB={lib}",
-                           *FLAVOURS[flavour]],
-             extra_ldflags=["-pthread", *(f for f in FLAVOURS[flavour] if f.startswith("-fsanitize"))],
-             extra_include_paths=[CSRC])
+    jit_build.load(build, name=lib, sources=SOURCES, is_python_module=False,
+                   extra_cflags=["-std=c++20", "-pthread", "-DSEGFP16_CUDA_HOST", f"-DSEGFP16_HOST_LIB={lib}",
+                                 *FLAVOURS[flavour]],
+                   extra_ldflags=["-pthread", *(f for f in FLAVOURS[flavour] if f.startswith("-fsanitize"))],
+                   extra_include_paths=[CSRC])
     print(f"[cuda_host] {lib} ready in {time.time() - t0:.1f} s ({build})")
     ns = getattr(torch.ops, lib)
     assert ns.flavour() == flavour

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import jit_build
 from common import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,13 +28,12 @@ def bn_ops():
     if common.extension_loaded():
         ops.require(*BN_OPS)
         return None
-    from torch.utils.cpp_extension import load
     build = os.environ.get("SEG_BN_DEV_BUILD", "/tmp/segfp16_dev_bn")
-    os.makedirs(build, exist_ok=True)
     sources = ["ops.cpp", "build_info.cpp"] + sorted(f for f in os.listdir(os.path.join(ROOT, "csrc"))
                                                       if f.startswith("bn_relu") and f.endswith(".cpp"))
-    load(name="segfp16_dev_bn", sources=[os.path.join(ROOT, "csrc", f) for f in sources], build_directory=build,
-         extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], is_python_module=False)
+    jit_build.load(build, name="segfp16_dev_bn", sources=[os.path.join(ROOT, "csrc", f) for f in sources],
+                   extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
+                   is_python_module=False)
     ops.register_bn_relu()
     ops.require(*BN_OPS)
     return os.path.join(build, "segfp16_dev_bn.so")  # for subprocesses (test_isa_variants_bitwise_equal)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import jit_build
 from common import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,11 +23,10 @@ def _load_ops():
                     "upsample_cross_entropy_backward")
         ops.register_upsample()
         return
-    from torch.utils.cpp_extension import load
     build = os.path.join(tempfile.gettempdir(), "segfp16_dev_up_test")
-    os.makedirs(build, exist_ok=True)
-    load(name="segfp16_dev_up", sources=[os.path.join(ROOT, "csrc", f) for f in ("ops.cpp", "build_info.cpp", "upsample.cpp")],
-         build_directory=build, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+    jit_build.load(build, name="segfp16_dev_up",
+                   sources=[os.path.join(ROOT, "csrc", f) for f in ("ops.cpp", "build_info.cpp", "upsample.cpp")],
+                   extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     ops.register_upsample()
 
 
